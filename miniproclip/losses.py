@@ -1,0 +1,213 @@
+"""The ProCLIP training losses, plus the EMA teacher update and the logit-scale clamp.
+
+- `instance_loss`, `structure_loss`, `distillation_loss`: the self-distillation terms of ProCLIP (arXiv 2510.18795):
+  L_ins + L_struct in stage 1 (text head vs. CLIP text encoder) and L_reg in stage 2 (image encoder vs. its
+  teacher). They mirror VisionXLab/ProCLIP `training/train.py` (`train_one_epoch_stage1/2`): `F.mse_loss` and
+  `F.smooth_l1_loss(F.pdist(.), F.pdist(.))`, both with `reduction="sum"` by default, per-device batch, no gather.
+- `ClipLoss`: the symmetric InfoNCE of mlfoundations/open_clip `src/open_clip/loss.py` (`ClipLoss`,
+  `gather_features`), with the same `local_loss` / `gather_with_grad` / `rank` / `world_size` switches.
+- `splice_micro_batch`: the feature splicing of open_clip's `--accum-freq` (open_clip_train/train.py).
+- `ema_update`, `clamp_logit_scale_`: the stage-2 teacher update and open_clip's `clamp_(0, ln 100)`.
+
+All losses are computed in fp32: inputs are cast with `.float()` and autocast is switched off inside, so a bf16
+autocast region in the training loop does not turn the logits matmul into a bf16 one.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn
+import torch.nn as nn
+import torch.nn.functional as F
+
+REDUCTIONS = ("sum", "mean")
+
+
+def _fp32_region(tensor: torch.Tensor):
+    """A context with autocast off on `tensor`'s device, so ops keep the fp32 dtype of their inputs."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def _check_pair(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> None:
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"student and teacher features must both be (B, D), got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+# -----------------------------------------------------------------------------
+# self-distillation: L_ins, L_struct (stage 1) and L_reg (stage 2)
+
+def instance_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """L_ins = sum_i ||s_i - u_i||^2 between L2-normalised (B, D) features; the caller normalises.
+
+    reduction="sum" is the official code's; "mean" divides by B*D (F.mse_loss's mean). No gradient reaches
+    `teacher`.
+    """
+    _check_pair(student, teacher, reduction)
+    with _fp32_region(student):
+        return F.mse_loss(student.float(), teacher.detach().float(), reduction=reduction)
+
+
+def structure_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum",
+                   beta: float = 1.0) -> torch.Tensor:
+    """L_struct: Huber (smooth L1, threshold `beta`) between the batch's pairwise Euclidean distances.
+
+    Over the B(B-1)/2 pairs i<j: sum of huber(||s_i - s_j|| - ||u_i - u_j||); "mean" divides by the number of
+    pairs. Identical rows (distance 0, e.g. a caption repeated in the batch) are safe: the backward of
+    `F.pdist` defines the gradient of a zero distance as 0 (ATen `DistanceOpsKernel.cpp` on CPU and
+    `DistanceKernel.cu` on CUDA, `dist == 0 ? 0 : grad * diff / dist`), so no NaN/inf appears and no eps is needed.
+    A batch of one row has no pairs: its loss is 0 ("sum") or NaN ("mean", as F.smooth_l1_loss of empty input).
+    """
+    _check_pair(student, teacher, reduction)
+    with _fp32_region(student):
+        student_dist = F.pdist(student.float())  # (B(B-1)/2,) in the order (0,1), (0,2), ..., (B-2,B-1)
+        teacher_dist = F.pdist(teacher.detach().float())
+        return F.smooth_l1_loss(student_dist, teacher_dist, beta=beta, reduction=reduction)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, ins_weight: float = 1.0,
+                      struct_weight: float = 1.0, reduction: str = "sum"
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ins_weight * L_ins + struct_weight * L_struct: the stage-1 loss, and L_reg (before lambda) in stage 2.
+
+    Returns (total, {"instance": L_ins, "structure": L_struct}), the parts unweighted and detached for logging.
+    Stage 1 with two caption sets adds a second `instance_loss` for the noisy captions, as the official code does.
+    """
+    l_ins = instance_loss(student, teacher, reduction)
+    l_struct = structure_loss(student, teacher, reduction)
+    total = ins_weight * l_ins + struct_weight * l_struct
+    return total, {"instance": l_ins.detach(), "structure": l_struct.detach()}
+
+
+# -----------------------------------------------------------------------------
+# contrastive loss (stage 2)
+
+def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, local_loss: bool,
+                    gather_with_grad: bool, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather (B, D) features from every rank into (world_size * B, D), rank order, as open_clip does.
+
+    With `gather_with_grad`, torch.distributed.nn.all_gather sends each rank's gradient back to the rank that
+    owns the rows (summed over ranks). Without it the gathered copies carry no gradient; unless `local_loss`,
+    this rank's own slot is replaced by the local tensors so its rows still get a gradient.
+    """
+    if gather_with_grad:
+        all_image = torch.cat(torch.distributed.nn.all_gather(image_features), dim=0)
+        all_text = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
+        return all_image, all_text
+    gathered_image = [torch.zeros_like(image_features) for _ in range(world_size)]
+    gathered_text = [torch.zeros_like(text_features) for _ in range(world_size)]
+    dist.all_gather(gathered_image, image_features.contiguous())
+    dist.all_gather(gathered_text, text_features.contiguous())
+    if not local_loss:
+        gathered_image[rank] = image_features
+        gathered_text[rank] = text_features
+    return torch.cat(gathered_image, dim=0), torch.cat(gathered_text, dim=0)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE: (CE(tau V S^T, I) + CE(tau S V^T, I)) / 2, mean over the batch (open_clip `ClipLoss`).
+
+    `logit_scale` is tau itself, already exp'd (open_clip's convention: the model returns `logit_scale.exp()`).
+    With world_size > 1 the features are all-gathered first:
+    - local_loss=False: every rank computes the same loss over the global batch (N = world_size * B rows);
+    - local_loss=True: each rank scores only its own B rows against all N columns (labels offset by rank*B);
+      the mean of the ranks' losses is the global loss.
+    Gradient scale with gather_with_grad=True (either local_loss): the gradient reaching this rank's features is
+    world_size times the global-batch gradient (the gather's backward sums over ranks), so DDP's average over
+    ranks gives exactly the global-batch gradient of the parameters. With gather_with_grad=False and
+    local_loss=False, each rank's rows get the global-batch gradient through its own slot only, so after DDP's
+    average the parameter gradient is 1/world_size of the global-batch one.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.rank = rank
+        self.world_size = world_size
+        self.labels: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, rows) -> targets, cached
+
+    def get_labels(self, device: torch.device, num_rows: int) -> torch.Tensor:
+        """Targets 0..num_rows-1 (shifted to this rank's columns under local_loss), cached per device and size."""
+        key = (device, num_rows)
+        if key not in self.labels:
+            labels = torch.arange(num_rows, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_rows * self.rank  # this rank's rows sit at columns rank*B .. rank*B+B-1
+            self.labels[key] = labels
+        return self.labels[key]
+
+    def get_logits(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                   logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image, logits_per_text), each (rows, columns) = (B or N, N)."""
+        if self.world_size > 1:
+            all_image, all_text = gather_features(image_features, text_features, self.local_loss,
+                                                  self.gather_with_grad, self.rank, self.world_size)
+            all_image, all_text = all_image.float(), all_text.float()
+            if self.local_loss:
+                logits_per_image = logit_scale * image_features @ all_text.T  # (B, N)
+                logits_per_text = logit_scale * text_features @ all_image.T  # (B, N)
+                return logits_per_image, logits_per_text
+            logits_per_image = logit_scale * all_image @ all_text.T  # (N, N)
+            return logits_per_image, logits_per_image.T
+        logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+        return logits_per_image, logits_per_image.T
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        """Loss from L2-normalised (B, D) image and text features, row i of each forming the positive pair."""
+        if image_features.dim() != 2 or image_features.shape != text_features.shape:
+            raise ValueError(f"image and text features must both be (B, D), got {tuple(image_features.shape)} "
+                             f"and {tuple(text_features.shape)}")
+        with _fp32_region(image_features):
+            logits_per_image, logits_per_text = self.get_logits(
+                image_features.float(), text_features.float(), torch.as_tensor(logit_scale).float())
+            labels = self.get_labels(image_features.device, logits_per_image.shape[0])
+            return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def splice_micro_batch(cached: list[torch.Tensor], index: int, fresh: torch.Tensor) -> torch.Tensor:
+    """Contrastive-aware gradient accumulation (open_clip `--accum-freq`): the full batch's features, with
+    micro-batch `index` taken from `fresh` (recomputed with grad) and the others from `cached` (no-grad features
+    from a first pass over all micro-batches). Backward of the loss on each spliced batch, summed over the
+    micro-batches, gives the full-batch gradient of the encoders' parameters, so the negatives cover the whole
+    batch. The loss's direct gradient to logit_scale is counted once per micro-batch (accum_freq times the
+    full-batch one), exactly as in open_clip.
+    """
+    return torch.cat(cached[:index] + [fresh] + cached[index + 1:], dim=0)
+
+
+# -----------------------------------------------------------------------------
+# teacher update and logit-scale clamp
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter; buffers are copied.
+
+    momentum=1.0 leaves the teacher untouched (parameters and buffers): the released ProCLIP code's frozen copy of
+    the initial image encoder. Pass unwrapped modules (no DDP `module.` prefix): names must match.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+    if momentum == 1.0:
+        return
+    student_params = dict(student.named_parameters())
+    student_buffers = dict(student.named_buffers())
+    for name, param in teacher.named_parameters():
+        if name not in student_params:
+            raise ValueError(f"EMA teacher parameter {name!r} has no counterpart in the student; "
+                             "pass the unwrapped student module with the same architecture")
+        param.lerp_(student_params[name].to(param.dtype), 1.0 - momentum)  # t + (1-m)(s - t)
+    for name, buffer in teacher.named_buffers():
+        if name in student_buffers:
+            buffer.copy_(student_buffers[name])
+
+
+@torch.no_grad()
+def clamp_logit_scale_(logit_scale: torch.Tensor, max_log: float = math.log(100)) -> torch.Tensor:
+    """Clamp the learnable log-temperature in place to [0, max_log] (tau <= 100), after each optimiser step."""
+    return logit_scale.clamp_(0.0, max_log)

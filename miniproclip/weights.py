@@ -1,0 +1,107 @@
+"""Reading Hugging Face model folders: `config.json` and safetensors weights, loaded strictly.
+
+A model folder as the hub ships it holds `config.json` and either one `model.safetensors` or shards listed in
+`model.safetensors.index.json` (`{"weight_map": {key: shard_file}}`). Only safetensors are read: `.bin`/`.pt`
+files are pickles that can run code when unpickled, so they are refused with a hint on converting them.
+
+Parameter names in miniproclip match the HF checkpoints, so loading is a plain strict `load_state_dict`; the
+only thing done to the keys is dropping a prefix the caller names (e.g. `model.` of a `*ForCausalLM` folder).
+Every user error is a `ModelFolderError` whose message is one line naming the folder and what to do.
+"""
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class ModelFolderError(ValueError):
+    """A model folder or checkpoint that cannot be used as given; the message says why and what to do."""
+
+
+def read_config(folder: str) -> dict:
+    """The parsed `config.json` of an HF model folder."""
+    if not os.path.isdir(folder):
+        raise ModelFolderError(f"{folder}: not a folder; expected a Hugging Face model folder with config.json")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ModelFolderError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
+
+
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files holding a folder's weights, in shard order."""
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            shard_names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [name for name in shard_names if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise ModelFolderError(f"{folder}: shard {missing[0]} listed in {INDEX_FILE} is missing "
+                                   f"({len(missing)} of {len(shard_names)} shards); download the whole folder")
+        return [os.path.join(folder, name) for name in shard_names]
+    if os.path.isfile(os.path.join(folder, SINGLE_FILE)):
+        return [os.path.join(folder, SINGLE_FILE)]
+    singles = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if len(singles) == 1:  # e.g. a folder saved by another tool under another name
+        return [os.path.join(folder, singles[0])]
+    pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelFolderError(
+            f"{folder}: only pickled weights ({pickles[0]}), which miniproclip never unpickles; convert them once "
+            f"with transformers: `AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`")
+    raise ModelFolderError(f"{folder}: no weights found; expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+
+
+def load_safetensors_folder(folder: str, dtype: torch.dtype | None = None, device: str = "cpu",
+                            drop_prefix: str = "", ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors files (sharded or not), optionally cast to `dtype`.
+
+    `drop_prefix` is removed from keys that start with it; keys ending with one of `ignore` are skipped
+    (for tensors the model recomputes, such as `lm_head.weight` of a tied model or old `position_ids`).
+    Floating-point tensors are cast; integer buffers keep their dtype.
+    """
+    state_dict = {}
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt", device=device) as f:
+            for key in f.keys():
+                if key.endswith(ignore):
+                    continue
+                tensor = f.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state_dict[key.removeprefix(drop_prefix)] = tensor
+    return state_dict
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                           assign: bool = False, show: int = 5) -> None:
+    """`module.load_state_dict(state_dict, strict=True)` with one readable error naming `source`.
+
+    The error lists the first `show` missing, unexpected and wrong-shape keys, which is what one needs to
+    tell a wrong folder (a CLIP given as LLM) from a wrong config (hidden size) from a truncated download.
+    With `assign=True` the tensors become the parameters (used after building on the meta device).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)} expected"
+                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
+                parts.append(f"{len(keys)} {name}: {', '.join(keys[:show])}{more}")
+        raise ModelFolderError(f"{source}: weights do not match the model built from its config; "
+                               + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=True, assign=assign)
