@@ -57,7 +57,7 @@ def build_clip_tokenizer(bpe_gz_path: str = DEFAULT_CLIP_BPE) -> Tokenizer:
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                               fuse_unk=False, unk_token=EOS_TOKEN))
     tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " ")])
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
     # keep the regex matches, drop what lies between them (whitespace); then map bytes to BPE characters
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_WORD_REGEX), behavior="removed", invert=True),

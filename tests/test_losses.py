@@ -150,7 +150,7 @@ def test_clip_loss_near_zero_when_aligned_with_large_scale():
     # orthonormal rows: log(1 + 4 e^-100) = 0 in fp32; random rows: each row's margin is >= 100 * 0.52
     assert ClipLoss()(torch.eye(5), torch.eye(5), torch.tensor(100.0)).item() < 1e-30
     assert ClipLoss()(v, v, torch.tensor(100.0)).item() < 1e-20
-    assert ClipLoss()(v, v, torch.tensor(1.0)).item() > 1.0  # at tau = 1 the same features are far from 0
+    assert ClipLoss()(v, v, torch.tensor(1.0)).item() > 0.5  # at tau = 1 the same features are far from 0
 
 
 def test_clip_loss_gradients_and_fp32_under_autocast():
@@ -234,7 +234,7 @@ def test_clip_loss_two_process_gloo_matches_single_process(tmp_path):
              nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
-    v, s, scale = image.clone().requires_grad_(True), text.clone().requires_grad_(True), tau.clone().requires_grad_(True)
+    v, s, scale = (x.clone().requires_grad_(True) for x in (image, text, tau))
     full_loss = ClipLoss()(v, s, scale)
     full_loss.backward()
 

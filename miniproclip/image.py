@@ -1,0 +1,127 @@
+"""CLIP image preprocessing: RGB, short-side bicubic resize, center crop, rescale to [0, 1], normalize.
+
+Mirrors the PIL/NumPy path of transformers' CLIP image processor (`CLIPImageProcessorPil` in transformers 5.x,
+`CLIPImageProcessor` in 4.x: image_processing_backends.PilBackend, image_transforms.convert_to_rgb,
+get_resize_output_image_size, center_crop, rescale, normalize), reading the same preprocessor_config.json.
+The output equals HF's to float32 rounding. openai/CLIP's torchvision `_transform` does the same steps but rounds
+the crop offset with round() where HF floors, and drops alpha where HF (5.x) composites it onto white.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be opened or decoded (data loaders catch it to skip and count)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of `image`; transparent pixels are composited onto white (transformers 5.x convert_to_rgb)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and decode an image file as RGB; raise ImageReadError naming the path if that fails."""
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)  # convert() decodes the whole file, so truncated data fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def resize_output_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """(H, W) with the short side = shortest_edge; the long side is truncated, as HF and torchvision do."""
+    short, long = min(height, width), max(height, width)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+
+
+def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """Central (crop_height, crop_width) window of (H, W, C) pixels with HF's offsets; zero-pads a smaller image."""
+    height, width = pixels.shape[:2]
+    padded_height, padded_width = max(crop_height, height), max(crop_width, width)
+    if (padded_height, padded_width) != (height, width):
+        # HF centres the image on a zero canvas, rounding its offset up: ceil((padded - size) / 2)
+        top, left = -(-(padded_height - height) // 2), -(-(padded_width - width) // 2)
+        canvas = np.zeros((padded_height, padded_width, pixels.shape[2]), dtype=pixels.dtype)
+        canvas[top : top + height, left : left + width] = pixels
+        pixels = canvas
+    # the crop offset rounds down: (size - crop) // 2
+    top, left = round((padded_height - crop_height) / 2), (padded_width - crop_width) // 2
+    return pixels[top : top + crop_height, left : left + crop_width]  # (crop_height, crop_width, C)
+
+
+def _size_from_config(value, key: str, path: str, square: bool):
+    """HF's size dicts: {"shortest_edge": N} -> N, {"height", "width"} -> (H, W); a bare int N is either."""
+    if isinstance(value, int):
+        return (value, value) if square else value
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        return (value["height"], value["width"])
+    if isinstance(value, dict) and set(value) == {"shortest_edge"} and not square:
+        return value["shortest_edge"]
+    raise ValueError(f"{path}: unsupported {key} {value!r}: use {{'shortest_edge': N}}, {{'height': H, 'width': W}} or an int")
+
+
+@dataclass
+class ImageTransform:
+    size: int | tuple[int, int] | None = 224  # int: resize the short side to it (aspect kept); (H, W): exact; None: keep
+    crop_size: tuple[int, int] | None = (224, 224)  # (H, W) center crop; None: no crop
+    rescale_factor: float | None = 1 / 255  # uint8 -> [0, 1]; None: keep 0..255
+    mean: tuple[float, ...] | None = OPENAI_CLIP_MEAN  # per channel; None: no normalization
+    std: tuple[float, ...] | None = OPENAI_CLIP_STD
+    resample: int = 3  # PIL.Image.Resampling value; 3 = BICUBIC, CLIP's filter
+    convert_rgb: bool = True  # False: the caller promises RGB input
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "ImageTransform":
+        """Read HF's preprocessor_config.json in `folder`; CLIP's defaults when the file is absent."""
+        path = os.path.join(folder, "preprocessor_config.json")
+        if not os.path.isfile(path):
+            return cls()
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): fix or delete it") from error
+        size = _size_from_config(config.get("size", 224), "size", path, square=False)
+        crop_size = _size_from_config(config.get("crop_size", 224), "crop_size", path, square=True)
+        return cls(
+            size=size if config.get("do_resize", True) else None,
+            crop_size=crop_size if config.get("do_center_crop", True) else None,
+            rescale_factor=config.get("rescale_factor", 1 / 255) if config.get("do_rescale", True) else None,
+            mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)) if config.get("do_normalize", True) else None,
+            std=tuple(config.get("image_std", OPENAI_CLIP_STD)) if config.get("do_normalize", True) else None,
+            resample=config.get("resample", 3),
+            convert_rgb=config.get("do_convert_rgb", True),
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 pixels for the vision tower."""
+        if self.convert_rgb:
+            image = to_rgb(image)
+        if image.mode != "RGB":
+            raise ValueError(f"ImageTransform needs an RGB image, got mode {image.mode}: set convert_rgb=True")
+        if self.size is not None:
+            height, width = self.size if isinstance(self.size, tuple) else resize_output_size(image.height, image.width, self.size)
+            image = image.resize((width, height), resample=Image.Resampling(self.resample))  # PIL takes (W, H)
+        pixels = np.asarray(image)  # (H, W, 3) uint8
+        if self.crop_size is not None:
+            pixels = center_crop(pixels, *self.crop_size)
+        # HF rescales in float64 and casts to float32, then normalizes in float32
+        if self.rescale_factor is not None:
+            pixels = pixels.astype(np.float64) * self.rescale_factor
+        pixels = pixels.astype(np.float32)  # (H, W, 3)
+        if self.mean is not None:
+            pixels = (pixels - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
