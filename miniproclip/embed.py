@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -159,6 +160,75 @@ def load_cache(path: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(embeddings (N, hidden), text_hashes (N, 16), metadata) of a cache written by `save_cache`."""
     with safe_open(path, framework="pt") as f:
         return f.get_tensor("embeddings"), f.get_tensor("text_hashes"), f.metadata() or {}
+
+
+class TextEmbeddingCache:
+    """Caption -> cached LLM embedding, read from a cache file without loading it whole (numpy memmap).
+
+    A safetensors file is an 8-byte header length, a JSON header with each tensor's byte offsets, then the raw
+    data; mapping the `embeddings` block lets a multi-GB cache serve random rows from the page cache.
+    """
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        entry = header["embeddings"]
+        assert entry["dtype"] == "F32", f"{path}: embeddings must be float32"
+        self.embeddings = np.memmap(path, dtype=np.float32, mode="r", offset=8 + header_len + entry["data_offsets"][0],
+                                    shape=tuple(entry["shape"]))
+        _, hashes, self.metadata = load_cache(path)
+        self.row_of = {bytes(h): i for i, h in enumerate(hashes.numpy())}
+        self.path, self.dim = path, entry["shape"][1]
+
+    def missing(self, texts: list[str]) -> list[str]:
+        return [t for t in dict.fromkeys(texts) if text_hash(t) not in self.row_of]
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """(B, hidden) float32 embeddings of `texts`; every text must be in the cache."""
+        rows = [self.row_of[text_hash(t)] for t in texts]
+        return torch.from_numpy(np.ascontiguousarray(self.embeddings[rows]))
+
+
+def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,
+                      device: str = "cpu", batch_tokens: int = 8192, log=print) -> TextEmbeddingCache:
+    """Open the cache at `path`, embedding (and appending) whichever of `texts` it lacks; all ranks call this.
+
+    A cache made by another LLM or with other embedding settings is refused (its vectors would silently mean
+    something else), which is checked by the LLM's fingerprint and the settings stored in its metadata.
+    """
+    expected = {"llm_fingerprint": llm_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
+    known = None
+    if os.path.isfile(path):
+        known = TextEmbeddingCache(path)
+        differing = [k for k, v in expected.items() if known.metadata.get(k) != v]
+        if differing:
+            raise ValueError(f"{path}: text cache was built with another {differing[0].replace('_', ' ')} "
+                             f"({known.metadata.get('llm', '?')}); pass a new --text-cache or delete this file")
+        todo = known.missing(texts)
+        if not todo:
+            return known
+    else:
+        todo = list(dict.fromkeys(texts))
+    log(f"text cache: embedding {len(todo)} captions with {llm_dir} into {path}")
+    embedder = LLMEmbedder(llm_dir, settings, dtype, device)
+    fresh = f"{path}.new"
+    embed_to_file(embedder, todo, fresh, batch_tokens)
+    del embedder
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        new_embeddings, new_hashes, metadata = load_cache(fresh)
+        if known is not None:  # append the new rows after the old ones
+            old = torch.from_numpy(np.array(known.embeddings))
+            _, old_hashes, _ = load_cache(path)
+            new_embeddings, new_hashes = torch.cat([old, new_embeddings]), torch.cat([old_hashes, new_hashes])
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file({"embeddings": new_embeddings.contiguous(), "text_hashes": new_hashes.contiguous()}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+        os.remove(fresh)
+    if dist.is_initialized():
+        dist.barrier()
+    return TextEmbeddingCache(path)
 
 
 def embed_to_file(embedder: LLMEmbedder, texts: list[str], output: str, batch_tokens: int) -> dict[str, str]:

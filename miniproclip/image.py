@@ -58,7 +58,7 @@ def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.nda
         canvas[top : top + height, left : left + width] = pixels
         pixels = canvas
     # the crop offset rounds down: (size - crop) // 2
-    top, left = round((padded_height - crop_height) / 2), (padded_width - crop_width) // 2
+    top, left = (padded_height - crop_height) // 2, (padded_width - crop_width) // 2
     return pixels[top : top + crop_height, left : left + crop_width]  # (crop_height, crop_width, C)
 
 
@@ -70,12 +70,13 @@ def _size_from_config(value, key: str, path: str, square: bool):
         return (value["height"], value["width"])
     if isinstance(value, dict) and set(value) == {"shortest_edge"} and not square:
         return value["shortest_edge"]
-    raise ValueError(f"{path}: unsupported {key} {value!r}: use {{'shortest_edge': N}}, {{'height': H, 'width': W}} or an int")
+    raise ValueError(f"{path}: unsupported {key} {value!r}: use {{'shortest_edge': N}}, "
+                     f"{{'height': H, 'width': W}} or an int")
 
 
 @dataclass
 class ImageTransform:
-    size: int | tuple[int, int] | None = 224  # int: resize the short side to it (aspect kept); (H, W): exact; None: keep
+    size: int | tuple[int, int] | None = 224  # int: short side -> size, aspect kept; (H, W): exact; None: no resize
     crop_size: tuple[int, int] | None = (224, 224)  # (H, W) center crop; None: no crop
     rescale_factor: float | None = 1 / 255  # uint8 -> [0, 1]; None: keep 0..255
     mean: tuple[float, ...] | None = OPENAI_CLIP_MEAN  # per channel; None: no normalization
@@ -113,7 +114,10 @@ class ImageTransform:
         if image.mode != "RGB":
             raise ValueError(f"ImageTransform needs an RGB image, got mode {image.mode}: set convert_rgb=True")
         if self.size is not None:
-            height, width = self.size if isinstance(self.size, tuple) else resize_output_size(image.height, image.width, self.size)
+            if isinstance(self.size, tuple):
+                height, width = self.size
+            else:
+                height, width = resize_output_size(image.height, image.width, self.size)
             image = image.resize((width, height), resample=Image.Resampling(self.resample))  # PIL takes (W, H)
         pixels = np.asarray(image)  # (H, W, 3) uint8
         if self.crop_size is not None:

@@ -42,7 +42,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def read_clip_bpe(bpe_gz_path: str = DEFAULT_CLIP_BPE) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) exactly as OpenAI's simple_tokenizer.py derives them from the gzipped merges file."""
     if not os.path.isfile(bpe_gz_path):
-        raise FileNotFoundError(f"CLIP BPE merges file {bpe_gz_path} not found: pass the path of bpe_simple_vocab_16e6.txt.gz")
+        raise FileNotFoundError(f"CLIP BPE merges file {bpe_gz_path} not found: "
+                                f"pass the path of OpenAI's bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(bpe_gz_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
     byte_chars = list(bytes_to_unicode().values())
@@ -95,8 +96,11 @@ def _folder_pad_token(folder: str) -> str | None:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                pad = json.load(f).get("pad_token")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pad = json.load(f).get("pad_token")
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error}): fix or delete it") from error
             if pad is not None:
                 return pad["content"] if isinstance(pad, dict) else pad  # older files store an AddedToken dict
     return None
@@ -130,7 +134,10 @@ class CLIPTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer.json there "
                                     f"or write one with miniproclip.tokenizer.save_clip_tokenizer_json")
-        tokenizer = Tokenizer.from_file(path)
+        try:
+            tokenizer = Tokenizer.from_file(path)
+        except Exception as error:  # tokenizers raises a bare Exception for malformed files
+            raise ValueError(f"{path} is not a valid tokenizer.json ({error})") from error
         pad_id = None
         if tokenizer.padding is None and (pad_token := _folder_pad_token(folder)) is not None:
             pad_id = _token_id(tokenizer, pad_token, path)

@@ -113,3 +113,24 @@ def test_torchrun_two_ranks_merge_in_input_order(tiny_llm, tmp_path):
     embeddings, _, _ = load_cache(str(out))
     assert (embeddings - LLMEmbedder(tiny_llm).embed(TEXTS)[0]).abs().max() < 1e-5
     assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "t.txt"]  # shards removed
+
+
+def test_text_cache_embeds_once_appends_missing_and_refuses_another_llm(tiny_llm, tmp_path):
+    from miniproclip.embed import TextEmbeddingCache, ensure_text_cache
+    path = str(tmp_path / "cache.safetensors")
+    cache = ensure_text_cache(path, tiny_llm, TEXTS[:3], EmbedSettings())
+    reference, _ = LLMEmbedder(tiny_llm).embed(TEXTS)
+    assert (cache(TEXTS[:3][::-1]) - reference[:3].flip(0)).abs().max() < 1e-5
+    assert cache.missing(TEXTS) == TEXTS[3:]
+    grown = ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings())  # appends the two new captions only
+    assert grown.embeddings.shape == (len(TEXTS), 32)
+    assert (grown(TEXTS) - reference).abs().max() < 1e-5
+    assert (TextEmbeddingCache(path)(TEXTS[:1]) - reference[:1]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=f"^{path}: text cache was built with another max length"):
+        ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings(max_length=64))
+    other = tmp_path / "other_llm"
+    write_tiny_llm(str(other))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, rms_norm_eps=1e-5)))
+    with pytest.raises(ValueError, match="text cache was built with another llm fingerprint"):
+        ensure_text_cache(path, str(other), TEXTS, EmbedSettings())

@@ -65,7 +65,7 @@ def test_hand_computed_solid_color():
 CUSTOM_CONFIGS = [
     {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}, "resample": 3,
      "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1.0]},
-    {"size": 48, "crop_size": 64},  # old-style ints; crop larger than the image: HF zero-pads
+    {"size": 47, "crop_size": 64},  # old-style ints; crop larger than the image (odd shortfall): HF zero-pads
     {"size": {"height": 100, "width": 50}, "crop_size": {"height": 64, "width": 33}, "resample": 2},
     {"size": {"shortest_edge": 80}, "do_center_crop": False, "do_normalize": False},
     {"do_resize": False, "crop_size": {"height": 150, "width": 300}, "do_rescale": False},

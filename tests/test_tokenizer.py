@@ -37,7 +37,8 @@ LONG_CAPTION = " ".join(["a very long and detailed description of a red bicycle 
 
 
 def openai_bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -62,7 +63,10 @@ class OpenAISimpleTokenizer:
         self.merges = merges
         self.bpe_ranks = dict(zip(merges, range(len(merges))))
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        self.pat = regex.compile(
+            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
 
     @functools.lru_cache(maxsize=None)
     def bpe(self, token):
@@ -195,4 +199,10 @@ def test_pad_id_from_folder(tmp_path):
 
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        CLIPTokenizer.from_folder(str(tmp_path))
+
+
+def test_malformed_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
         CLIPTokenizer.from_folder(str(tmp_path))

@@ -1,0 +1,53 @@
+"""ProCLIP's trainable model: CLIP's image tower, the LLM text head, and the contrastive temperature.
+
+The LLM itself is not part of it: its caption embeddings come from the cache (`embed.py`), as in the official
+code. Parameter names of the image tower are HF `CLIPModel`'s (`vision_model.*`, `visual_projection.weight`),
+so a checkpoint's image tower can be put back into an HF CLIP folder key for key; the head lives under
+`text_head.*` and the temperature is `logit_scale` (its log, as in CLIP).
+
+Stage 1 trains `text_head` only; stage 2 trains everything here (paper section 3.2, 3.3).
+"""
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .clip import CLIP, CLIPConfig, CLIPVisionTransformer
+from .head import HeadConfig, TextHead
+
+
+class ProCLIP(nn.Module):
+    def __init__(self, clip_config: CLIPConfig, head_config: HeadConfig):
+        super().__init__()
+        if head_config.output_dim != clip_config.projection_dim:
+            raise ValueError(f"the head maps to {head_config.output_dim} dims but CLIP's joint space has "
+                             f"{clip_config.projection_dim}; they must match")
+        self.vision_model = CLIPVisionTransformer(clip_config.vision)
+        self.visual_projection = nn.Linear(clip_config.vision.hidden_size, clip_config.projection_dim, bias=False)
+        self.text_head = TextHead(head_config)
+        self.logit_scale = nn.Parameter(torch.tensor(clip_config.logit_scale_init_value))
+
+    @classmethod
+    def from_clip(cls, clip: CLIP, head_config: HeadConfig) -> "ProCLIP":
+        """Take the image tower and temperature of a loaded CLIP (copied), with a freshly initialised head."""
+        model = cls(clip.config, head_config)
+        model.vision_model.load_state_dict(clip.vision_model.state_dict())
+        model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+        model.logit_scale.data.copy_(clip.logit_scale.data)
+        return model
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised image features (normalised in fp32)."""
+        return F.normalize(self.visual_projection(self.vision_model(pixel_values)).float(), dim=-1)
+
+    def encode_text(self, llm_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, d) cached LLM embeddings -> (B, D) L2-normalised text features."""
+        return F.normalize(self.text_head(llm_embeddings).float(), dim=-1)
+
+    def image_teacher(self) -> nn.Module:
+        """A frozen copy of the image tower (for L_reg): same names as here, without head or temperature."""
+        teacher = copy.deepcopy(self)
+        del teacher.text_head, teacher.logit_scale
+        return teacher.requires_grad_(False).eval()
