@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,12 +43,13 @@ LAYER_TENSORS = {
 }
 
 # Pre-tokenizer split regex per `tokenizer.ggml.pre`, as transformers' GGUF_PRE_TOKENIZER_SPLITS has it for the
-# Llama-3 family; any other value (SmolLM2's "smollm" included) keeps GPT-2's byte-level regex, as transformers does.
+# Llama-3 family; any other value keeps GPT-2's byte-level regex, as transformers does. For SmolLM2 ("smollm") that
+# gives the same ids as llama.cpp's rule, which also splits digits apart: its vocabulary has no multi-digit token.
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS = {name: LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx")}
+PRE_TOKENIZER_SPLITS = {name: LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe")}
 CONTROL, USER_DEFINED = 3, 4  # values of `tokenizer.ggml.token_type` (llama.cpp's llama_token_type)
 BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters byte-level BPE spells bytes with
 
@@ -112,7 +114,7 @@ def _llama_config(meta: dict, tensor_names: set, path) -> dict:
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not a Llama-layout GGUF")
     n_embd, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    head_dim = n_embd // n_head
+    head_dim = meta.get("llama.attention.key_length", n_embd // n_head)
     if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"{path}: partial rotary embeddings are not supported")
     return {
@@ -147,6 +149,7 @@ def read_gguf_llama(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _read_llama(reader, meta: dict, path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`read_gguf_llama` on an open reader and its parsed metadata."""
     from gguf.quants import dequantize
 
     config = _llama_config(meta, {t.name for t in reader.tensors}, path)
@@ -175,6 +178,7 @@ def build_tokenizer_from_gguf(path) -> Tokenizer:
 
 
 def _tokenizer_from_metadata(meta: dict, path) -> Tokenizer:
+    """`build_tokenizer_from_gguf` on parsed metadata."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
@@ -232,8 +236,6 @@ def convert_gguf_to_hf_folder(gguf_path, out_dir) -> Path:
     Everything goes into a hidden sibling folder that is renamed to `out_dir` at the end, so an interrupted
     conversion never leaves a half-written `out_dir` behind.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: delete it or choose another output folder")

@@ -46,6 +46,12 @@ class ProCLIP(nn.Module):
         """(B, d) cached LLM embeddings -> (B, D) L2-normalised text features."""
         return F.normalize(self.text_head(llm_embeddings).float(), dim=-1)
 
+    def forward(self, pixel_values: torch.Tensor | None = None, llm_embeddings: torch.Tensor | None = None):
+        """Both encoders in one call, which is what DDP wraps: (image features or None, text features or None)."""
+        image = self.encode_image(pixel_values) if pixel_values is not None else None
+        text = self.encode_text(llm_embeddings) if llm_embeddings is not None else None
+        return image, text
+
     def image_teacher(self) -> nn.Module:
         """A frozen copy of the image tower (for L_reg): same names as here, without head or temperature."""
         teacher = copy.deepcopy(self)

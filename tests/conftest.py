@@ -48,8 +48,8 @@ def smollm2_transformers(smollm2_gguf):
     # `load_gguf_checkpoint`), without the `accelerate` package that `from_pretrained` insists on for GGUF.
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=model, torch_dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(tensors["tensors"], strict=False)
+    loaded = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=model, torch_dtype=model.dtype)
+    missing, unexpected = model.load_state_dict(loaded["tensors"], strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to the embedding
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer

@@ -7,28 +7,13 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 transformers = pytest.importorskip("transformers")
 
 from miniproclip.embed import EmbedSettings, LLMEmbedder, load_cache, main, text_hash, token_budget_batches
 from miniproclip.llm import mean_pool
 
-WORDS = "a photo of the cat dog red blue small large on in grass table two three and with".split()
-
-
-def write_tiny_llm(folder):
-    """A tiny random Llama with a word-level tokenizer.json that adds BOS (id 1), as Llama tokenizers do."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}, "retrieve": 40}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
-
+from fixtures import write_tiny_llm
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
@@ -63,9 +48,9 @@ def test_embed_matches_one_by_one_in_input_order(tiny_llm):
 
 def test_instruction_prefix_is_attended_but_not_pooled(tiny_llm):
     embedder = LLMEmbedder(tiny_llm, EmbedSettings(instruction="retrieve"))
-    assert embedder.prefix == [1, 40]
+    assert embedder.prefix == [1, 60]
     embedding, _ = embedder.embed(["a red cat"])
-    ids = torch.tensor([[1, 40] + embedder.tokenizer.encode("a red cat", add_special_tokens=False).ids])
+    ids = torch.tensor([[1, 60] + embedder.tokenizer.encode("a red cat", add_special_tokens=False).ids])
     hidden = embedder.model(ids)
     assert (embedding[0] - hidden[0, 2:].mean(0)).abs().max() < 1e-5
     plain, _ = LLMEmbedder(tiny_llm).embed(["a red cat"])

@@ -94,12 +94,10 @@ def test_converted_folder_loads_in_transformers(smollm2_dir, smollm2_transformer
 
 
 def test_interrupted_conversion_leaves_no_folder(smollm2_gguf, tmp_path, monkeypatch):
-    import safetensors.torch
-
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process were stopped while writing the weights
 
-    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    monkeypatch.setattr(mgguf, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
         mgguf.convert_gguf_to_hf_folder(smollm2_gguf, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its hidden partial sibling

@@ -1,0 +1,301 @@
+"""Training checkpoints: crash-safe saving, `--resume` resolution, loading that never runs code.
+
+Mirrors karpathy/nanochat `nanochat/checkpoint_manager.py` (weights plus a readable JSON meta per step, the
+`_orig_mod.` prefix of torch.compile stripped on load) and open_clip's `--resume latest` (resume from the newest
+checkpoint of a run folder). Two changes: weights are safetensors and the training state is read with
+`torch.load(weights_only=True)`, so no file in a run folder can run code when loaded; and every file is written
+under a temp name, fsynced and renamed, so a crash (kill -9, full disk) at any moment leaves the previous
+checkpoint and `latest` usable.
+
+A run folder:
+    meta.json                  run-level meta: args, stage, CLIP and LLM folders, head config (write_run_meta)
+    metrics.jsonl              one JSON record per line, appended by the trainer (append_metrics)
+    step_000120.safetensors    trainable weights; the header's metadata holds {"meta": json}
+    step_000120.state.pt       optimizer / scheduler / GradScaler state, RNG states, data cursor, counters
+    step_000120.json           the same meta as the weights header, readable
+    latest                     one line naming the newest complete checkpoint: "step_000120"
+"""
+
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from collections import OrderedDict
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .weights import PICKLE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+SUFFIXES = (".state.pt", ".json", ".safetensors")  # write order: the weights last
+TMP = ".tmp"
+STEP_FILE = re.compile(r"^step_(\d+)(\.state\.pt|\.json|\.safetensors)$")
+STALE_TEMP = re.compile(r"^(step_\d+(\.state\.pt|\.json|\.safetensors)|latest|meta\.json)\.tmp$")
+WRAPPER_PREFIXES = ("module", "_orig_mod")  # added by DistributedDataParallel and torch.compile
+PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)  # exact types torch's weights_only loader takes
+PLAIN_LEAVES = (torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None), torch.dtype, torch.device)
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be saved or loaded as asked; the message is one line saying why and what to do."""
+
+
+# ----------------------------------------------------------------------------- small file helpers
+
+def _fsync(path: str) -> None:
+    """Flush a file's (or a folder's, i.e. its renames') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(paths) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _jsonable(value):
+    """json.dumps fallback: tensors become numbers/lists, anything else (paths, dtypes) its str."""
+    return value.tolist() if isinstance(value, torch.Tensor) else str(value)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _replace_text(path: str, text: str) -> None:
+    """Atomically make `path` hold `text`: temp file, fsync, rename, fsync the folder."""
+    try:
+        _write_text(path + TMP, text)
+        _fsync(path + TMP)
+        os.replace(path + TMP, path)
+        _fsync(os.path.dirname(path) or ".")
+    except BaseException:
+        _remove([path + TMP])
+        raise
+
+
+def _check_plain(value, where: str) -> None:
+    """Raise TypeError naming the first entry of `value` that torch.load(weights_only=True) would refuse."""
+    if type(value) in PLAIN_CONTAINERS:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            _check_plain(key, f"{where} key")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif type(value) not in PLAIN_LEAVES:
+        raise TypeError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; "
+                        f"store only tensors, numbers, strings, None, lists, tuples and dicts")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    """Every RNG the trainer draws from, as plain data that loads with weights_only=True."""
+    version, internal, gauss_next = random.getstate()  # (int, tuple of 625 ints, float | None)
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one uint8 tensor per visible device
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the RNGs saved by rng_state(); CUDA states are set for the devices this machine has."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def check_writable(run_dir: str, need_bytes: int = 0) -> None:
+    """Fail at startup, not at the first checkpoint: create `run_dir`, write a probe file, check free space."""
+    probe = os.path.join(run_dir, f".write_probe_{os.getpid()}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        _write_text(probe, "ok")
+        os.remove(probe)
+        free = shutil.disk_usage(run_dir).free
+    except OSError as err:
+        raise CheckpointError(f"--output {run_dir} is not writable: {err.strerror or err}; "
+                              f"choose a folder you can write to") from None
+    if free < need_bytes:
+        raise CheckpointError(f"--output {run_dir} has {free / 1e9:.2f} GB free, a checkpoint needs "
+                              f"~{need_bytes / 1e9:.2f} GB; free some space or choose another --output")
+
+
+def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], train_state: dict, meta: dict,
+                    keep: int | None = None) -> str:
+    """Write step_NNNNNN.{state.pt,json,safetensors} and then point `latest` at them; returns the weights path.
+
+    All three files go to temp names first (each fsynced), are renamed in place, and only then is `latest`
+    replaced, so an interruption at any moment leaves the previous complete checkpoint and `latest` as they
+    were. `keep=N` then deletes all but the newest N complete checkpoints (never the one `latest` names).
+    """
+    _check_plain(train_state, "train_state")
+    stem = os.path.join(run_dir, f"step_{step:06d}")
+    # own, dense CPU copies: safetensors refuses views sharing storage (tied or sliced weights)
+    tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in weights.items()}
+    meta_text = json.dumps(meta, indent=2, default=_jsonable)
+    writers = {".state.pt": lambda path: torch.save(train_state, path),
+               ".json": lambda path: _write_text(path, meta_text),
+               ".safetensors": lambda path: save_file(tensors, path, metadata={"meta": meta_text})}
+    renamed = []
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        _remove(os.path.join(run_dir, n) for n in os.listdir(run_dir) if STALE_TEMP.match(n))  # earlier crashes
+        for suffix in SUFFIXES:
+            writers[suffix](stem + suffix + TMP)
+            _fsync(stem + suffix + TMP)
+        for suffix in SUFFIXES:
+            os.replace(stem + suffix + TMP, stem + suffix)
+            renamed.append(stem + suffix)
+        _fsync(run_dir)
+        _replace_text(os.path.join(run_dir, LATEST), os.path.basename(stem) + "\n")
+    except BaseException as err:
+        _remove([stem + suffix + TMP for suffix in SUFFIXES] + renamed)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"cannot save {os.path.basename(stem)} in {run_dir}: {err.strerror or err}; "
+                                  f"the previous checkpoint is kept (free some space or choose another --output)"
+                                  ) from err
+        raise
+    if keep is not None:
+        _prune(run_dir, keep)
+    return stem + ".safetensors"
+
+
+def _step_files(run_dir: str) -> dict[int, set[str]]:
+    """{step: the checkpoint suffixes present for it} for the step_NNNNNN files of a folder."""
+    found = {}
+    for name in os.listdir(run_dir):
+        match = STEP_FILE.match(name)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return found
+
+
+def _prune(run_dir: str, keep: int) -> None:
+    """Delete every checkpoint (complete or not) but the newest `keep` complete ones and the one `latest` names."""
+    found = _step_files(run_dir)
+    complete = sorted((step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES)), reverse=True)
+    kept = set(complete[:keep]) | {_read_latest(run_dir)}
+    for step in sorted(set(found) - kept):
+        stem = os.path.join(run_dir, f"step_{step:06d}")
+        try:  # the weights first, so a half-deleted checkpoint is never taken for a complete one
+            for suffix in reversed(SUFFIXES):
+                if suffix in found[step]:
+                    os.remove(stem + suffix)
+        except OSError as err:
+            logger.warning(f"could not delete old checkpoint {stem}: {err.strerror or err}")
+
+
+def append_metrics(run_dir: str, record: dict) -> None:
+    """Append one JSON line to `run_dir`/metrics.jsonl and flush it."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=_jsonable) + "\n")
+        f.flush()
+
+
+def write_run_meta(run_dir: str, meta: dict) -> None:
+    """Atomically (re)write `run_dir`/meta.json."""
+    os.makedirs(run_dir, exist_ok=True)
+    _replace_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+
+
+# ----------------------------------------------------------------------------- resolving and loading
+
+def _read_latest(run_dir: str) -> int | None:
+    """The step the `latest` file names, or None when it is missing or garbled."""
+    try:
+        with open(os.path.join(run_dir, LATEST), encoding="utf-8") as f:
+            match = re.fullmatch(r"step_(\d+)", f.read().strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The weights path of the checkpoint `latest` names, else of the highest complete step, else None."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = _step_files(run_dir)
+    complete = sorted(step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES))
+    named = _read_latest(run_dir)
+    if named not in complete:
+        if not complete:
+            return None
+        logger.warning(f"{run_dir}: '{LATEST}' is missing or does not name a complete checkpoint; "
+                       f"using step_{complete[-1]:06d}, the highest complete one")
+        named = complete[-1]
+    return os.path.join(run_dir, f"step_{named:06d}.safetensors")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The `.safetensors` path for a run folder (its latest checkpoint), a weights file or a step_NNNNNN stem."""
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint in {path}; start without --resume")
+        return found
+    if path.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path} is a pickle, which is never loaded as weights (it can run code); "
+                              f"pass a step_NNNNNN.safetensors file or its run folder")
+    weights = path if path.endswith(".safetensors") else path + ".safetensors"
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder, "
+                              f"a step_NNNNNN.safetensors file or its step_NNNNNN stem")
+    return weights
+
+
+def _strip_wrappers(key: str) -> str:
+    """'module._orig_mod.head.fc.weight' -> 'head.fc.weight' (DDP / torch.compile prefixes, at any depth)."""
+    return ".".join(part for part in key.split(".") if part not in WRAPPER_PREFIXES)
+
+
+def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict on CPU, meta) of a checkpoint given as anything resolve_checkpoint accepts."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            state_dict = {_strip_wrappers(key): f.get_tensor(key) for key in f.keys()}
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); "
+                              f"pass another step_NNNNNN.safetensors or its run folder") from None
+    return state_dict, json.loads(header.get("meta", "{}"))
+
+
+def load_train_state(path: str) -> dict:
+    """The `.state.pt` next to a checkpoint's weights, loaded on CPU with weights_only=True (never runs code)."""
+    if path.endswith(".state.pt"):
+        state_path = path
+    else:
+        state_path = resolve_checkpoint(path).removesuffix(".safetensors") + ".state.pt"
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"{state_path} does not exist; without it training cannot resume from "
+                              f"this checkpoint (its weights alone can still be loaded)")
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch explains over several paragraphs; keep its diagnosis line
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = next((line for line in reversed(lines) if not line.startswith("Check the documentation")), "")
+        raise CheckpointError(f"{state_path}: refused to unpickle ({detail}); a training state may hold only "
+                              f"tensors and plain Python data") from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{state_path} is corrupt ({str(err).split('. ')[0]}); resume from another "
+                              f"step_NNNNNN") from None

@@ -1,0 +1,326 @@
+"""Image-caption data: reading JSONL / CSV / webdataset-tar sources, a map-style Dataset, exact DDP batching.
+
+Mirrors the inputs of mlfoundations/open_clip `src/open_clip_train/data.py`: `--csv-img-key` (default "filepath"),
+`--csv-caption-key` ("title"), `--csv-separator`, and webdataset shard lists with brace expansion, several joined
+with "::"; a tar sample is the members sharing a key (`KEY.jpg` + `KEY.txt` or `KEY.json`), split as webdataset's
+`base_plus_ext` does. Where it differs from open_clip:
+- tar shards are indexed once up front (captions read, image byte offsets recorded) and images are read later by
+  seek, so every source is map-style. One seeded permutation per epoch, cut into global batches (`epoch_batches`),
+  makes a mid-epoch resume exact and a W-rank run see the same samples as a 1-rank run with a W times larger batch;
+  open_clip streams shards and can do neither.
+- relative image paths resolve against the data file's folder (open_clip: against the working directory), and the
+  CSV separator follows the extension unless given ("," for .csv, tab for .tsv; open_clip: always tab).
+- unreadable images are dropped in `collate` and reported, where open_clip logs and skips them in the pipeline.
+Rows carry the short caption and an optional long caption: the ProCLIP loader pairs each image with both.
+"""
+
+import csv
+import io
+import json
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .image import ImageReadError, load_image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar members that hold a sample's image, in order of preference
+MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: KEY (no dots).EXTENSION
+MAX_WARNINGS = 10  # malformed rows warned about one by one per read_rows call; the rest are only counted
+MAX_OPEN_SHARDS = 64  # tar files a worker process keeps open (least recently used closed first)
+
+
+class DataError(ValueError):
+    """A data source that cannot be used: missing file, wrong columns, no valid rows, a bad row with strict=True."""
+
+
+class _Malformed(Exception):
+    """One bad row or sample; the reader turns it into a warning, or a DataError when strict."""
+
+
+@dataclass(slots=True)
+class Row:
+    image: str  # absolute path, or "tar://<tar path>#<member>" for an image inside a shard
+    caption: str
+    long_caption: str | None = None
+    tar_member: tuple[str, int, int] | None = None  # (tar path, byte offset, byte size) of a shard's image
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Bash-style brace expansion: "s-{08..10}.tar" -> s-08, s-09, s-10 (zero padding kept); "{a,b}" -> a, b."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    # find the matching "}" and the commas at the top level of this group
+    depth, commas = 0, []
+    for end in range(start, len(pattern)):
+        depth += (pattern[end] == "{") - (pattern[end] == "}")
+        if pattern[end] == "," and depth == 1:
+            commas.append(end)
+        if depth == 0:
+            break
+    else:
+        raise DataError(f"{pattern}: unbalanced '{{' in the data path")
+    body = pattern[start + 1 : end]
+    number_range = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if number_range:
+        first, last = number_range.groups()
+        padded = any(len(bound) > 1 and bound[0] == "0" for bound in (first, last))
+        width = max(len(first), len(last)) if padded else 0
+        step = 1 if int(last) >= int(first) else -1
+        options = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    elif commas:
+        bounds = [start, *commas, end]
+        options = [pattern[a + 1 : b] for a, b in zip(bounds, bounds[1:])]
+    else:
+        raise DataError(f"{pattern}: cannot expand {{{body}}}: write {{a,b}} or a range like {{000..009}}")
+    # options may hold nested groups and the tail more groups: expand the rest recursively
+    return [path for option in options for path in expand_braces(pattern[:start] + option + pattern[end + 1 :])]
+
+
+class _Skipper:
+    """Malformed rows: raise at the first one when strict, else warn about the first few and count them all."""
+
+    def __init__(self, strict: bool, log):
+        self.strict, self.log, self.count = strict, log, 0
+
+    def __call__(self, where: str, what: str):
+        if self.strict:
+            raise DataError(f"{where}: {what}")
+        self.count += 1
+        if self.count <= MAX_WARNINGS:
+            self.log(f"warning: skipping {where}: {what}")
+
+
+def _clean_text(value, key: str, required: bool) -> str | None:
+    """`value` stripped of surrounding whitespace; an optional field that is absent, null or blank gives None."""
+    if value is None:
+        if required:
+            raise _Malformed(f'missing "{key}"')
+        return None
+    if not isinstance(value, str):
+        raise _Malformed(f'"{key}" must be a string, got {type(value).__name__}')
+    if not value.strip():
+        if required:
+            raise _Malformed(f'empty "{key}"')
+        return None
+    return value.strip()
+
+
+def _file_row(record: dict, image_key: str, caption_key: str, folder: str) -> Row:
+    """A Row from one JSONL/CSV record; a relative image path is taken from the data file's folder."""
+    image = _clean_text(record.get(image_key), image_key, required=True)
+    return Row(image=os.path.normpath(os.path.join(folder, image)),
+               caption=_clean_text(record.get(caption_key), caption_key, required=True),
+               long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False))
+
+
+def _read_jsonl(path: str, skip: _Skipper) -> list[Row]:
+    folder, rows = os.path.dirname(os.path.abspath(path)), []
+    with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
+                rows.append(_file_row(record, "image", "caption", folder))
+            except _Malformed as error:
+                skip(f"{path}:{line_number}", str(error))
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                skip(f"{path}:{line_number}", f"invalid JSON ({error})")
+    return rows
+
+
+def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: _Skipper) -> list[Row]:
+    folder, rows = os.path.dirname(os.path.abspath(path)), []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            for key, flag in ((image_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+                if key not in columns:
+                    raise DataError(f"{path}: no column {key!r} (header: {columns}, separator {separator!r}): "
+                                    f"set {flag} or --csv-separator")
+            for record in reader:
+                try:
+                    # DictReader files surplus fields under None and fills missing ones with None
+                    if None in record or None in record.values():
+                        raise _Malformed(f"expected {len(columns)} fields separated by {separator!r}")
+                    rows.append(_file_row(record, image_key, caption_key, folder))
+                except _Malformed as error:
+                    skip(f"{path}:{reader.line_num}", str(error))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: cannot parse as UTF-8 CSV ({error}): fix the file") from error
+    return rows
+
+
+def _tar_row(tar: tarfile.TarFile, path: str, key: str, members: dict[str, tarfile.TarInfo]) -> Row:
+    """A Row from one tar sample: the image member, and the caption from KEY.txt or KEY.json (which may also
+    hold "long_caption"); only the text members are read now, the image's offset is recorded for later."""
+    image = next((members[extension] for extension in IMAGE_EXTENSIONS if extension in members), None)
+    if image is None:
+        raise _Malformed(f"no image member ({key}.jpg/.jpeg/.png/.webp)")
+    if "txt" not in members and "json" not in members:
+        raise _Malformed(f"no caption member ({key}.txt or {key}.json)")
+    record = json.loads(tar.extractfile(members["json"]).read()) if "json" in members else {}
+    if not isinstance(record, dict):
+        raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
+    if "txt" in members:
+        record["caption"] = tar.extractfile(members["txt"]).read().decode("utf-8")
+    return Row(image=f"tar://{path}#{image.name}",
+               caption=_clean_text(record.get("caption"), "caption", required=True),
+               long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False),
+               tar_member=(path, image.offset_data, image.size))
+
+
+def _read_tar(path: str, skip: _Skipper) -> list[Row]:
+    path, samples, rows = os.path.abspath(path), {}, []
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # uncompressed only: images are read back by seek
+            for member in tar:
+                name = MEMBER_NAME.match(member.name)
+                if member.isfile() and name:
+                    samples.setdefault(name[1], {})[name[2].lower()] = member  # key -> {extension: member}
+            for key, members in samples.items():
+                # name the caption member in messages when there is one
+                caption = members.get("txt") or members.get("json")
+                where = f"{path}:{caption.name if caption else key}"
+                try:
+                    rows.append(_tar_row(tar, path, key, members))
+                except _Malformed as error:
+                    skip(where, str(error))
+                except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                    skip(where, f"unreadable caption ({error})")
+    except tarfile.TarError as error:
+        raise DataError(f"{path}: not a readable uncompressed tar file ({error})") from error
+    return rows
+
+
+def read_rows(source: str, *, csv_img_key: str = "filepath", csv_caption_key: str = "title",
+              csv_separator: str | None = None, strict: bool = False, log=print) -> list[Row]:
+    """Every row of `source`: paths joined by "::", each a .jsonl, .csv, .tsv or .tar file or a brace pattern of
+    them ("shards/{000..009}.tar"). JSONL lines are {"image": path, "caption": str, "long_caption": str (optional)};
+    CSV/TSV files have a header with `csv_img_key`, `csv_caption_key` and optionally "long_caption" columns
+    (`csv_separator` None: "," for .csv, tab for .tsv). Malformed rows are skipped with a warning through `log`,
+    or raise DataError "FILE:LINE: what is wrong" when `strict`; a file with no valid row raises DataError."""
+    skip, rows = _Skipper(strict, log), []
+    for part in source.split("::"):
+        for path in expand_braces(part):
+            if not os.path.isfile(path):
+                raise DataError(f"{path} does not exist: check the data path {source!r}")
+            extension, skipped_before = path.rsplit(".", 1)[-1].lower(), skip.count
+            if extension == "jsonl":
+                file_rows = _read_jsonl(path, skip)
+            elif extension in ("csv", "tsv"):
+                separator = csv_separator or ("\t" if extension == "tsv" else ",")
+                file_rows = _read_csv(path, csv_img_key, csv_caption_key, separator, skip)
+            elif extension == "tar":
+                file_rows = _read_tar(path, skip)
+            else:
+                raise DataError(f"{path}: unknown data format .{extension}: use .jsonl, .csv, .tsv or .tar files")
+            if not file_rows:
+                raise DataError(f"{path}: no valid image-caption rows ({skip.count - skipped_before} malformed "
+                                f"skipped): see the format in miniproclip/data.py read_rows")
+            rows += file_rows
+    if skip.count:
+        shown = f", the first {MAX_WARNINGS} shown above" if skip.count > MAX_WARNINGS else ""
+        log(f"warning: skipped {skip.count} malformed rows in {source}{shown}")
+    return rows
+
+
+def caption_texts(rows: list[Row]) -> list[str]:
+    """Every distinct caption, short and long, in order of first appearance (the texts to embed with the LLM)."""
+    return list(dict.fromkeys(text for row in rows for text in (row.caption, row.long_caption) if text is not None))
+
+
+class ImageTextDataset(Dataset):
+    """Map-style dataset over Rows. Item i: {"index", "pixels" (3, H, W) or None, "caption", "long_caption"}, plus
+    "bad_image": path when the image cannot be read. transform=None: images are not read at all (stage 1)."""
+
+    def __init__(self, rows: list[Row], transform=None):
+        self.rows, self.transform = rows, transform
+        self._shards = OrderedDict()  # tar path -> open file of this process, least recently used first
+        self._shards_pid = os.getpid()  # the process the open files belong to
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": OrderedDict()}  # spawned workers receive a copy without open files
+
+    def _read_tar_member(self, tar_path: str, offset: int, size: int) -> bytes:
+        if self._shards_pid != os.getpid():  # a forked worker: the parent's files share their read position
+            self._shards, self._shards_pid = OrderedDict(), os.getpid()
+        shard = self._shards.pop(tar_path, None) or open(tar_path, "rb")
+        self._shards[tar_path] = shard  # now the most recently used
+        if len(self._shards) > MAX_OPEN_SHARDS:
+            self._shards.popitem(last=False)[1].close()
+        shard.seek(offset)
+        return shard.read(size)
+
+    def _load_pixels(self, row: Row) -> torch.Tensor:
+        if row.tar_member is None:
+            return self.transform(load_image(row.image))
+        try:
+            data = self._read_tar_member(*row.tar_member)
+        except OSError as error:
+            raise ImageReadError(f"cannot read {row.image}: {error}") from error
+        return self.transform(load_image(io.BytesIO(data)))  # a short read (truncated tar) fails to decode
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        sample = {"index": index, "pixels": None, "caption": row.caption, "long_caption": row.long_caption}
+        if self.transform is not None:
+            try:
+                sample["pixels"] = self._load_pixels(row)  # (3, H, W)
+            except ImageReadError:
+                sample["bad_image"] = row.image
+        return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch ImageTextDataset items, dropping those whose image could not be read. Returns "indices", "pixels"
+    (B, 3, H, W), or None when images are not loaded or all were bad, "captions", "long_captions" (None where a
+    row has none) and "bad_images", the references of the dropped images, for the caller to count and log."""
+    kept = [sample for sample in samples if "bad_image" not in sample]
+    pixels = [sample["pixels"] for sample in kept if sample["pixels"] is not None]
+    return {
+        "indices": [sample["index"] for sample in kept],
+        "pixels": torch.stack(pixels) if pixels else None,  # (B, 3, H, W)
+        "captions": [sample["caption"] for sample in kept],
+        "long_captions": [sample["long_caption"] for sample in kept],
+        "bad_images": [sample["bad_image"] for sample in samples if "bad_image" in sample],
+    }
+
+
+def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[list[int]]:
+    """This rank's row indices for each step of one epoch. A permutation seeded by (seed, epoch) is cut into global
+    batches of batch_size * world_size (the incomplete tail dropped) and rank r takes slice r of each, so the ranks'
+    step-t batches, concatenated, are the step-t batch of a 1-rank run with batch_size * world_size. Resuming
+    mid-epoch is skipping the batches already done (make_loader's start_batch)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    global_batch = batch_size * world_size
+    if num_rows < global_batch:
+        raise DataError(f"{num_rows} rows do not fill one global batch of {batch_size} x {world_size} ranks: "
+                        f"lower --batch-size")
+    # torch's CPU generator keeps only 32 bits of its seed: numpy's SeedSequence hashes the pair into them
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    order = torch.randperm(num_rows, generator=generator).tolist()
+    start = rank * batch_size  # this rank's offset inside each global batch
+    return [order[step * global_batch + start : step * global_batch + start + batch_size]
+            for step in range(num_rows // global_batch)]
+
+
+def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0) -> DataLoader:
+    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process)."""
+    return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
