@@ -334,15 +334,16 @@ def train(args, run, rank, world, log):
         batches = epoch_batches(len(run["rows"]), args.batch_size, seed=args.seed, epoch=state["epoch"],
                                 rank=rank, world_size=world)
         loader = make_loader(run["dataset"], batches, args.workers, start_batch=state["batch_in_epoch"])
+        # a coin per row and epoch, so the choice does not depend on how rows are split over ranks or resumes
+        coins = torch.Generator().manual_seed(args.seed * 1_000_003 + state["epoch"])
+        pick_long = (torch.rand(len(run["rows"]), generator=coins) < 0.5).tolist()
         started = time.time()
         for batch in loader:
             state["bad_images"] += len(batch["bad_images"])
             state["bad_image_paths"] = (state["bad_image_paths"] + batch["bad_images"])[:10]
             if args.stage == 2:  # per sample, the short or the long caption at random (the official loader)
-                g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
-                pick_long = torch.rand(len(batch["captions"]), generator=g) < 0.5
-                batch["text"] = [lc if (lc and long) else c for c, lc, long in
-                                 zip(batch["captions"], batch["long_captions"], pick_long.tolist())]
+                batch["text"] = [lc if (lc and pick_long[i]) else c for i, c, lc in
+                                 zip(batch["indices"], batch["captions"], batch["long_captions"])]
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(state["step"], args.warmup, total_steps)
             optimizer.zero_grad(set_to_none=True)

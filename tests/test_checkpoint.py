@@ -5,10 +5,10 @@ SIGKILL mid-save), pickles refused without being run, and the exact one-line use
 import collections
 import errno
 import json
+import multiprocessing
 import os
 import random
-import subprocess
-import sys
+import signal
 import time
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from miniproclip.checkpoint import (CheckpointError, append_metrics, check_writa
                                     load_train_state, load_weights, resolve_checkpoint, rng_state, save_checkpoint,
                                     set_rng_state, write_run_meta)
 
-REPO = Path(__file__).resolve().parents[1]
 SUFFIXES = (".safetensors", ".state.pt", ".json")
 
 
@@ -216,46 +215,50 @@ def test_full_disk_while_writing_weights_raises_one_line_and_keeps_previous(tmp_
     assert_checkpoint_is(tmp_path, 1)
 
 
-KILLED_WRITER = """
-import sys, torch
-from miniproclip.checkpoint import save_checkpoint
-run_dir, step = sys.argv[1], int(sys.argv[2])
-while True:  # ~64 MB per checkpoint, saved back to back until killed
-    big = torch.full((8_000_000,), float(step))
-    save_checkpoint(run_dir, step, {"w": big}, {"step": step, "m": big + 1}, {"step": step}, keep=2)
-    step += 1
-"""
+SIZE = 4_000_000  # floats per tensor: 16 MB, so a save spends real time writing
+
+
+def save_until_killed(run_dir, step):
+    """The killed writer: saves consecutive steps (each tensor filled with its step) back to back, forever."""
+    torch.set_num_threads(1)  # a forked child must not touch the parent's OpenMP pool
+    while True:
+        big = torch.full((SIZE,), float(step))
+        save_checkpoint(run_dir, step, {"w": big}, {"step": step, "m": big + 1}, {"step": step}, keep=2)
+        step += 1
+
+
+def assert_consistent(path):
+    """The weights, JSON meta and training state of a save_until_killed checkpoint load and are of one step."""
+    state_dict, meta = load_weights(path)
+    step = meta["step"]
+    assert json.loads(Path(path.removesuffix(".safetensors") + ".json").read_text()) == {"step": step}
+    assert torch.equal(state_dict["w"], torch.full((SIZE,), float(step)))
+    state = load_train_state(path)
+    assert state["step"] == step and torch.equal(state["m"], torch.full((SIZE,), step + 1.0))
+    return step
 
 
 def test_sigkill_during_saves_leaves_a_complete_consistent_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    delays = (0.05, 0.17, 0.29)  # after the first save; each save takes ~0.1-0.2 s, so kills land in varied phases
-    run_dirs = [tmp_path / f"run{i}" for i in range(len(delays))]
-    writers = [subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(run_dir), "1"], env=env)
-               for run_dir in run_dirs]  # started together so their (slow) torch imports overlap
-    try:
-        pending, deadline = dict(enumerate(delays)), time.time() + 120
-        while pending:
-            for i in [i for i in pending if (run_dirs[i] / "latest").exists()]:
-                time.sleep(pending.pop(i))
-                writers[i].kill()  # SIGKILL: no cleanup code runs
-            assert all(w.poll() is None for i, w in enumerate(writers) if i in pending), "a writer died"
-            assert time.time() < deadline, "a writer never saved"
-            time.sleep(0.005)
-    finally:
-        for writer in writers:
-            writer.kill()
-            writer.wait()
-    for run_dir in run_dirs:
-        path = resolve_checkpoint(str(run_dir))
-        state_dict, meta = load_weights(path)
-        step = meta["step"]
-        assert json.loads(Path(path.removesuffix(".safetensors") + ".json").read_text()) == {"step": step}
-        assert torch.equal(state_dict["w"], torch.full((8_000_000,), float(step)))
-        state = load_train_state(path)
-        assert state["step"] == step and torch.equal(state["m"], torch.full((8_000_000,), step + 1.0))
-        save_step(run_dir, 9999)  # a later save clears the temp files a kill left behind
-        assert temp_files(run_dir) == []
+    # forked writers (no torch import to wait for) killed at 12 points spread over several save cycles; each
+    # round resumes in the folder the previous kill left, stale temp files and all
+    fork = multiprocessing.get_context("fork")
+    last_step = 0
+    for round_index in range(12):
+        writer = fork.Process(target=save_until_killed, args=(str(tmp_path), last_step + 1))
+        writer.start()
+        time.sleep(0.05 + 0.037 * round_index)
+        writer.kill()  # SIGKILL: no cleanup code runs
+        writer.join()
+        assert writer.exitcode == -signal.SIGKILL
+        if round_index == 0 and latest_checkpoint(str(tmp_path)) is None:
+            continue  # killed before its first save completed
+        last_step = assert_consistent(resolve_checkpoint(str(tmp_path)))
+        os.rename(tmp_path / "latest", tmp_path / "latest.bak")  # the fallback scan must find a loadable one too
+        last_step = max(last_step, assert_consistent(resolve_checkpoint(str(tmp_path))))
+        os.rename(tmp_path / "latest.bak", tmp_path / "latest")
+    assert last_step > 12  # the writers got through many saves
+    save_step(tmp_path, 9999)  # a later save clears the temp files a kill left behind
+    assert temp_files(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- pickles are never run

@@ -1,0 +1,179 @@
+"""Zero-shot evaluation: retrieval (short, long, multilingual captions) and classification, CLIP_benchmark metrics.
+
+On the toy world (the newest checkpoint under runs/, the toy world's test split):
+    python eval.py --task retrieval                    # toyworld/retrieval_short.jsonl
+    python eval.py --task retrieval --dataset long     # toyworld/retrieval_long.jsonl (also de, fr, es, ...)
+    python eval.py --task zeroshot                     # toyworld/zeroshot/test, its classnames and templates
+On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--model):
+    python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy_flickr30k.json --images flickr30k-images --output out.json
+    python eval.py --task retrieval --model runs/stage2 --dataset xm3600.jsonl --language de --show 8
+    python eval.py --task zeroshot --model runs/stage2 --dataset imagenet/val --classnames names.txt --output out.json
+Metric definitions are LAION-AI/CLIP_benchmark's (see miniproclip/evaluate.py); this file is orchestration, the
+readers and runners live in miniproclip/benchmarks.py.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+
+import torch
+
+from miniproclip import benchmarks as bench
+from miniproclip.checkpoint import LATEST, CheckpointError, resolve_checkpoint
+from miniproclip.evaluate import load_templates
+from miniproclip.weights import ModelFolderError
+
+USER_ERRORS = (bench.BenchmarkError, ModelFolderError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Zero-shot retrieval and classification with CLIP_benchmark's metrics.")
+    p.add_argument("--task", choices=("retrieval", "zeroshot"), required=True)
+    # model (default: the newest run under --runs)
+    p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder: the baseline")
+    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint) or checkpoint file")
+    p.add_argument("--runs", default="runs", help="where the newest run is looked for when neither model flag is given")
+    p.add_argument("--text-cache", default=None, help="--model: LLM embedding cache (default: the training one)")
+    # data (default: the toy world's test split)
+    p.add_argument("--dataset", default=None, help="retrieval: Karpathy .json, .jsonl or a toy-world name (short, "
+                                                   "long, de, ...); zeroshot: a folder with one subfolder per class")
+    p.add_argument("--toy-dir", default="toyworld", help="the toy world, used when no --dataset is given")
+    p.add_argument("--images", default=None, help="retrieval: image root (default: the dataset file's folder)")
+    p.add_argument("--split", default="test", help="Karpathy JSON: the split to evaluate")
+    p.add_argument("--language", default=None, help=".jsonl: the caption language to evaluate (multilingual sets)")
+    p.add_argument("--classnames", default=None, help="zeroshot: one display name per line, in sorted folder order")
+    p.add_argument("--templates", default=None, help="zeroshot: JSON list of strings with {c} (default: OpenAI's 80)")
+    p.add_argument("--ks", default="1,5,10", help="retrieval: recall@K for these K (each at most the gallery size)")
+    # output
+    p.add_argument("--output", default=None, help="results JSON (default with --model: a file in the run folder)")
+    p.add_argument("--show", type=int, default=0, metavar="K", help="retrieval: PNG of K queries and their top-5 images")
+    # speed
+    p.add_argument("--batch-size", type=int, default=64, help="images / texts per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in-process)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("amp_bf16", "amp", "fp32"), default=None,
+                   help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU)")
+    args = p.parse_args(argv)
+    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def newest_run(runs_dir: str) -> str:
+    """The run folder under `runs_dir` whose `latest` file changed last (the newest checkpoint of all runs)."""
+    runs = [entry.path for entry in os.scandir(runs_dir) if os.path.isfile(os.path.join(entry.path, LATEST))] \
+        if os.path.isdir(runs_dir) else []
+    if not runs:
+        raise bench.BenchmarkError(f"no run with a '{LATEST}' checkpoint under {runs_dir}/; train one with "
+                                   f"`python train.py --stage 1`, or pass --model CKPT or --clip DIR")
+    return max(runs, key=lambda run: os.path.getmtime(os.path.join(run, LATEST)))
+
+
+def toy_path(args, *parts) -> str:
+    path = os.path.join(args.toy_dir, *parts)
+    if not os.path.exists(path):
+        raise bench.BenchmarkError(f"{path} not found: build the toy world with `python train.py --stage 1`, or pass "
+                                   f"--dataset (and --toy-dir if it lives elsewhere)")
+    return path
+
+
+def fill_defaults(args):
+    """The newest run when no model is named; the toy world's test split when no dataset is named."""
+    if args.clip and args.model:
+        raise bench.BenchmarkError("pass either --clip (the baseline) or --model (a ProCLIP checkpoint), not both")
+    if not (args.clip or args.model):
+        args.model = newest_run(args.runs)
+    if args.task == "retrieval":
+        if args.dataset is None:
+            args.dataset = toy_path(args, "retrieval_short.jsonl")
+        elif not os.path.exists(args.dataset) and re.fullmatch(r"[\w-]+", args.dataset):  # toy shorthand: long, de
+            args.dataset = toy_path(args, f"retrieval_{args.dataset}.jsonl")
+    elif args.dataset is None:
+        args.dataset = toy_path(args, "zeroshot", "test")
+        args.classnames = args.classnames or toy_path(args, "zeroshot", "classnames.txt")
+        args.templates = args.templates or toy_path(args, "zeroshot", "templates.json")
+    if args.model:
+        args.model = resolve_checkpoint(args.model)
+        if args.output is None:  # results go beside the checkpoint they belong to
+            name = os.path.splitext(os.path.basename(os.path.normpath(args.dataset)))[0]
+            name += f"_{args.language}" if args.language else ""
+            step = os.path.basename(args.model).removesuffix(".safetensors")
+            args.output = os.path.join(os.path.dirname(args.model), f"eval_{args.task}_{name}_{step}.json")
+    try:
+        args.ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        raise bench.BenchmarkError(f"--ks {args.ks!r}: give comma-separated integers such as 1,5,10") from None
+
+
+def evaluate(args):
+    """Load the model and the data, run the task; returns (report, retrieval gallery or None)."""
+    if args.model:
+        encoders = bench.proclip_encoders(args.model, args.text_cache, args.device, args.precision)
+    else:
+        encoders = bench.clip_encoders(args.clip, args.device, args.precision)
+    if args.task == "retrieval":
+        dataset = bench.read_retrieval_set(args.dataset, args.images, args.split, args.language)
+        print(f"retrieval: {len(dataset.images)} images, {len(dataset.texts)} captions from {args.dataset}")
+        report, gallery = bench.run_retrieval(encoders, dataset, args.batch_size, args.workers, args.device, args.ks)
+    else:
+        dataset = bench.read_image_folder(args.dataset, args.classnames)
+        templates = load_templates(args.templates)
+        print(f"zeroshot: {len(dataset.images)} images of {len(dataset.classnames)} classes from {args.dataset}, "
+              f"{len(templates)} templates")
+        report = bench.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device)
+        gallery = None
+    report = {"task": args.task, "dataset": args.dataset, "model": encoders.name, **report}
+    if args.language:
+        report["language"] = args.language
+    # acc5 with fewer than 5 classes is nan, which JSON cannot hold: null
+    report["metrics"] = {name: None if value != value else value for name, value in report["metrics"].items()}
+    return report, gallery, encoders.clip_dir
+
+
+def print_report(report):
+    print(f"\n{report['task']} on {report['dataset']} with {report['model']}")
+    print(f"{report['n_images']} images, {report['n_texts']} texts, {report['truncated_captions']} truncated")
+    for name, value in report["metrics"].items():
+        print(f"  {name:<28} " + ("   n/a" if value is None else f"{100 * value:6.2f}"))
+    skipped = report["skipped_images"]
+    if skipped:
+        more = f" (+{len(skipped) - 5} more, all listed in the output JSON)" if len(skipped) > 5 else ""
+        print(f"warning: skipped {len(skipped)} unreadable images: {', '.join(skipped[:5])}{more}")
+
+
+def next_step(args, clip_dir):
+    """A hint at what to run next: the CLIP baseline on the same data, or a ProCLIP run after the baseline."""
+    data = [("--dataset", args.dataset), ("--images", args.images), ("--language", args.language),
+            ("--classnames", args.classnames), ("--templates", args.templates)]
+    same_data = " ".join(f"{flag} {shlex.quote(value)}" for flag, value in data if value)
+    if args.model:
+        return f"compare with the CLIP baseline: python eval.py --task {args.task} --clip {clip_dir} {same_data}"
+    return f"evaluate a ProCLIP run on the same data: python eval.py --task {args.task} --model RUN {same_data}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        fill_defaults(args)
+        report, gallery, clip_dir = evaluate(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print_report(report)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"results written to {args.output}")
+    if args.show and gallery is not None:
+        png = os.path.splitext(args.output)[0] + ".png" if args.output else f"eval_{args.task}_examples.png"
+        bench.show_grid(png, gallery, args.show)
+        print(f"{args.show} example queries with their top-5 images (the right one framed green): {png}")
+    print(f"next: {next_step(args, clip_dir)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Zero-shot benchmarks for eval.py: dataset readers, models as feature extractors, retrieval / zero-shot runners.
+
+Mirrors LAION-AI/CLIP_benchmark (`clip_benchmark/metrics/zeroshot_retrieval.py`, `zeroshot_classification.py`):
+normalised image and text features of the whole test set, then the metric math of `evaluate.py`. Readers:
+- Karpathy-split JSON (Flickr30k, COCO): {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}
+- caption JSONL, one image per line: {"image": path, "captions": [str, ...]} (Urban1k, DCI, ShareGPT4V, the toy
+  world); multilingual sets (XM3600) either give "captions" as {language: [str, ...]} or one "language" per row
+- an ImageNet-style folder (one subfolder per class, classes in sorted order, as torchvision's ImageFolder)
+Where CLIP_benchmark stops at an unreadable image, we drop it (and, in retrieval, its captions) and list it.
+"""
+
+import json
+import os
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .checkpoint import load_weights
+from .clip import CLIP
+from .embed import EmbedSettings, ensure_text_cache
+from .evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
+from .head import HeadConfig
+from .image import ImageReadError, ImageTransform, load_image
+from .model import ProCLIP
+from .tokenizer import CLIPTokenizer
+from .weights import load_state_dict_strict
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+THUMB, PAD, CAPTION_WIDTH = 112, 6, 260  # --show grid: thumbnail side, gap, caption column (pixels)
+
+
+class BenchmarkError(ValueError):
+    """A dataset or model that cannot be evaluated as given; the message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------------- datasets
+
+@dataclass
+class RetrievalSet:
+    images: list[str]  # gallery image paths
+    texts: list[str]  # every caption of every image
+    text_to_image: list[int]  # the gallery index of each caption's image
+    split: str | None = None
+
+
+@dataclass
+class ClassificationSet:
+    images: list[str]
+    labels: list[int]  # class index of each image
+    classnames: list[str]  # display names in class-index order
+
+
+def read_karpathy(path: str, images_dir: str | None = None, split: str = "test") -> RetrievalSet:
+    """The `split` images of a Karpathy JSON; paths are images_dir (default: the JSON's folder)/filepath/filename."""
+    images_dir = images_dir or os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["images"]
+        chosen = [e for e in entries if e["split"] == split]
+        dataset = RetrievalSet([], [], [], split)
+        for entry in chosen:
+            dataset.images.append(os.path.join(images_dir, entry.get("filepath", ""), entry["filename"]))
+            for sentence in entry["sentences"]:
+                dataset.texts.append(sentence["raw"])
+                dataset.text_to_image.append(len(dataset.images) - 1)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BenchmarkError(f"{path} is not a Karpathy-split JSON ({type(err).__name__}: {err}); expected "
+                             f'{{"images": [{{"filename", "split", "sentences": [{{"raw"}}]}}]}}') from None
+    if not chosen:
+        splits = sorted({str(e.get("split")) for e in entries})
+        raise BenchmarkError(f"{path} has no image with split {split!r} (it has: {', '.join(splits)}); pass --split")
+    return dataset
+
+
+def read_caption_jsonl(path: str, images_dir: str | None = None, language: str | None = None) -> RetrievalSet:
+    """Rows {"image", "captions"}; relative image paths start at images_dir (default: the JSONL's folder).
+
+    With `language`, "captions" given as {language: [...]} are taken in that language and rows carrying a
+    "language" field are kept only when it matches; rows without captions in that language are left out.
+    """
+    images_dir = images_dir or os.path.dirname(os.path.abspath(path))
+    dataset = RetrievalSet([], [], [])
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions = row["captions"]
+                if isinstance(captions, dict):
+                    if language is None:
+                        raise BenchmarkError(f"{path}:{number}: captions per language ({', '.join(captions)}); "
+                                             f"pass --language")
+                    captions = captions.get(language, [])
+                elif language is not None and row.get("language", language) != language:
+                    continue
+                captions = [captions] if isinstance(captions, str) else captions
+                if not captions:
+                    continue
+                if not all(isinstance(c, str) for c in captions) or not isinstance(row["image"], str):
+                    raise TypeError("image and captions must be strings")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise BenchmarkError(f"{path}:{number}: expected {{\"image\": path, \"captions\": [str, ...]}} "
+                                     f"({type(err).__name__}: {err})") from None
+            dataset.images.append(os.path.join(images_dir, row["image"]))
+            dataset.texts += captions
+            dataset.text_to_image += [len(dataset.images) - 1] * len(captions)
+    if not dataset.images:
+        raise BenchmarkError(f"{path} holds no image with captions" + (f" in language {language!r}" if language else ""))
+    return dataset
+
+
+def read_retrieval_set(path: str, images_dir: str | None = None, split: str = "test",
+                       language: str | None = None) -> RetrievalSet:
+    """A .jsonl caption file or a Karpathy JSON, by extension."""
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"retrieval dataset {path} not found; pass a Karpathy-split .json or a .jsonl of "
+                             f'{{"image", "captions"}} rows')
+    if path.endswith(".jsonl"):
+        return read_caption_jsonl(path, images_dir, language)
+    if language is not None:
+        raise BenchmarkError(f"--language applies to .jsonl caption files, not to the Karpathy JSON {path}")
+    return read_karpathy(path, images_dir, split)
+
+
+def read_image_folder(folder: str, classnames_path: str | None = None) -> ClassificationSet:
+    """ImageNet-style folder: one subfolder per class in sorted order; display names from classnames_path
+    (one per line, same order), else the folder names with '_' as spaces."""
+    if not os.path.isdir(folder):
+        raise BenchmarkError(f"zero-shot dataset {folder} is not a folder; pass one with a subfolder per class")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise BenchmarkError(f"{folder} has no class subfolders; expected one subfolder of images per class")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for root, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    images.append(os.path.join(root, file))
+                    labels.append(label)
+    classnames = [name.replace("_", " ") for name in classes]
+    if classnames_path is not None:
+        if not os.path.isfile(classnames_path):
+            raise BenchmarkError(f"--classnames {classnames_path} not found; pass a file with one name per line")
+        with open(classnames_path, encoding="utf-8") as f:
+            classnames = [line.strip() for line in f if line.strip()]
+        if len(classnames) != len(classes):
+            raise BenchmarkError(f"{classnames_path} has {len(classnames)} names but {folder} has {len(classes)} "
+                                 f"class folders; give one name per class, in sorted folder order")
+    if not images:
+        raise BenchmarkError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return ClassificationSet(images, labels, classnames)
+
+
+# ----------------------------------------------------------------------------- models as feature extractors
+
+@dataclass
+class Encoders:
+    """A model as the runners see it; both encoders return L2-normalised fp32 features."""
+    name: str  # the CLIP folder or checkpoint path
+    clip_dir: str  # the CLIP folder it comes from (for a baseline run to compare with)
+    transform: ImageTransform
+    encode_image: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) on device -> (B, D)
+    encode_text: Callable[[list[str]], torch.Tensor]  # B captions -> (B, D)
+    prepare_texts: Callable[[list[str]], int]  # before encode_text: fills ProCLIP's cache; returns #truncated
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"amp_bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
+    """A plain HF CLIP folder: its own towers, tokenizer.json (77 tokens) and preprocessor_config.json."""
+    device = torch.device(device)
+    clip, tokenizer = CLIP.from_pretrained(folder).to(device), CLIPTokenizer.from_folder(folder)
+
+    @torch.no_grad()
+    def encode_image(pixels):
+        with _autocast(device, precision):
+            return clip.encode_image(pixels, normalize=True)
+
+    @torch.no_grad()
+    def encode_text(texts):
+        with _autocast(device, precision):
+            return clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True)
+
+    return Encoders(folder, folder, ImageTransform.from_folder(folder), encode_image, encode_text,
+                    lambda texts: tokenizer(texts).num_truncated)
+
+
+def count_llm_truncated(llm_dir: str, texts: list[str], settings: EmbedSettings) -> int:
+    """How many texts the LLM embedder cuts (LLMEmbedder.tokenize's rule), from the tokenizer alone."""
+    tokenizer = Tokenizer.from_file(os.path.join(llm_dir, "tokenizer.json"))
+    tokenizer.no_truncation()
+    prefix = tokenizer.encode(settings.instruction).ids if settings.instruction else []
+    room = settings.max_length - len(prefix) - int(settings.append_eos)
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=not prefix)
+    return sum(len(encoding.ids) > room for encoding in encodings)
+
+
+def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, precision: str, log=print) -> Encoders:
+    """A ProCLIP checkpoint: image tower from it (stage 2) or its CLIP (stage 1), LLM cache + its head for text."""
+    weights, meta = load_weights(checkpoint)
+    try:
+        args, head, stage = meta["args"], HeadConfig(**meta["head"]), meta["stage"]
+        clip_dir, llm_dir = args["clip"], args["llm"]
+        settings = EmbedSettings(args["max_length"], args["instruction"], False, not args["bidirectional"])
+        llm_dtype, batch_tokens = torch.bfloat16 if args["llm_dtype"] == "bf16" else torch.float32, args["batch_tokens"]
+        text_cache = text_cache or args["text_cache"]
+    except (KeyError, TypeError) as err:
+        raise BenchmarkError(f"{checkpoint}: its meta lacks {err}; is it a train.py checkpoint?") from None
+    model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
+    weights = {k: v for k, v in weights.items() if not k.startswith("teacher.")}  # an EMA teacher is not evaluated
+    if stage == 1:  # only the head was trained
+        load_state_dict_strict(model.text_head, {k.removeprefix("text_head."): v for k, v in weights.items()}, checkpoint)
+    else:
+        load_state_dict_strict(model, weights, checkpoint)
+    device = torch.device(device)
+    model = model.eval().to(device)
+    cache = None
+
+    def prepare_texts(texts):
+        nonlocal cache
+        cache = ensure_text_cache(text_cache, llm_dir, texts, settings, llm_dtype, str(device), batch_tokens, log)
+        return count_llm_truncated(llm_dir, texts, settings)
+
+    @torch.no_grad()
+    def encode_image(pixels):
+        with _autocast(device, precision):
+            return model.encode_image(pixels)
+
+    @torch.no_grad()
+    def encode_text(texts):
+        with _autocast(device, precision):
+            return model.encode_text(cache(texts).to(device))
+
+    return Encoders(checkpoint, clip_dir, ImageTransform.from_folder(clip_dir), encode_image, encode_text,
+                    prepare_texts)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+class ImageFiles(Dataset):
+    """Item i: (i, (3, H, W) pixels), or (i, None) when the file cannot be read."""
+
+    def __init__(self, paths: list[str], transform: ImageTransform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return index, self.transform(load_image(self.paths[index]))
+        except ImageReadError:
+            return index, None
+
+
+def _collate(items):
+    """(indices of readable images, their (B, 3, H, W) pixels or None, indices of unreadable ones)."""
+    good = [(index, pixels) for index, pixels in items if pixels is not None]
+    pixels = torch.stack([p for _, p in good]) if good else None
+    return [index for index, _ in good], pixels, [index for index, pixels in items if pixels is None]
+
+
+def encode_images(encoders: Encoders, paths: list[str], batch_size: int, workers: int, device: str):
+    """(features (N_readable, D) in path order, readable indices, unreadable paths)."""
+    loader = DataLoader(ImageFiles(paths, encoders.transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate)
+    features, readable, unreadable = [], [], []
+    for indices, pixels, bad in tqdm(loader, desc="images", unit="batch", dynamic_ncols=True):
+        unreadable += [paths[i] for i in bad]
+        if pixels is not None:
+            features.append(encoders.encode_image(pixels.to(device)).float().cpu())
+            readable += indices
+    if not readable:
+        raise BenchmarkError(f"none of the {len(paths)} images could be read (first: {paths[0]}); check the paths "
+                             f"(--images) and the files")
+    return torch.cat(features), readable, unreadable
+
+
+def encode_texts(encoders: Encoders, texts: list[str], batch_size: int):
+    """(features (T, D), number of captions the text side truncates)."""
+    truncated = encoders.prepare_texts(texts)
+    features = [encoders.encode_text(texts[start:start + batch_size]).float().cpu()
+                for start in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", dynamic_ncols=True)]
+    return torch.cat(features), truncated
+
+
+# ----------------------------------------------------------------------------- runners
+
+def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, workers: int, device: str, ks):
+    """Recall@K both ways over the readable images and their captions. Returns (report, gallery for --show)."""
+    image_features, readable, unreadable = encode_images(encoders, dataset.images, batch_size, workers, device)
+    new_index = {old: new for new, old in enumerate(readable)}  # gallery index after dropping unreadable images
+    kept = [t for t, image in enumerate(dataset.text_to_image) if image in new_index]
+    texts = [dataset.texts[t] for t in kept]
+    text_to_image = torch.tensor([new_index[dataset.text_to_image[t]] for t in kept], dtype=torch.long)
+    text_features, truncated = encode_texts(encoders, texts, batch_size)
+    metrics = retrieval_metrics(image_features, text_features, text_to_image, ks)
+    report = {"metrics": metrics, "n_images": len(readable), "n_texts": len(texts), "split": dataset.split,
+              "truncated_captions": truncated, "skipped_images": unreadable}
+    gallery = {"images": [dataset.images[i] for i in readable], "texts": texts, "text_to_image": text_to_image,
+               "scores": text_features @ image_features.T}  # (T, I)
+    return report, gallery
+
+
+def run_zeroshot(encoders: Encoders, dataset: ClassificationSet, templates: list[str], batch_size: int,
+                 workers: int, device: str):
+    """acc1, acc5 and mean per-class recall of the zero-shot classifier built from `templates`."""
+    image_features, readable, unreadable = encode_images(encoders, dataset.images, batch_size, workers, device)
+    labels = torch.tensor([dataset.labels[i] for i in readable], dtype=torch.long)
+    # every prompt encoded once, in large batches; zeroshot_classifier then averages them per class
+    prompts = list(dict.fromkeys(t.format(c=name) for name in dataset.classnames for t in templates))
+    prompt_features, truncated = encode_texts(encoders, prompts, batch_size)
+    row_of = {prompt: i for i, prompt in enumerate(prompts)}
+    classifier = zeroshot_classifier(lambda texts: prompt_features[[row_of[t] for t in texts]],
+                                     dataset.classnames, templates)  # (D, C)
+    metrics = classification_metrics(100.0 * image_features @ classifier, labels)  # CLIP_benchmark's logits
+    return {"metrics": metrics, "n_images": len(readable), "n_texts": len(prompts), "split": None,
+            "n_classes": len(dataset.classnames), "truncated_captions": truncated, "skipped_images": unreadable}
+
+
+def show_grid(path: str, gallery: dict, num_queries: int, top: int = 5) -> tuple[int, int]:
+    """PNG: per row a caption and its `top` images, the right one framed green (others grey). Returns (W, H)."""
+    scores, text_to_image = gallery["scores"], gallery["text_to_image"]
+    num_texts, top = len(gallery["texts"]), min(top, scores.shape[1])
+    queries = [i * num_texts // num_queries for i in range(min(num_queries, num_texts))]  # spread over the set
+    size = (CAPTION_WIDTH + top * (THUMB + PAD) + PAD, len(queries) * (THUMB + PAD) + PAD)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, q in enumerate(queries):
+        y = PAD + row * (THUMB + PAD)
+        right = text_to_image[q].item()
+        rank = int((scores[q] > scores[q, right]).sum()) + 1  # of the right image, 1 = first
+        caption = "\n".join(textwrap.wrap(gallery["texts"][q], 40)[:7])  # what fits beside the thumbnails
+        draw.multiline_text((PAD, y), f"{caption}\n[right image: rank {rank}]", fill="black")
+        for column, image_index in enumerate(scores[q].topk(top).indices.tolist()):
+            x = CAPTION_WIDTH + column * (THUMB + PAD)
+            try:
+                thumb = load_image(gallery["images"][image_index]).resize((THUMB - 8, THUMB - 8))
+            except ImageReadError:
+                continue
+            draw.rectangle([x, y, x + THUMB - 1, y + THUMB - 1], fill="green" if image_index == right else "#ccc")
+            canvas.paste(thumb, (x + 4, y + 4))
+    canvas.save(path)
+    return size

@@ -1,0 +1,165 @@
+"""The toy world's CLIP teacher: a small CLIP trained from scratch on short English captions, saved as an HF folder.
+
+ProCLIP starts from a pretrained CLIP (paper sec. 3); with no model hub we train one in about two minutes on two
+CPU cores: a ViT-64/8 image tower and a 77-token text tower over OpenAI's real 49,408-token vocabulary, trained
+with the symmetric contrastive loss (open_clip's `ClipLoss`), AdamW and a cosine schedule, as CLIP was
+(Radford et al. 2021, sec. 2.5). It sees only short English captions, so it is a strong teacher on those and,
+by construction, a weak one on long captions (their detail lies past token 77) and on other languages.
+
+The folder it writes is what transformers' `CLIPModel.save_pretrained` + `CLIPProcessor` would write:
+config.json, model.safetensors, tokenizer.json, preprocessor_config.json.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, save_hf_config
+from .evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
+from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+from .losses import ClipLoss, clamp_logit_scale_
+from .tokenizer import CLIPTokenizer, save_clip_tokenizer_json
+
+# HF CLIPImageProcessor settings for 64x64 pictures (resize and crop are then no-ops)
+PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 64},
+                "resample": 3, "do_center_crop": True, "crop_size": {"height": 64, "width": 64}, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN),
+                "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True}
+
+
+def toy_clip_config() -> CLIPConfig:
+    """ViT with 8x8 patches on 64x64 pictures (64 patches + class token), and a 77-token text tower; 4 layers each."""
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=64, patch_size=8, hidden_act="quick_gelu")
+    text = CLIPTextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          max_position_embeddings=77, hidden_act="quick_gelu")
+    return CLIPConfig(vision=vision, text=text, projection_dim=64)
+
+
+def init_weights(model: CLIP) -> None:
+    """Small normal init (std 0.02, as nanoGPT; CLIP's own is close), zero biases; LayerNorms stay at 1 and 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(model.vision_model.embeddings.class_embedding, std=0.02)
+
+
+def load_pixels(paths: list[str], transform: ImageTransform) -> torch.Tensor:
+    """(N, 3, 64, 64) preprocessed pixels of the image files."""
+    pixels = []
+    for path in paths:
+        with Image.open(path) as image:
+            pixels.append(transform(image))
+    return torch.stack(pixels)
+
+
+def trim(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns after the longest row's EOS: the causal tower's outputs at EOS do not change."""
+    eos_id = ids.max()  # <|endoftext|> 49407 is the largest id in CLIP's vocabulary
+    return ids[:, : int((ids == eos_id).int().argmax(dim=1).max()) + 1]
+
+
+def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, LayerNorms, embeddings' class token or the temperature."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: int = 600, batch_size: int = 128,
+                   lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1, log=print) -> str:
+    """Train a toy CLIP on (image path, short caption) pairs and save it as an HF CLIP folder at `out_dir`.
+
+    The folder is written under a hidden name and renamed at the end, so an interrupted run leaves no half folder.
+    A caption repeated within a batch (two pictures with the same description) is dropped from it, so the loss
+    never pushes a caption away from a picture it describes exactly; different captions that both fit a picture
+    (one leaves out the size, say) remain false negatives, as in real web data.
+    """
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_clip_tokenizer_json(str(partial / "tokenizer.json"))
+    (partial / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+    tokenizer, transform = CLIPTokenizer.from_folder(str(partial)), ImageTransform.from_folder(str(partial))
+    start = time.time()
+    pixels = load_pixels([path for path, _ in pairs], transform)  # (N, 3, 64, 64)
+    captions = [caption for _, caption in pairs]
+    ids = tokenizer(captions).input_ids  # (N, 77)
+
+    torch.manual_seed(seed)
+    config = toy_clip_config()
+    model = CLIP(config)
+    init_weights(model)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    # linear warmup, then cosine decay to zero
+    schedule = lambda step: (step + 1) / warmup if step < warmup else \
+        0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = ClipLoss()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    model.train()
+    for step in (bar := tqdm(range(steps), desc="toy CLIP teacher", leave=False)):
+        if len(order) < batch_size:  # a fresh permutation each epoch
+            order = torch.cat([order, torch.randperm(len(pairs), generator=generator)])
+        batch, order = order[:batch_size], order[batch_size:]
+        batch = list({captions[i]: i for i in batch.tolist()}.values())  # one row per distinct caption
+        image_features = model.encode_image(pixels[batch], normalize=True)  # (B, D)
+        text_features = model.encode_text(trim(ids[batch]), normalize=True)  # (B, D)
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        clamp_logit_scale_(model.logit_scale)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    log(f"toy CLIP teacher: {steps} steps of {batch_size} on {len(pairs)} pairs in {time.time() - start:.0f} s, "
+        f"final loss {loss.item():.3f}")
+
+    save_hf_config(config, str(partial))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
+    os.replace(partial, out_dir) if not out_dir.exists() else (shutil.rmtree(out_dir), os.replace(partial, out_dir))
+    return str(out_dir)
+
+
+@torch.no_grad()
+def evaluate_clip(clip_dir, toy_dir, batch_size: int = 256) -> dict:
+    """Zero-shot acc1/acc5 on the test split's class folders and R@1 on each retrieval set, for a CLIP folder."""
+    toy_dir = Path(toy_dir)
+    model = CLIP.from_pretrained(str(clip_dir))
+    tokenizer, transform = CLIPTokenizer.from_folder(str(clip_dir)), ImageTransform.from_folder(str(clip_dir))
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        return torch.cat([model.encode_text(trim(tokenizer(texts[i:i + batch_size]).input_ids), normalize=True)
+                          for i in range(0, len(texts), batch_size)])
+
+    test = [json.loads(line) for line in (toy_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    pixels = load_pixels([str(toy_dir / r["image"]) for r in test], transform)
+    image_features = torch.cat([model.encode_image(pixels[i:i + batch_size], normalize=True)
+                                for i in range(0, len(pixels), batch_size)])  # (N, D)
+    classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text(encoding="utf-8").splitlines()
+    templates = json.loads((toy_dir / "zeroshot" / "templates.json").read_text())
+    weights = zeroshot_classifier(encode_texts, classnames, templates)  # (D, C)
+    labels = torch.tensor([r["label"] for r in test])
+    metrics = {"zeroshot": classification_metrics(100 * image_features @ weights, labels)}
+    for name in ["short", "long", "de", "fr", "es", "ja"]:
+        rows = [json.loads(line) for line in (toy_dir / f"retrieval_{name}.jsonl").read_text("utf-8").splitlines()]
+        texts = [caption for row in rows for caption in row["captions"]]
+        text_to_image = torch.tensor([i for i, row in enumerate(rows) for _ in row["captions"]])
+        recall = retrieval_metrics(image_features, encode_texts(texts), text_to_image, ks=(1, 5))
+        metrics[f"retrieval_{name}"] = {k: round(v, 4) for k, v in recall.items()}
+    metrics["zeroshot"] = {k: round(v, 4) for k, v in metrics["zeroshot"].items()}
+    return metrics

@@ -1,0 +1,174 @@
+"""Training end to end on tiny models: both stages, accumulation, resume after kill -9, SIGTERM, DDP, amp_bf16."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import train
+from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
+from miniproclip import checkpoint as ckpt
+from miniproclip.clip import CLIP
+from miniproclip.head import HeadConfig
+from miniproclip.losses import ClipLoss
+from miniproclip.model import ProCLIP
+from miniproclip.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    return {"clip": write_tiny_clip(d / "clip"), "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data"),
+            "dir": d}
+
+
+def common(world, out, *extra):
+    return ["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"], "--output", str(out),
+            "--workers", "0", "--batch-size", "8", "--warmup", "2", *extra]
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_stage1_lowers_its_loss_then_stage2_starts_from_it(world, tmp_path):
+    train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "30", "--lr", "3e-3")])
+    records = losses(tmp_path / "s1")
+    first, last = [records[s]["loss"] for s in (1, 2, 3)], [records[s]["loss"] for s in (28, 29, 30)]
+    assert sum(last) < 0.5 * sum(first)
+    weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
+    assert meta["stage"] == 1 and meta["step"] == 30 and all(k.startswith("text_head.") for k in weights)
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3")])
+    records = losses(tmp_path / "s2")
+    assert records[1]["reg"] == 0.0  # the teacher is the initial image tower: no drift yet at step 1
+    assert records[3]["reg"] > 0.0
+    weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s2")))
+    clip = CLIP.from_pretrained(world["clip"])
+    assert meta["stage"] == 2 and weights["logit_scale"].item() == pytest.approx(clip.logit_scale.item(), abs=0.01)  # 3 Adam steps of ≤1e-3
+    assert not torch.equal(weights["visual_projection.weight"], clip.visual_projection.weight)  # the tower trained
+    stage1_head, _ = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
+    assert not torch.equal(weights["text_head.proj.weight"], stage1_head["text_head.proj.weight"])
+
+
+def tiny_model(world, seed=0):
+    torch.manual_seed(seed)
+    clip = CLIP.from_pretrained(world["clip"])
+    return ProCLIP.from_clip(clip, HeadConfig(32, 16, 1, 2)), clip
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_accumulation_gives_the_full_batch_gradient(world, stage):
+    """batch 2B in one pass vs B×2 with cached features: same loss and gradients (≤1e-5, fp32)."""
+    torch.manual_seed(1)
+    n = 8
+    batch = {"emb": torch.randn(n, 32), "teacher": torch.nn.functional.normalize(torch.randn(n, 16), dim=-1),
+             "pixels": torch.randn(n, 3, 32, 32)}
+    settings = LossSettings()
+    grads = []
+    for parts in (1, 2):
+        model, _ = tiny_model(world)
+        teacher = model.image_teacher()
+        with torch.no_grad():  # let the student drift from its teacher so L_reg has a gradient
+            model.visual_projection.weight.mul_(1.1)
+        micro = [{k: v[i * n // parts:(i + 1) * n // parts] for k, v in batch.items()} for i in range(parts)]
+        if stage == 1:
+            def features(mb, student_only):
+                f = {"student_short": model(llm_embeddings=mb["emb"])[1], "student_long": torch.zeros(0, 16)}
+                return f if student_only else {**f, "teacher_short": mb["teacher"], "teacher_long": torch.zeros(0, 16)}
+            loss_fn = lambda f, last: stage1_loss(f, settings)
+        else:
+            def features(mb, student_only):
+                image, text = model(mb["pixels"], mb["emb"])
+                return {"image": image, "text": text, **({} if student_only else {"teacher_image": teacher.encode_image(mb["pixels"])})}
+            loss_fn = lambda f, last: stage2_loss(f, settings, ClipLoss(), model.logit_scale, last)
+        loss, _ = accumulated_backward(micro, features, loss_fn)
+        grads.append((loss, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (loss_full, g_full), (loss_acc, g_acc) = grads
+    assert abs(loss_full - loss_acc) < 1e-5
+    assert g_full.keys() == g_acc.keys() and len(g_full) > 4
+    for name in g_full:
+        assert (g_full[name] - g_acc[name]).abs().max() < 1e-5 * max(1.0, g_full[name].abs().max()), name
+
+
+def run_cli(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for_lines(path, n, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        time.sleep(0.05)
+
+
+def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(world, tmp_path):
+    args = ["--stage", "1", "--max-steps", "24", "--save-every", "1"]
+    train.main(args + common(world, tmp_path / "straight"))
+    straight = losses(tmp_path / "straight")
+    process = run_cli(args + common(world, tmp_path / "killed"))
+    wait_for_lines(tmp_path / "killed" / "metrics.jsonl", 5, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "killed")))[1]["step"]
+    assert 0 < resumed_from < 24, "the process finished before the kill: the test did not test a kill"
+    train.main(args + common(world, tmp_path / "killed") + ["--resume", "latest"])
+    with open(tmp_path / "killed" / "metrics.jsonl") as f:
+        after = [r for r in map(json.loads, f)][-(24 - resumed_from):]
+    assert [r["step"] for r in after] == list(range(resumed_from + 1, 25))
+    for r in after:
+        assert r["loss"] == pytest.approx(straight[r["step"]]["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
+    process = run_cli(["--stage", "1", "--max-steps", "500", "--save-every", "1000"] + common(world, tmp_path / "run"))
+    wait_for_lines(tmp_path / "run" / "metrics.jsonl", 2, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-2000:]
+    step = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "run")))[1]["step"]
+    assert 2 <= step < 500 and "--resume latest" in out
+
+
+def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
+    """torchrun with 2 gloo ranks × batch 4 and --gather-with-grad == 1 process × batch 8 (stage 2, fp32)."""
+    base = ["--stage", "2", "--init", str(tmp_path / "s1"), "--max-steps", "3", "--train-data", world["data"],
+            "--workers", "0", "--gather-with-grad", "--warmup", "1"]
+    train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "2")])
+    train.main(base + ["--output", str(tmp_path / "one"), "--batch-size", "8"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29531", os.path.join(ROOT, "train.py"), *base, "--output", str(tmp_path / "two"),
+                             "--batch-size", "4"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for step in (1, 2, 3):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5)
+    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "one")))[0]
+    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "two")))[0]
+    for name in w_one:
+        assert (w_one[name] - w_two[name]).abs().max() < 1e-5, name
+
+
+def test_amp_bf16_runs_on_cpu(world, tmp_path):
+    train.main(["--stage", "1", *common(world, tmp_path / "bf16", "--max-steps", "2", "--precision", "amp_bf16")])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses(tmp_path / "bf16").values())
+
+
+def test_stage2_without_init_is_a_one_line_error(world, tmp_path):
+    process = run_cli(["--stage", "2", *common(world, tmp_path / "x")])
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and err.strip().splitlines()[-1] == (
+        "error: --stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
