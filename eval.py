@@ -74,8 +74,9 @@ def newest_run(runs_dir: str) -> str:
 def toy_path(args, *parts) -> str:
     path = os.path.join(args.toy_dir, *parts)
     if not os.path.exists(path):
-        raise bench.BenchmarkError(f"{path} not found: build the toy world with `python train.py --stage 1`, or pass "
-                                   f"--dataset (and --toy-dir if it lives elsewhere)")
+        given = f"--dataset {args.dataset} is neither a file nor a toy-world name: " if args.dataset else ""
+        raise bench.BenchmarkError(f"{given}{path} not found; build the toy world with `python train.py --stage 1`, "
+                                   f"or pass --dataset (and --toy-dir if the toy world lives elsewhere)")
     return path
 
 

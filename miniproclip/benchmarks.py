@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -171,26 +171,23 @@ class Encoders:
     prepare_texts: Callable[[list[str]], int]  # before encode_text: fills ProCLIP's cache; returns #truncated
 
 
-def _autocast(device: torch.device, precision: str):
+def _inference(encode: Callable, device: torch.device, precision: str) -> Callable:
+    """`encode` run without autograd, under the autocast of --precision (amp_bf16, amp = fp16, fp32 = none)."""
     dtype = {"amp_bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    def run(inputs):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return encode(inputs)
+    return run
 
 
 def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
     """A plain HF CLIP folder: its own towers, tokenizer.json (77 tokens) and preprocessor_config.json."""
     device = torch.device(device)
     clip, tokenizer = CLIP.from_pretrained(folder).to(device), CLIPTokenizer.from_folder(folder)
-
-    @torch.no_grad()
-    def encode_image(pixels):
-        with _autocast(device, precision):
-            return clip.encode_image(pixels, normalize=True)
-
-    @torch.no_grad()
-    def encode_text(texts):
-        with _autocast(device, precision):
-            return clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True)
-
+    encode_image = _inference(lambda pixels: clip.encode_image(pixels, normalize=True), device, precision)
+    encode_text = _inference(lambda texts: clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True),
+                             device, precision)
     return Encoders(folder, folder, ImageTransform.from_folder(folder), encode_image, encode_text,
                     lambda texts: tokenizer(texts).num_truncated)
 
@@ -199,6 +196,7 @@ def count_llm_truncated(llm_dir: str, texts: list[str], settings: EmbedSettings)
     """How many texts the LLM embedder cuts (LLMEmbedder.tokenize's rule), from the tokenizer alone."""
     tokenizer = Tokenizer.from_file(os.path.join(llm_dir, "tokenizer.json"))
     tokenizer.no_truncation()
+    tokenizer.no_padding()  # a padded batch would count the padding
     prefix = tokenizer.encode(settings.instruction).ids if settings.instruction else []
     room = settings.max_length - len(prefix) - int(settings.append_eos)
     encodings = tokenizer.encode_batch(texts, add_special_tokens=not prefix)
@@ -231,18 +229,9 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
         cache = ensure_text_cache(text_cache, llm_dir, texts, settings, llm_dtype, str(device), batch_tokens, log)
         return count_llm_truncated(llm_dir, texts, settings)
 
-    @torch.no_grad()
-    def encode_image(pixels):
-        with _autocast(device, precision):
-            return model.encode_image(pixels)
-
-    @torch.no_grad()
-    def encode_text(texts):
-        with _autocast(device, precision):
-            return model.encode_text(cache(texts).to(device))
-
-    return Encoders(checkpoint, clip_dir, ImageTransform.from_folder(clip_dir), encode_image, encode_text,
-                    prepare_texts)
+    encode_text = _inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
+    return Encoders(checkpoint, clip_dir, ImageTransform.from_folder(clip_dir),
+                    _inference(model.encode_image, device, precision), encode_text, prepare_texts)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -308,7 +297,7 @@ def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, wo
     report = {"metrics": metrics, "n_images": len(readable), "n_texts": len(texts), "split": dataset.split,
               "truncated_captions": truncated, "skipped_images": unreadable}
     gallery = {"images": [dataset.images[i] for i in readable], "texts": texts, "text_to_image": text_to_image,
-               "scores": text_features @ image_features.T}  # (T, I)
+               "image_features": image_features, "text_features": text_features}
     return report, gallery
 
 
@@ -330,22 +319,22 @@ def run_zeroshot(encoders: Encoders, dataset: ClassificationSet, templates: list
 
 def show_grid(path: str, gallery: dict, num_queries: int, top: int = 5) -> tuple[int, int]:
     """PNG: per row a caption and its `top` images, the right one framed green (others grey). Returns (W, H)."""
-    scores, text_to_image = gallery["scores"], gallery["text_to_image"]
-    num_texts, top = len(gallery["texts"]), min(top, scores.shape[1])
+    num_texts, top = len(gallery["texts"]), min(top, len(gallery["images"]))
     queries = [i * num_texts // num_queries for i in range(min(num_queries, num_texts))]  # spread over the set
+    scores = gallery["text_features"][queries] @ gallery["image_features"].T  # (K, I), as in retrieval_metrics
     size = (CAPTION_WIDTH + top * (THUMB + PAD) + PAD, len(queries) * (THUMB + PAD) + PAD)
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     for row, q in enumerate(queries):
         y = PAD + row * (THUMB + PAD)
-        right = text_to_image[q].item()
-        rank = int((scores[q] > scores[q, right]).sum()) + 1  # of the right image, 1 = first
+        right = gallery["text_to_image"][q].item()
+        rank = int((scores[row] > scores[row, right]).sum()) + 1  # of the right image, 1 = first
         caption = "\n".join(textwrap.wrap(gallery["texts"][q], 40)[:7])  # what fits beside the thumbnails
         draw.multiline_text((PAD, y), f"{caption}\n[right image: rank {rank}]", fill="black")
-        for column, image_index in enumerate(scores[q].topk(top).indices.tolist()):
+        for column, image_index in enumerate(scores[row].topk(top).indices.tolist()):
             x = CAPTION_WIDTH + column * (THUMB + PAD)
             try:
-                thumb = load_image(gallery["images"][image_index]).resize((THUMB - 8, THUMB - 8))
+                thumb = ImageOps.fit(load_image(gallery["images"][image_index]), (THUMB - 8, THUMB - 8))  # crop, keep aspect
             except ImageReadError:
                 continue
             draw.rectangle([x, y, x + THUMB - 1, y + THUMB - 1], fill="green" if image_index == right else "#ccc")

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 SUFFIXES = (".state.pt", ".json", ".safetensors")  # write order: the weights last
-TMP = ""
+TMP = ".tmp"
 STEP_FILE = re.compile(r"^step_(\d+)(\.state\.pt|\.json|\.safetensors)$")
 STALE_TEMP = re.compile(r"^(step_\d+(\.state\.pt|\.json|\.safetensors)|latest|meta\.json)\.tmp$")
 WRAPPER_PREFIXES = ("module", "_orig_mod")  # added by DistributedDataParallel and torch.compile

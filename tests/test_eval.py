@@ -1,0 +1,269 @@
+"""eval.py end to end on tiny random models: its JSON metrics equal those computed from reference features.
+
+- `--clip`: the reference is transformers' own pipeline (CLIPImageProcessorPil, a fast tokenizer read from the
+  same tokenizer.json, CLIPModel.get_image_features / get_text_features) fed to miniproclip.evaluate's metric
+  functions, whose definitions are tested against CLIP_benchmark in test_metrics.py. Tolerance 1e-6 on metrics
+  (they are fractions of hits; features agree to ~1e-6, far from flipping a ranking on these seeds).
+- `--model`: the reference is ProCLIP.encode_image / encode_text on LLMEmbedder embeddings computed here.
+- Unreadable images are skipped and listed, user errors exit with code 2 and one line, --show draws its grid.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+
+from miniproclip import benchmarks as bench
+from miniproclip.checkpoint import save_checkpoint
+from miniproclip.clip import CLIP
+from miniproclip.embed import EmbedSettings, LLMEmbedder
+from miniproclip.evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
+from miniproclip.head import HeadConfig
+from miniproclip.image import ImageTransform, load_image
+from miniproclip.model import ProCLIP
+
+from fixtures import WORDS, write_tiny_clip, write_tiny_llm
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")  # "eval" would shadow the builtin
+eval_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_cli)
+
+TOL = 1e-6
+LONG_CAPTION = " ".join(["a red cat on the grass"] * 20)  # 120 words: past CLIP's 77 tokens
+TEMPLATES = ["a photo of a {c}.", "a blurry photo of the {c}.", "{c}"]
+CLASSNAMES = ["cat", "dog", "red fox", "blue bird", "table", "tree"]
+
+
+def write_image(path, seed, size=(40, 48)):
+    """Random noise over a random colour, so every image is far from every other one."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8) // 2 + rng.integers(0, 128, 3, dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny CLIP (new and old eos config, same weights), a Karpathy JSON with one corrupt and one missing
+    image, a caption JSONL, and a zero-shot folder of 6 classes x 2 images."""
+    root = tmp_path_factory.mktemp("eval")
+    clip_dir, legacy_dir = str(root / "clip"), str(root / "clip_legacy")
+    write_tiny_clip(clip_dir)
+    write_tiny_clip(legacy_dir, eos_token_id=2)  # the same weights with a pre-2023 config
+    reference = transformers.CLIPModel.from_pretrained(clip_dir).eval()
+    entries = []
+    for i in range(14):
+        name = f"im{i}.png"
+        if i == 3:
+            (root / "images" / "val").mkdir(parents=True, exist_ok=True)
+            (root / "images" / "val" / name).write_bytes(b"not an image")
+        elif i != 7:  # image 7 is missing
+            write_image(str(root / "images" / "val" / name), seed=i)
+        captions = [f"a photo of {WORDS[i]} number {i}", f"{WORDS[i + 1]} and {WORDS[i]}"]
+        captions += [LONG_CAPTION] if i == 5 else []
+        entries.append({"filename": name, "filepath": "val", "split": "train" if i == 13 else "test",
+                        "sentences": [{"raw": c} for c in captions]})
+    (root / "karpathy.json").write_text(json.dumps({"images": entries}))
+    rows = [{"image": f"images/val/im{i}.png", "captions": [f"the {WORDS[i]} {WORDS[i + 2]}"]} for i in (0, 1, 2, 4, 5, 6, 8)]
+    (root / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for c in range(len(CLASSNAMES)):
+        for j in range(2):
+            write_image(str(root / "zeroshot" / f"n{c:03d}" / f"{j}.jpg"), seed=100 + 10 * c + j)
+    (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (root / "templates.json").write_text(json.dumps(TEMPLATES))
+    return {"root": root, "clip": clip_dir, "legacy": legacy_dir, "reference": reference}
+
+
+def run_eval(*argv):
+    return eval_cli.main([*map(str, argv), "--workers", "0", "--batch-size", "4"])
+
+
+def hf_image_features(world, paths):
+    """Normalised features from transformers' own image processor and CLIPModel."""
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(world["clip"])
+    pixels = torch.from_numpy(processor([Image.open(p) for p in paths], return_tensors="np")["pixel_values"])
+    with torch.no_grad():
+        return F.normalize(world["reference"].get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+
+
+def hf_text_features(world, texts):
+    """(normalised features, number of captions past 77 tokens) from a transformers tokenizer and CLIPModel."""
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(world["clip"], "tokenizer.json"),
+                                                     pad_token="<|endoftext|>")
+    ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        features = F.normalize(world["reference"].get_text_features(input_ids=ids).pooler_output, dim=-1)
+    return features, sum(len(row) > 77 for row in tokenizer(texts)["input_ids"])
+
+
+def assert_metrics_equal(ours, reference):
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert ours[name] == pytest.approx(reference[name], abs=TOL), name
+    assert any(0 < v < 1 for v in reference.values())  # not a degenerate all-or-nothing gallery
+
+
+def test_retrieval_karpathy_matches_transformers_and_skips_unreadable(world, tmp_path):
+    root = world["root"]
+    out = tmp_path / "out.json"
+    run_eval("--task", "retrieval", "--clip", world["clip"], "--dataset", root / "karpathy.json",
+             "--images", root / "images", "--output", out)
+    report = json.loads(out.read_text())
+    # the reference: the 11 readable test images and their captions, features from transformers
+    kept = [i for i in range(13) if i not in (3, 7)]
+    images = [str(root / "images" / "val" / f"im{i}.png") for i in kept]
+    entries = json.loads((root / "karpathy.json").read_text())["images"]
+    texts = [s["raw"] for i in kept for s in entries[i]["sentences"]]
+    text_to_image = torch.tensor([n for n, i in enumerate(kept) for _ in entries[i]["sentences"]])
+    text_features, truncated = hf_text_features(world, texts)
+    assert_metrics_equal(report["metrics"], retrieval_metrics(hf_image_features(world, images), text_features,
+                                                              text_to_image))
+    assert truncated == 1
+    assert {k: report[k] for k in ("task", "n_images", "n_texts", "split", "truncated_captions")} == {
+        "task": "retrieval", "n_images": 11, "n_texts": 23, "split": "test", "truncated_captions": 1}
+    assert sorted(os.path.basename(p) for p in report["skipped_images"]) == ["im3.png", "im7.png"]
+    assert report["model"] == world["clip"] and report["dataset"] == str(root / "karpathy.json")
+
+
+def test_legacy_eos_config_gives_the_same_metrics(world, tmp_path):
+    root = world["root"]
+    reports = [run_eval("--task", "retrieval", "--clip", clip, "--dataset", root / "long.jsonl", "--ks", "1,3")
+               for clip in (world["clip"], world["legacy"])]
+    assert reports[0]["metrics"] == reports[1]["metrics"]
+    images = [str(root / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
+    texts = [json.loads(line)["captions"][0] for line in (root / "long.jsonl").read_text().splitlines()]
+    assert_metrics_equal(reports[0]["metrics"], retrieval_metrics(hf_image_features(world, images),
+                                                                  hf_text_features(world, texts)[0],
+                                                                  torch.arange(7), ks=(1, 3)))
+
+
+def test_zeroshot_matches_transformers_from_the_command_line(world, tmp_path):
+    root = world["root"]
+    out = tmp_path / "zs.json"
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--task", "zeroshot", "--clip", world["clip"],
+                             "--dataset", str(root / "zeroshot"), "--classnames", str(root / "classnames.txt"),
+                             "--templates", str(root / "templates.json"), "--output", str(out), "--workers", "1"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    images = [str(root / "zeroshot" / f"n{c:03d}" / f"{j}.jpg") for c in range(6) for j in range(2)]
+    labels = torch.tensor([c for c in range(6) for _ in range(2)])
+    image_features = hf_image_features(world, images)
+    classifier = zeroshot_classifier(lambda texts: hf_text_features(world, texts)[0], CLASSNAMES, TEMPLATES)
+    assert_metrics_equal(report["metrics"], classification_metrics(100 * image_features @ classifier, labels))
+    assert (report["n_images"], report["n_texts"], report["n_classes"]) == (12, 18, 6)
+    assert "acc1" in result.stdout and f"results written to {out}" in result.stdout
+
+
+def test_show_draws_queries_with_the_right_image_framed(world, tmp_path):
+    root = world["root"]
+    report = run_eval("--task", "retrieval", "--clip", world["clip"], "--dataset", root / "long.jsonl",
+                      "--ks", "1", "--show", "3", "--output", tmp_path / "r.json")
+    grid = Image.open(tmp_path / "r.png")
+    assert grid.size == (bench.CAPTION_WIDTH + 5 * (bench.THUMB + bench.PAD) + bench.PAD, 3 * (bench.THUMB + bench.PAD) + bench.PAD)
+    # query 0 (image 0's caption): the right image's frame is green, the other frames grey, in score order
+    images = [str(root / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
+    texts = [json.loads(line)["captions"][0] for line in (root / "long.jsonl").read_text().splitlines()]
+    scores = hf_text_features(world, texts[:1])[0] @ hf_image_features(world, images).T  # (1, I)
+    top5 = scores[0].topk(5).indices.tolist()
+    for column, image_index in enumerate(top5):
+        corner = grid.getpixel((bench.CAPTION_WIDTH + column * (bench.THUMB + bench.PAD) + 1, bench.PAD + 1))
+        assert corner == ((0, 128, 0) if image_index == 0 else (204, 204, 204))
+    assert report["n_images"] == 7
+
+
+def write_checkpoint(run_dir, world, llm_dir, stage, seed):
+    """A train.py-style checkpoint of a tiny ProCLIP with random head (and, stage 2, perturbed image tower)."""
+    torch.manual_seed(seed)
+    head = HeadConfig(32, 16, num_blocks=1, mlp_ratio=2)
+    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), head)
+    with torch.no_grad():
+        model.visual_projection.weight.add_(0.5 * torch.randn_like(model.visual_projection.weight))
+    weights = ({f"text_head.{k}": v for k, v in model.text_head.state_dict().items()} if stage == 1
+               else model.state_dict())
+    args = {"clip": world["clip"], "llm": llm_dir, "max_length": 8, "instruction": "", "bidirectional": False,
+            "text_cache": str(Path(run_dir).parent / "text_cache.safetensors"), "llm_dtype": "fp32", "batch_tokens": 64}
+    save_checkpoint(str(run_dir), 7, weights, {}, {"stage": stage, "step": 7, "args": args, "head": head.__dict__})
+    if stage == 1:  # what is evaluated: the original image tower with the trained head
+        model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), head)
+        model.text_head.load_state_dict({k.removeprefix("text_head."): v for k, v in weights.items()})
+    return model.eval()
+
+
+def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatch):
+    """No --model: the newest run under runs/ is evaluated on toyworld/...; features by hand from ProCLIP."""
+    llm_dir = str(tmp_path / "llm")
+    write_tiny_llm(llm_dir)
+    # the stage-2 run's checkpoint is the newest although its folder is older and its name sorts first
+    newer = write_checkpoint(tmp_path / "runs" / "a_stage2", world, llm_dir, stage=2, seed=2)
+    older = write_checkpoint(tmp_path / "runs" / "z_stage1", world, llm_dir, stage=1, seed=1)
+    os.utime(tmp_path / "runs" / "z_stage1" / "latest", (1, 1))
+    toy = tmp_path / "toyworld"
+    toy.mkdir()
+    images = [str(world["root"] / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
+    texts = [f"a photo of the {WORDS[i]} on the grass with {WORDS[i + 1]}" for i in range(7)]  # 12 tokens > 8
+    texts[2] = "two dogs"
+    (toy / "retrieval_long.jsonl").write_text("".join(json.dumps({"image": p, "captions": [t]}) + "\n"
+                                                      for p, t in zip(images, texts)))
+    classes = ["cat", "dog", "grass", "table", "tree"]  # in sorted folder order; "tree" is an unknown word
+    for c, name in enumerate(classes):
+        write_image(str(toy / "zeroshot" / "test" / f"n{c}" / "0.png"), seed=200 + c)
+    (toy / "zeroshot" / "classnames.txt").write_text("\n".join(classes) + "\n")
+    (toy / "zeroshot" / "templates.json").write_text(json.dumps(["a photo of a {c}", "{c}"]))
+    monkeypatch.chdir(tmp_path)
+
+    report = run_eval("--task", "retrieval", "--dataset", "long", "--ks", "1,2,5")
+    assert report["model"] == os.path.join("runs", "a_stage2", "step_000007.safetensors")
+    assert os.path.isfile(os.path.join("runs", "a_stage2", "eval_retrieval_retrieval_long_step_000007.json"))
+    embedder = LLMEmbedder(llm_dir, EmbedSettings(max_length=8))
+    embeddings, truncated = embedder.embed(texts)
+    transform = ImageTransform.from_folder(world["clip"])
+    with torch.no_grad():
+        image_features = newer.encode_image(torch.stack([transform(load_image(p)) for p in images]))
+        text_features = newer.encode_text(embeddings)
+    assert_metrics_equal(report["metrics"], retrieval_metrics(image_features, text_features, torch.arange(7), (1, 2, 5)))
+    assert report["truncated_captions"] == truncated == 6
+
+    report = run_eval("--task", "zeroshot", "--model", "runs/z_stage1")  # a stage-1 run: the original image tower
+    zs_images = [str(toy / "zeroshot" / "test" / f"n{c}" / "0.png") for c in range(5)]
+    with torch.no_grad():
+        image_features = older.encode_image(torch.stack([transform(load_image(p)) for p in zs_images]))
+        classifier = zeroshot_classifier(lambda ts: older.encode_text(embedder.embed(ts)[0]), classes,
+                                         ["a photo of a {c}", "{c}"])
+    reference = classification_metrics(100 * image_features @ classifier, torch.arange(5))
+    assert report["metrics"] == pytest.approx(reference, abs=TOL)
+    assert report["n_images"] == 5 and report["truncated_captions"] == 0
+
+
+@pytest.mark.parametrize("case", ["missing_dataset", "not_clip_folder", "no_readable_image", "no_runs", "k_too_large"])
+def test_user_errors_exit_2_with_one_line(world, tmp_path, monkeypatch, capsys, case):
+    root = world["root"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "bad/x.jpg", "captions": ["a cat"]}) + "\n")
+    argv = {"missing_dataset": ["--clip", world["clip"], "--dataset", tmp_path / "nope.json"],
+            "not_clip_folder": ["--clip", root, "--dataset", root / "long.jsonl"],
+            "no_readable_image": ["--clip", world["clip"], "--dataset", tmp_path / "bad.jsonl"],
+            "no_runs": [],
+            "k_too_large": ["--clip", world["clip"], "--dataset", root / "long.jsonl", "--ks", "1,8"]}[case]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval("--task", "retrieval", *argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # earlier lines are progress bars
+    assert last.startswith("error: ") and "Traceback" not in err
+    expected = {"missing_dataset": "nope.json", "not_clip_folder": "config.json", "no_readable_image": "x.jpg",
+                "no_runs": "runs", "k_too_large": "recall@8"}[case]
+    assert expected in last
