@@ -26,7 +26,7 @@ from miniproclip.checkpoint import LATEST, CheckpointError, resolve_checkpoint
 from miniproclip.evaluate import load_templates
 from miniproclip.weights import ModelFolderError
 
-USER_ERRORS = (bench.BenchmarkError, ModelFolderError, CheckpointError, FileNotFoundError, ValueError)
+USER_ERRORS = (bench.BenchmarkError, ModelFolderError, CheckpointError, OSError, ValueError)
 
 
 def parse_args(argv=None):
@@ -63,8 +63,9 @@ def parse_args(argv=None):
 
 def newest_run(runs_dir: str) -> str:
     """The run folder under `runs_dir` whose `latest` file changed last (the newest checkpoint of all runs)."""
-    runs = [entry.path for entry in os.scandir(runs_dir) if os.path.isfile(os.path.join(entry.path, LATEST))] \
-        if os.path.isdir(runs_dir) else []
+    runs = []
+    if os.path.isdir(runs_dir):
+        runs = [entry.path for entry in os.scandir(runs_dir) if os.path.isfile(os.path.join(entry.path, LATEST))]
     if not runs:
         raise bench.BenchmarkError(f"no run with a '{LATEST}' checkpoint under {runs_dir}/; train one with "
                                    f"`python train.py --stage 1`, or pass --model CKPT or --clip DIR")
@@ -106,6 +107,11 @@ def fill_defaults(args):
         args.ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
         raise bench.BenchmarkError(f"--ks {args.ks!r}: give comma-separated integers such as 1,5,10") from None
+    if args.output:  # fail now rather than after encoding the whole set
+        folder = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise bench.BenchmarkError(f"--output {args.output}: {folder} is not writable; choose another path")
 
 
 def evaluate(args):
@@ -164,7 +170,6 @@ def main(argv=None):
         sys.exit(2)
     print_report(report)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         print(f"results written to {args.output}")

@@ -214,6 +214,10 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
         text_cache = text_cache or args["text_cache"]
     except (KeyError, TypeError) as err:
         raise BenchmarkError(f"{checkpoint}: its meta lacks {err}; is it a train.py checkpoint?") from None
+    for kind, folder in (("CLIP", clip_dir), ("LLM", llm_dir)):
+        if not os.path.isdir(folder):
+            raise BenchmarkError(f"{checkpoint} was trained with the {kind} folder {folder}, which is not there; "
+                                 f"run eval.py where train.py ran, or put the folder back")
     model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
     weights = {k: v for k, v in weights.items() if not k.startswith("teacher.")}  # an EMA teacher is not evaluated
     if stage == 1:  # only the head was trained
