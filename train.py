@@ -339,6 +339,10 @@ def train(args, run, rank, world, log):
         pick_long = (torch.rand(len(run["rows"]), generator=coins) < 0.5).tolist()
         started = time.time()
         for batch in loader:
+            if world > 1:  # dropped bad images can leave ranks with unequal batches: all use the smallest
+                smallest = torch.tensor(len(batch["captions"]))
+                dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+                batch = {k: v[:int(smallest)] if k != "bad_images" and v is not None else v for k, v in batch.items()}
             state["bad_images"] += len(batch["bad_images"])
             state["bad_image_paths"] = (state["bad_image_paths"] + batch["bad_images"])[:10]
             if args.stage == 2:  # per sample, the short or the long caption at random (the official loader)

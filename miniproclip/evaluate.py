@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-DEFAULT_TEMPLATES = Path(__file__).parent / "data" / "imagenet_templates.json"
+DEFAULT_TEMPLATES = Path(__file__).parent / "assets" / "imagenet_templates.json"
 
 
 # -----------------------------------------------------------------------------

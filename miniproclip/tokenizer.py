@@ -23,7 +23,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-DEFAULT_CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bpe_simple_vocab_16e6.txt.gz")
+DEFAULT_CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps 48,894 merges: 2*256 byte tokens + merges + 2 specials = 49,408 ids
 # OpenAI's word splitter: contractions, letter runs, single digits, runs of other non-space characters

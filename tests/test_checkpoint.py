@@ -243,17 +243,50 @@ def assert_consistent(path):
     return step
 
 
-def test_sigkill_during_saves_leaves_a_complete_consistent_checkpoint(tmp_path):
-    # forked writers (no torch import to wait for) killed at 12 points spread over several save cycles; each
+def save_frozen_in(run_dir, step, phase, frozen_event):
+    """A writer that freezes inside one phase of saving `step` (its file half written), to be killed there."""
+    torch.set_num_threads(1)
+    module, name = {"state": (torch, "save"), "weights": (checkpoint, "save_file"),
+                    "latest": (checkpoint, "_replace_text")}[phase]
+    real_writer = getattr(module, name)
+
+    def freeze(*args, **kwargs):
+        if phase != "latest":
+            real_writer(*args, **kwargs)
+            os.truncate(args[1], os.path.getsize(args[1]) // 2)  # args[1]: the path being written
+        frozen_event.set()
+        time.sleep(600)
+
+    setattr(module, name, freeze)  # only in this forked child
+    save_big_step(run_dir, step)
+
+
+@pytest.mark.parametrize("phase", ["state", "weights", "latest"])
+def test_sigkill_inside_each_phase_of_a_save(tmp_path, phase):
+    fork = multiprocessing.get_context("fork")
+    save_big_step(str(tmp_path), 1)
+    frozen = fork.Event()
+    writer = fork.Process(target=save_frozen_in, args=(str(tmp_path), 2, phase, frozen))
+    writer.start()
+    assert frozen.wait(60), "the writer never reached the phase"
+    writer.kill()  # SIGKILL: no cleanup code runs
+    writer.join()
+    assert assert_consistent(resolve_checkpoint(str(tmp_path))) == 1  # `latest` still names step 1
+    os.remove(tmp_path / "latest")  # the fallback scan takes step 2 only once its three files are complete
+    assert assert_consistent(resolve_checkpoint(str(tmp_path))) == (2 if phase == "latest" else 1)
+
+
+def test_sigkill_at_arbitrary_moments_of_saves_in_a_loop(tmp_path):
+    # forked writers (no torch import to wait for) killed at 10 moments spread over several save cycles; each
     # round resumes in the folder the previous kill left, stale temp files and all
     fork = multiprocessing.get_context("fork")
     save_big_step(str(tmp_path), 0)
     last_step = progressed = 0
-    for round_index in range(12):
+    for round_index in range(10):
         writer = fork.Process(target=save_until_killed, args=(str(tmp_path), last_step + 1))
         writer.start()
-        time.sleep(0.05 + 0.037 * round_index)
-        writer.kill()  # SIGKILL: no cleanup code runs
+        time.sleep(0.05 + 0.043 * round_index)
+        writer.kill()
         writer.join()
         assert writer.exitcode == -signal.SIGKILL
         step = assert_consistent(resolve_checkpoint(str(tmp_path)))
