@@ -1,13 +1,10 @@
 """Training checkpoints: crash-safe saving, `--resume` resolution, loading that never runs code.
 
-Mirrors karpathy/nanochat `nanochat/checkpoint_manager.py` (weights plus a readable JSON meta per step, the
-`_orig_mod.` prefix of torch.compile stripped on load) and open_clip's `--resume latest` (resume from the newest
-checkpoint of a run folder). Two changes: weights are safetensors and the training state is read with
-`torch.load(weights_only=True)`, so no file in a run folder can run code when loaded; and every file is written
-under a temp name, fsynced and renamed, so a crash (kill -9, full disk) at any moment leaves the previous
-checkpoint and `latest` usable.
-
-A run folder:
+Mirrors karpathy/nanochat `nanochat/checkpoint_manager.py` (weights plus readable JSON meta per step, torch.compile's
+`_orig_mod.` stripped on load) and open_clip's `--resume latest`, with two changes: weights are safetensors and the
+training state is read with `torch.load(weights_only=True)`, so no file of a run folder can run code; and each file
+is written under a temp name, fsynced and renamed before `latest` moves, so a crash (kill -9, full disk) at any
+moment leaves the previous checkpoint and `latest` usable. A run folder:
     meta.json                  run-level meta: args, stage, CLIP and LLM folders, head config (write_run_meta)
     metrics.jsonl              one JSON record per line, appended by the trainer (append_metrics)
     step_000120.safetensors    trainable weights; the header's metadata holds {"meta": json}
@@ -15,7 +12,7 @@ A run folder:
     step_000120.json           the same meta as the weights header, readable
     latest                     one line naming the newest complete checkpoint: "step_000120"
 """
-
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +21,7 @@ import random
 import re
 import shutil
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,8 +45,6 @@ class CheckpointError(OSError):
     """A checkpoint that cannot be saved or loaded as asked; the message is one line saying why and what to do."""
 
 
-# ----------------------------------------------------------------------------- small file helpers
-
 def _fsync(path: str) -> None:
     """Flush a file's (or a folder's, i.e. its renames') data to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -60,10 +56,8 @@ def _fsync(path: str) -> None:
 
 def _remove(paths) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(path)
-        except OSError:
-            pass
 
 
 def _jsonable(value):
@@ -71,15 +65,10 @@ def _jsonable(value):
     return value.tolist() if isinstance(value, torch.Tensor) else str(value)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _replace_text(path: str, text: str) -> None:
     """Atomically make `path` hold `text`: temp file, fsync, rename, fsync the folder."""
     try:
-        _write_text(path + TMP, text)
+        Path(path + TMP).write_text(text, encoding="utf-8")
         _fsync(path + TMP)
         os.replace(path + TMP, path)
         _fsync(os.path.dirname(path) or ".")
@@ -100,8 +89,6 @@ def _check_plain(value, where: str) -> None:
                         f"store only tensors, numbers, strings, None, lists, tuples and dicts")
 
 
-# ----------------------------------------------------------------------------- RNG state
-
 def rng_state() -> dict:
     """Every RNG the trainer draws from, as plain data that loads with weights_only=True."""
     version, internal, gauss_next = random.getstate()  # (int, tuple of 625 ints, float | None)
@@ -121,14 +108,12 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
-# ----------------------------------------------------------------------------- saving
-
 def check_writable(run_dir: str, need_bytes: int = 0) -> None:
     """Fail at startup, not at the first checkpoint: create `run_dir`, write a probe file, check free space."""
     probe = os.path.join(run_dir, f".write_probe_{os.getpid()}")
     try:
         os.makedirs(run_dir, exist_ok=True)
-        _write_text(probe, "ok")
+        Path(probe).write_text("ok")
         os.remove(probe)
         free = shutil.disk_usage(run_dir).free
     except OSError as err:
@@ -148,12 +133,12 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
     were. `keep=N` then deletes all but the newest N complete checkpoints (never the one `latest` names).
     """
     _check_plain(train_state, "train_state")
-    stem = os.path.join(run_dir, f"step_{step:06d}")
+    stem = _stem(run_dir, step)
     # own, dense CPU copies: safetensors refuses views sharing storage (tied or sliced weights)
     tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in weights.items()}
     meta_text = json.dumps(meta, indent=2, default=_jsonable)
     writers = {".state.pt": lambda path: torch.save(train_state, path),
-               ".json": lambda path: _write_text(path, meta_text),
+               ".json": lambda path: Path(path).write_text(meta_text, encoding="utf-8"),
                ".safetensors": lambda path: save_file(tensors, path, metadata={"meta": meta_text})}
     renamed = []
     try:
@@ -179,29 +164,28 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
     return stem + ".safetensors"
 
 
-def _step_files(run_dir: str) -> dict[int, set[str]]:
-    """{step: the checkpoint suffixes present for it} for the step_NNNNNN files of a folder."""
+def _stem(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"step_{step:06d}")
+
+
+def _checkpoints(run_dir: str) -> tuple[dict[int, set[str]], list[int]]:
+    """({step: the checkpoint suffixes present}, the steps with all three files, ascending)."""
     found = {}
-    for name in os.listdir(run_dir):
-        match = STEP_FILE.match(name)
-        if match:
-            found.setdefault(int(match.group(1)), set()).add(match.group(2))
-    return found
+    for match in filter(None, map(STEP_FILE.match, os.listdir(run_dir))):
+        found.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return found, sorted(step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES))
 
 
 def _prune(run_dir: str, keep: int) -> None:
     """Delete every checkpoint (complete or not) but the newest `keep` complete ones and the one `latest` names."""
-    found = _step_files(run_dir)
-    complete = sorted((step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES)), reverse=True)
-    kept = set(complete[:keep]) | {_read_latest(run_dir)}
-    for step in sorted(set(found) - kept):
-        stem = os.path.join(run_dir, f"step_{step:06d}")
+    found, complete = _checkpoints(run_dir)
+    for step in sorted(set(found) - set(complete[::-1][:keep]) - {_read_latest(run_dir)}):
         try:  # the weights first, so a half-deleted checkpoint is never taken for a complete one
             for suffix in reversed(SUFFIXES):
                 if suffix in found[step]:
-                    os.remove(stem + suffix)
+                    os.remove(_stem(run_dir, step) + suffix)
         except OSError as err:
-            logger.warning(f"could not delete old checkpoint {stem}: {err.strerror or err}")
+            logger.warning(f"could not delete old checkpoint {_stem(run_dir, step)}: {err.strerror or err}")
 
 
 def append_metrics(run_dir: str, record: dict) -> None:
@@ -217,8 +201,6 @@ def write_run_meta(run_dir: str, meta: dict) -> None:
     _replace_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
 
 
-# ----------------------------------------------------------------------------- resolving and loading
-
 def _read_latest(run_dir: str) -> int | None:
     """The step the `latest` file names, or None when it is missing or garbled."""
     try:
@@ -233,16 +215,12 @@ def latest_checkpoint(run_dir: str) -> str | None:
     """The weights path of the checkpoint `latest` names, else of the highest complete step, else None."""
     if not os.path.isdir(run_dir):
         return None
-    found = _step_files(run_dir)
-    complete = sorted(step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES))
-    named = _read_latest(run_dir)
-    if named not in complete:
-        if not complete:
-            return None
+    step, complete = _read_latest(run_dir), _checkpoints(run_dir)[1]
+    if step not in complete and complete:
         logger.warning(f"{run_dir}: '{LATEST}' is missing or does not name a complete checkpoint; "
                        f"using step_{complete[-1]:06d}, the highest complete one")
-        named = complete[-1]
-    return os.path.join(run_dir, f"step_{named:06d}.safetensors")
+        step = complete[-1]
+    return _stem(run_dir, step) + ".safetensors" if step in complete else None
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -282,10 +260,8 @@ def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_train_state(path: str) -> dict:
     """The `.state.pt` next to a checkpoint's weights, loaded on CPU with weights_only=True (never runs code)."""
-    if path.endswith(".state.pt"):
-        state_path = path
-    else:
-        state_path = resolve_checkpoint(path).removesuffix(".safetensors") + ".state.pt"
+    is_state = path.endswith(".state.pt")
+    state_path = path if is_state else resolve_checkpoint(path).removesuffix(".safetensors") + ".state.pt"
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{state_path} does not exist; without it training cannot resume from "
                               f"this checkpoint (its weights alone can still be loaded)")

@@ -53,3 +53,8 @@ def smollm2_transformers(smollm2_gguf):
     assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to the embedding
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer
+
+
+def pytest_configure(config):
+    # Tests longer than the CI budget carry this mark; the README's command leaves them out (-m "not slow").
+    config.addinivalue_line("markers", "slow: longer than the default suite's budget; run with -m slow")
