@@ -5,7 +5,7 @@ On the toy world (the newest checkpoint under runs/, the toy world's test split)
     python eval.py --task retrieval --dataset long     # toyworld/retrieval_long.jsonl (also de, fr, es, ...)
     python eval.py --task zeroshot                     # toyworld/zeroshot/test, its classnames and templates
 On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--model):
-    python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy_flickr30k.json --images flickr30k-images --output out.json
+    python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy.json --images flickr30k --output out.json
     python eval.py --task retrieval --model runs/stage2 --dataset xm3600.jsonl --language de --show 8
     python eval.py --task zeroshot --model runs/stage2 --dataset imagenet/val --classnames names.txt --output out.json
 Metric definitions are LAION-AI/CLIP_benchmark's (see miniproclip/evaluate.py); this file is orchestration, the
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--ks", default="1,5,10", help="retrieval: recall@K for these K (each at most the gallery size)")
     # output
     p.add_argument("--output", default=None, help="results JSON (default with --model: a file in the run folder)")
-    p.add_argument("--show", type=int, default=0, metavar="K", help="retrieval: PNG of K queries and their top-5 images")
+    p.add_argument("--show", type=int, default=0, metavar="K", help="retrieval: PNG of K queries and their top 5")
     # speed
     p.add_argument("--batch-size", type=int, default=64, help="images / texts per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in-process)")
@@ -109,7 +109,10 @@ def fill_defaults(args):
         raise bench.BenchmarkError(f"--ks {args.ks!r}: give comma-separated integers such as 1,5,10") from None
     if args.output:  # fail now rather than after encoding the whole set
         folder = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise bench.BenchmarkError(f"--output {args.output}: cannot create {folder} ({err.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise bench.BenchmarkError(f"--output {args.output}: {folder} is not writable; choose another path")
 

@@ -30,11 +30,12 @@ from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_b
 from miniproclip.embed import EmbedSettings, ensure_text_cache
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform
+from miniproclip.llm import LLMConfig
 from miniproclip.losses import ClipLoss, clamp_logit_scale_, ema_update
 from miniproclip.model import ProCLIP
 from miniproclip.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
-from miniproclip.weights import ModelFolderError, read_config
+from miniproclip.weights import ModelFolderError
 
 USER_ERRORS = (ModelFolderError, DataError, ckpt.CheckpointError, FileNotFoundError, ValueError)
 
@@ -140,7 +141,7 @@ def fill_defaults(args, resumed_meta, init_meta, log):
 def head_config(args, init_meta, llm_dir, projection_dim):
     if init_meta:  # the head's shape is fixed by the checkpoint it comes from
         return HeadConfig(**init_meta["head"])
-    hidden = read_config(llm_dir)["hidden_size"]
+    hidden = LLMConfig.from_folder(llm_dir).hidden_size
     return HeadConfig(hidden, projection_dim, args.head_blocks, args.head_mlp_ratio, args.head_dropout)
 
 
@@ -241,6 +242,11 @@ def setup(args, rank, world, log):
     run["optimizer"] = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(args.beta1, args.beta2),
                                          eps=args.eps)
     run["dataset"] = ImageTextDataset(rows, run["transform"])
+    if run["transform"] is not None:  # fail early when the images are not where the rows say
+        probe = [run["dataset"][i] for i in range(min(len(rows), 64))]
+        if all("bad_image" in sample for sample in probe):
+            raise DataError(f"{args.train_data}: none of the first {len(probe)} images is readable (e.g. "
+                            f"{probe[0]['bad_image']}); check the image paths, which are relative to the data file")
     run["steps_per_epoch"] = len(epoch_batches(len(rows), args.batch_size, seed=args.seed, epoch=0, rank=rank,
                                                world_size=world))
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
@@ -339,12 +345,19 @@ def train(args, run, rank, world, log):
         pick_long = (torch.rand(len(run["rows"]), generator=coins) < 0.5).tolist()
         started = time.time()
         for batch in loader:
+            state["batch_in_epoch"] += 1  # the data cursor: where a resumed run continues
             if world > 1:  # dropped bad images can leave ranks with unequal batches: all use the smallest
                 smallest = torch.tensor(len(batch["captions"]))
                 dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
                 batch = {k: v[:int(smallest)] if k != "bad_images" and v is not None else v for k, v in batch.items()}
-            state["bad_images"] += len(batch["bad_images"])
-            state["bad_image_paths"] = (state["bad_image_paths"] + batch["bad_images"])[:10]
+            for path in batch["bad_images"]:  # unreadable images are dropped from the batch, counted and named
+                state["bad_images"] += 1
+                if state["bad_images"] <= 10:
+                    state["bad_image_paths"].append(path)
+                    log(f"skipped unreadable image {path}" + (" (further ones are only counted)"
+                                                              if state["bad_images"] == 10 else ""))
+            if len(batch["captions"]) < 2:  # nothing (or no pair) left to learn from in this batch
+                continue
             if args.stage == 2:  # per sample, the short or the long caption at random (the official loader)
                 batch["text"] = [lc if (lc and pick_long[i]) else c for i, c, lc in
                                  zip(batch["indices"], batch["captions"], batch["long_captions"])]
@@ -367,7 +380,6 @@ def train(args, run, rank, world, log):
                     clamp_logit_scale_(model.logit_scale)
                 ema_update(teacher, model, args.ema_momentum)
             state["step"] += 1
-            state["batch_in_epoch"] += 1
             record = {"step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
                       **{k: v.item() for k, v in parts.items()}, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": grad_norm.item(), "samples_per_s": args.batch_size * world / (time.time() - started),
@@ -415,8 +427,12 @@ def save(args, run, state, record, scaler, rank):
                 "metrics": record, "bad_image_paths": state["bad_image_paths"]}
         train_state = {"optimizer": run["optimizer"].state_dict(), "scaler": scaler.state_dict(),
                        "rng": ckpt.rng_state(), "cursor": {k: v for k, v in state.items()}}
-        ckpt.save_checkpoint(args.output, state["step"], weights, train_state, meta, keep=args.keep)
-        ckpt.write_run_meta(args.output, meta)
+        try:
+            ckpt.save_checkpoint(args.output, state["step"], weights, train_state, meta, keep=args.keep)
+            ckpt.write_run_meta(args.output, meta)
+        except ckpt.CheckpointError as err:  # e.g. the disk filled up: the previous checkpoint is intact
+            sys.exit(f"error: {err}; the previous checkpoint in {args.output} is intact, resume from it "
+                     "with --resume latest once there is space")
     if dist.is_initialized():
         dist.barrier()
 

@@ -112,7 +112,8 @@ def read_caption_jsonl(path: str, images_dir: str | None = None, language: str |
             dataset.texts += captions
             dataset.text_to_image += [len(dataset.images) - 1] * len(captions)
     if not dataset.images:
-        raise BenchmarkError(f"{path} holds no image with captions" + (f" in language {language!r}" if language else ""))
+        in_language = f" in language {language!r}" if language else ""
+        raise BenchmarkError(f"{path} holds no image with captions{in_language}")
     return dataset
 
 
@@ -221,7 +222,8 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
     model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
     weights = {k: v for k, v in weights.items() if not k.startswith("teacher.")}  # an EMA teacher is not evaluated
     if stage == 1:  # only the head was trained
-        load_state_dict_strict(model.text_head, {k.removeprefix("text_head."): v for k, v in weights.items()}, checkpoint)
+        head_weights = {k.removeprefix("text_head."): v for k, v in weights.items()}
+        load_state_dict_strict(model.text_head, head_weights, checkpoint)
     else:
         load_state_dict_strict(model, weights, checkpoint)
     device = torch.device(device)
@@ -338,7 +340,8 @@ def show_grid(path: str, gallery: dict, num_queries: int, top: int = 5) -> tuple
         for column, image_index in enumerate(scores[row].topk(top).indices.tolist()):
             x = CAPTION_WIDTH + column * (THUMB + PAD)
             try:
-                thumb = ImageOps.fit(load_image(gallery["images"][image_index]), (THUMB - 8, THUMB - 8))  # crop, keep aspect
+                image = load_image(gallery["images"][image_index])
+                thumb = ImageOps.fit(image, (THUMB - 8, THUMB - 8))  # centre crop to a square, then resize
             except ImageReadError:
                 continue
             draw.rectangle([x, y, x + THUMB - 1, y + THUMB - 1], fill="green" if image_index == right else "#ccc")

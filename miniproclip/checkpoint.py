@@ -1,10 +1,9 @@
 """Training checkpoints: crash-safe saving, `--resume` resolution, loading that never runs code.
 
-Mirrors karpathy/nanochat `nanochat/checkpoint_manager.py` (weights plus readable JSON meta per step, torch.compile's
-`_orig_mod.` stripped on load) and open_clip's `--resume latest`, with two changes: weights are safetensors and the
-training state is read with `torch.load(weights_only=True)`, so no file of a run folder can run code; and each file
-is written under a temp name, fsynced and renamed before `latest` moves, so a crash (kill -9, full disk) at any
-moment leaves the previous checkpoint and `latest` usable. A run folder:
+Mirrors karpathy/nanochat `checkpoint_manager.py` (weights + readable JSON meta per step, `_orig_mod.` stripped on
+load) and open_clip's `--resume latest`, except that weights are safetensors and the training state loads with
+`torch.load(weights_only=True)` (no file can run code), and that files are fsynced under temp names and renamed
+before `latest` moves (a kill -9 or a full disk at any moment leaves the previous checkpoint usable). A run folder:
     meta.json                  run-level meta: args, stage, CLIP and LLM folders, head config (write_run_meta)
     metrics.jsonl              one JSON record per line, appended by the trainer (append_metrics)
     step_000120.safetensors    trainable weights; the header's metadata holds {"meta": json}
@@ -12,6 +11,7 @@ moment leaves the previous checkpoint and `latest` usable. A run folder:
     step_000120.json           the same meta as the weights header, readable
     latest                     one line naming the newest complete checkpoint: "step_000120"
 """
+
 import contextlib
 import json
 import logging
@@ -46,7 +46,7 @@ class CheckpointError(OSError):
 
 
 def _fsync(path: str) -> None:
-    """Flush a file's (or a folder's, i.e. its renames') data to disk."""
+    """Flush a file's data (or a folder's renames) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -60,28 +60,22 @@ def _remove(paths) -> None:
             os.remove(path)
 
 
-def _jsonable(value):
-    """json.dumps fallback: tensors become numbers/lists, anything else (paths, dtypes) its str."""
+def _jsonable(value):  # json.dumps fallback: tensors become numbers/lists, anything else (paths, dtypes) its str
     return value.tolist() if isinstance(value, torch.Tensor) else str(value)
 
 
 def _replace_text(path: str, text: str) -> None:
     """Atomically make `path` hold `text`: temp file, fsync, rename, fsync the folder."""
-    try:
-        Path(path + TMP).write_text(text, encoding="utf-8")
-        _fsync(path + TMP)
-        os.replace(path + TMP, path)
-        _fsync(os.path.dirname(path) or ".")
-    except BaseException:
-        _remove([path + TMP])
-        raise
+    Path(path + TMP).write_text(text, encoding="utf-8")
+    _fsync(path + TMP)
+    os.replace(path + TMP, path)
+    _fsync(os.path.dirname(path) or ".")
 
 
 def _check_plain(value, where: str) -> None:
     """Raise TypeError naming the first entry of `value` that torch.load(weights_only=True) would refuse."""
     if type(value) in PLAIN_CONTAINERS:
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
             _check_plain(key, f"{where} key")
             _check_plain(item, f"{where}[{key!r}]")
     elif type(value) not in PLAIN_LEAVES:
@@ -104,8 +98,7 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def check_writable(run_dir: str, need_bytes: int = 0) -> None:
@@ -126,15 +119,11 @@ def check_writable(run_dir: str, need_bytes: int = 0) -> None:
 
 def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], train_state: dict, meta: dict,
                     keep: int | None = None) -> str:
-    """Write step_NNNNNN.{state.pt,json,safetensors} and then point `latest` at them; returns the weights path.
-
-    All three files go to temp names first (each fsynced), are renamed in place, and only then is `latest`
-    replaced, so an interruption at any moment leaves the previous complete checkpoint and `latest` as they
-    were. `keep=N` then deletes all but the newest N complete checkpoints (never the one `latest` names).
-    """
+    """Write step_NNNNNN.{state.pt,json,safetensors} (fsynced temp files, then renames), then point `latest` at
+    them; returns the weights path. `keep=N` deletes all but the newest N complete checkpoints and `latest`'s."""
     _check_plain(train_state, "train_state")
     stem = _stem(run_dir, step)
-    # own, dense CPU copies: safetensors refuses views sharing storage (tied or sliced weights)
+    # own, dense CPU copies: safetensors refuses tensors that share storage (tied or sliced weights)
     tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in weights.items()}
     meta_text = json.dumps(meta, indent=2, default=_jsonable)
     writers = {".state.pt": lambda path: torch.save(train_state, path),
@@ -143,7 +132,7 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
     renamed = []
     try:
         os.makedirs(run_dir, exist_ok=True)
-        _remove(os.path.join(run_dir, n) for n in os.listdir(run_dir) if STALE_TEMP.match(n))  # earlier crashes
+        _remove(os.path.join(run_dir, n) for n in os.listdir(run_dir) if STALE_TEMP.match(n))  # left by crashes
         for suffix in SUFFIXES:
             writers[suffix](stem + suffix + TMP)
             _fsync(stem + suffix + TMP)
@@ -153,11 +142,10 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
         _fsync(run_dir)
         _replace_text(os.path.join(run_dir, LATEST), os.path.basename(stem) + "\n")
     except BaseException as err:
-        _remove([stem + suffix + TMP for suffix in SUFFIXES] + renamed)
+        _remove([stem + suffix + TMP for suffix in SUFFIXES] + renamed + [os.path.join(run_dir, LATEST + TMP)])
         if isinstance(err, OSError):
             raise CheckpointError(f"cannot save {os.path.basename(stem)} in {run_dir}: {err.strerror or err}; "
-                                  f"the previous checkpoint is kept (free some space or choose another --output)"
-                                  ) from err
+                                  f"the previous checkpoint is kept; free space or choose another --output") from err
         raise
     if keep is not None:
         _prune(run_dir, keep)
@@ -168,31 +156,34 @@ def _stem(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"step_{step:06d}")
 
 
-def _checkpoints(run_dir: str) -> tuple[dict[int, set[str]], list[int]]:
-    """({step: the checkpoint suffixes present}, the steps with all three files, ascending)."""
+def _checkpoints(run_dir: str) -> tuple[dict[int, set[str]], list[int], int | None]:
+    """({step: its checkpoint suffixes present}, the complete steps ascending, the step `latest` names or None)."""
     found = {}
     for match in filter(None, map(STEP_FILE.match, os.listdir(run_dir))):
         found.setdefault(int(match.group(1)), set()).add(match.group(2))
-    return found, sorted(step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES))
+    try:
+        named = re.fullmatch(r"step_(\d+)", Path(run_dir, LATEST).read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):  # missing or garbled
+        named = None
+    complete = sorted(step for step, suffixes in found.items() if len(suffixes) == len(SUFFIXES))
+    return found, complete, int(named.group(1)) if named else None
 
 
 def _prune(run_dir: str, keep: int) -> None:
     """Delete every checkpoint (complete or not) but the newest `keep` complete ones and the one `latest` names."""
-    found, complete = _checkpoints(run_dir)
-    for step in sorted(set(found) - set(complete[::-1][:keep]) - {_read_latest(run_dir)}):
+    found, complete, named = _checkpoints(run_dir)
+    for step in sorted(set(found) - set(complete[::-1][:keep]) - {named}):
         try:  # the weights first, so a half-deleted checkpoint is never taken for a complete one
-            for suffix in reversed(SUFFIXES):
-                if suffix in found[step]:
-                    os.remove(_stem(run_dir, step) + suffix)
+            for suffix in [suffix for suffix in reversed(SUFFIXES) if suffix in found[step]]:
+                os.remove(_stem(run_dir, step) + suffix)
         except OSError as err:
             logger.warning(f"could not delete old checkpoint {_stem(run_dir, step)}: {err.strerror or err}")
 
 
 def append_metrics(run_dir: str, record: dict) -> None:
-    """Append one JSON line to `run_dir`/metrics.jsonl and flush it."""
+    """Append one JSON line to `run_dir`/metrics.jsonl (flushed as the file closes)."""
     with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=_jsonable) + "\n")
-        f.flush()
 
 
 def write_run_meta(run_dir: str, meta: dict) -> None:
@@ -201,21 +192,9 @@ def write_run_meta(run_dir: str, meta: dict) -> None:
     _replace_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
 
 
-def _read_latest(run_dir: str) -> int | None:
-    """The step the `latest` file names, or None when it is missing or garbled."""
-    try:
-        with open(os.path.join(run_dir, LATEST), encoding="utf-8") as f:
-            match = re.fullmatch(r"step_(\d+)", f.read().strip())
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(match.group(1)) if match else None
-
-
 def latest_checkpoint(run_dir: str) -> str | None:
     """The weights path of the checkpoint `latest` names, else of the highest complete step, else None."""
-    if not os.path.isdir(run_dir):
-        return None
-    step, complete = _read_latest(run_dir), _checkpoints(run_dir)[1]
+    _, complete, step = _checkpoints(run_dir) if os.path.isdir(run_dir) else ({}, [], None)
     if step not in complete and complete:
         logger.warning(f"{run_dir}: '{LATEST}' is missing or does not name a complete checkpoint; "
                        f"using step_{complete[-1]:06d}, the highest complete one")
@@ -235,23 +214,19 @@ def resolve_checkpoint(path: str) -> str:
                               f"pass a step_NNNNNN.safetensors file or its run folder")
     weights = path if path.endswith(".safetensors") else path + ".safetensors"
     if not os.path.isfile(weights):
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder, "
-                              f"a step_NNNNNN.safetensors file or its step_NNNNNN stem")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder, a step_NNNNNN.safetensors file "
+                              f"or its step_NNNNNN stem")
     return weights
-
-
-def _strip_wrappers(key: str) -> str:
-    """'module._orig_mod.head.fc.weight' -> 'head.fc.weight' (DDP / torch.compile prefixes, at any depth)."""
-    return ".".join(part for part in key.split(".") if part not in WRAPPER_PREFIXES)
 
 
 def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict on CPU, meta) of a checkpoint given as anything resolve_checkpoint accepts."""
     path = resolve_checkpoint(path)
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with safe_open(path, framework="pt", device="cpu") as f:  # 'module._orig_mod.fc.weight' -> 'fc.weight'
             header = f.metadata() or {}
-            state_dict = {_strip_wrappers(key): f.get_tensor(key) for key in f.keys()}
+            state_dict = {".".join(p for p in key.split(".") if p not in WRAPPER_PREFIXES): f.get_tensor(key)
+                          for key in f.keys()}
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); "
                               f"pass another step_NNNNNN.safetensors or its run folder") from None
@@ -259,7 +234,7 @@ def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_train_state(path: str) -> dict:
-    """The `.state.pt` next to a checkpoint's weights, loaded on CPU with weights_only=True (never runs code)."""
+    """The `.state.pt` next to a checkpoint's weights (or given itself), on CPU, with weights_only=True."""
     is_state = path.endswith(".state.pt")
     state_path = path if is_state else resolve_checkpoint(path).removesuffix(".safetensors") + ".state.pt"
     if not os.path.isfile(state_path):
@@ -267,11 +242,9 @@ def load_train_state(path: str) -> dict:
                               f"this checkpoint (its weights alone can still be loaded)")
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch explains over several paragraphs; keep its diagnosis line
-        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        detail = next((line for line in reversed(lines) if not line.startswith("Check the documentation")), "")
-        raise CheckpointError(f"{state_path}: refused to unpickle ({detail}); a training state may hold only "
-                              f"tensors and plain Python data") from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{state_path} is corrupt ({str(err).split('. ')[0]}); resume from another "
-                              f"step_NNNNNN") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        # torch explains over several paragraphs: keep the diagnosis (the last line before the doc link)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = [line for line in lines if not line.startswith("Check the doc")][-1].split(". ")[0].rstrip(".")
+        raise CheckpointError(f"cannot load {state_path}: {detail}; resume from another step_NNNNNN (a training "
+                              f"state may hold only tensors and plain data)") from None

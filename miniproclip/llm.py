@@ -70,6 +70,21 @@ class LLMConfig:
             qk_norm=model_type == "qwen3", rope_theta=float(rope_theta),
             rope_scaling=rope if rope_type != "default" else {}, sliding_window=window)
 
+    @classmethod
+    def from_folder(cls, folder: str) -> "LLMConfig":
+        """`from_hf` of a folder's config.json, with one-line errors naming the folder."""
+        from .weights import ModelFolderError, read_config
+        config = read_config(folder)
+        if config.get("model_type") == "clip":
+            raise ModelFolderError(f"{folder}: this is a CLIP folder (model_type 'clip'): pass it as --clip; "
+                                   f"--llm expects a decoder LLM ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        try:
+            return cls.from_hf(config)
+        except KeyError as err:
+            raise ModelFolderError(f"{folder}: config.json has no {err} field; is this a decoder LLM folder?") from None
+        except ValueError as err:
+            raise ModelFolderError(f"{folder}: {err}") from None
+
 
 def rope_inverse_frequencies(config: LLMConfig, device=None) -> torch.Tensor:
     """θ_i = theta^(-2i/d) for i < d/2, with Llama-3's or linear rescaling (HF `modeling_rope_utils.py`)."""
@@ -227,15 +242,8 @@ class DecoderLM(nn.Module):
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         causal: bool = True) -> "DecoderLM":
         """Load an HF causal-LM or base-model folder; built on the meta device, so an 8B model exists once."""
-        from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
-        config = read_config(folder)
-        if config.get("model_type") == "clip":
-            raise ModelFolderError(f"{folder}: this is a CLIP folder (model_type 'clip'): pass it as --clip; "
-                                   f"--llm expects a decoder LLM ({', '.join(SUPPORTED_MODEL_TYPES)})")
-        try:
-            llm_config = LLMConfig.from_hf(config)
-        except (ValueError, KeyError) as err:
-            raise ModelFolderError(f"{folder}: {err}") from None
+        from .weights import load_safetensors_folder, load_state_dict_strict
+        llm_config = LLMConfig.from_folder(folder)
         with torch.device("meta"):
             model = cls(llm_config, causal=causal)
         # `*ForCausalLM` folders prefix the body with `model.`; the LM head is not needed for embeddings.

@@ -75,7 +75,8 @@ def world(tmp_path_factory):
         entries.append({"filename": name, "filepath": "val", "split": "train" if i == 13 else "test",
                         "sentences": [{"raw": c} for c in captions]})
     (root / "karpathy.json").write_text(json.dumps({"images": entries}))
-    rows = [{"image": f"images/val/im{i}.png", "captions": [f"the {WORDS[i]} {WORDS[i + 2]}"]} for i in (0, 1, 2, 4, 5, 6, 8)]
+    rows = [{"image": f"images/val/im{i}.png", "captions": [f"the {WORDS[i]} {WORDS[i + 2]}"]}
+            for i in (0, 1, 2, 4, 5, 6, 8)]
     (root / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     for c in range(len(CLASSNAMES)):
         for j in range(2):
@@ -171,7 +172,8 @@ def test_show_draws_queries_with_the_right_image_framed(world, tmp_path):
     report = run_eval("--task", "retrieval", "--clip", world["clip"], "--dataset", root / "long.jsonl",
                       "--ks", "1", "--show", "3", "--output", tmp_path / "r.json")
     grid = Image.open(tmp_path / "r.png")
-    assert grid.size == (bench.CAPTION_WIDTH + 5 * (bench.THUMB + bench.PAD) + bench.PAD, 3 * (bench.THUMB + bench.PAD) + bench.PAD)
+    cell = bench.THUMB + bench.PAD
+    assert grid.size == (bench.CAPTION_WIDTH + 5 * cell + bench.PAD, 3 * cell + bench.PAD)
     # query 0 (image 0's caption): the right image's frame is green, the other frames grey, in score order
     images = [str(root / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
     texts = [json.loads(line)["captions"][0] for line in (root / "long.jsonl").read_text().splitlines()]
@@ -232,7 +234,8 @@ def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatc
     with torch.no_grad():
         image_features = newer.encode_image(torch.stack([transform(load_image(p)) for p in images]))
         text_features = newer.encode_text(embeddings)
-    assert_metrics_equal(report["metrics"], retrieval_metrics(image_features, text_features, torch.arange(7), (1, 2, 5)))
+    reference = retrieval_metrics(image_features, text_features, torch.arange(7), (1, 2, 5))
+    assert_metrics_equal(report["metrics"], reference)
     assert report["truncated_captions"] == truncated == 6
 
     report = run_eval("--task", "zeroshot", "--model", "runs/z_stage1")  # a stage-1 run: the original image tower
@@ -244,6 +247,32 @@ def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatc
     reference = classification_metrics(100 * image_features @ classifier, torch.arange(5))
     assert report["metrics"] == pytest.approx(reference, abs=TOL)
     assert report["n_images"] == 5 and report["truncated_captions"] == 0
+
+
+def test_readers_language_split_and_class_order(tmp_path):
+    rows = [{"image": "a.png", "captions": {"de": ["eine Katze", "ein Tier"], "fr": ["un chat"]}},
+            {"image": "/abs/b.png", "captions": {"fr": ["un chien"]}}]
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    de = bench.read_caption_jsonl(str(tmp_path / "multi.jsonl"), language="de")
+    assert (de.images, de.texts, de.text_to_image) == ([str(tmp_path / "a.png")], ["eine Katze", "ein Tier"], [0, 0])
+    fr = bench.read_caption_jsonl(str(tmp_path / "multi.jsonl"), images_dir="/img", language="fr")
+    assert (fr.images, fr.texts, fr.text_to_image) == (["/img/a.png", "/abs/b.png"], ["un chat", "un chien"], [0, 1])
+    with pytest.raises(bench.BenchmarkError, match="pass --language"):
+        bench.read_caption_jsonl(str(tmp_path / "multi.jsonl"))
+    rows = [{"image": "a.png", "captions": ["a cat"], "language": "en"}, {"image": "b.png", "captions": ["ein Hund"],
+                                                                          "language": "de"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench.read_caption_jsonl(str(tmp_path / "rows.jsonl"), language="de").texts == ["ein Hund"]
+    assert bench.read_caption_jsonl(str(tmp_path / "rows.jsonl")).texts == ["a cat", "ein Hund"]
+    (tmp_path / "k.json").write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "val", "sentences": []}]}))
+    with pytest.raises(bench.BenchmarkError, match=r"no image with split 'test' \(it has: val\)"):
+        bench.read_retrieval_set(str(tmp_path / "k.json"))
+    for name in ["b_dog", "a_cat", "c_red_fox"]:  # classes are the sorted folder names, "_" read as a space
+        (tmp_path / "zs" / name).mkdir(parents=True)
+        (tmp_path / "zs" / name / "0.JPG").write_bytes(b"")
+    (tmp_path / "zs" / "a_cat" / "notes.txt").write_text("not an image")
+    folder = bench.read_image_folder(str(tmp_path / "zs"))
+    assert folder.classnames == ["a cat", "b dog", "c red fox"] and folder.labels == [0, 1, 2]
 
 
 @pytest.mark.parametrize("case", ["missing_dataset", "not_clip_folder", "no_readable_image", "no_runs", "k_too_large"])

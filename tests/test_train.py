@@ -92,6 +92,7 @@ def test_accumulation_gives_the_full_batch_gradient(world, stage):
                 return {"image": image, "text": text, **({} if student_only else {"teacher_image": teacher.encode_image(mb["pixels"])})}
             loss_fn = lambda f, last: stage2_loss(f, settings, ClipLoss(), model.logit_scale, last)
         loss, _ = accumulated_backward(micro, features, loss_fn)
+        assert stage == 1 or all(p.grad is None and not p.requires_grad for p in teacher.parameters())
         grads.append((loss, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
     (loss_full, g_full), (loss_acc, g_acc) = grads
     assert abs(loss_full - loss_acc) < 1e-5
