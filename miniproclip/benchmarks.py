@@ -17,13 +17,12 @@ from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import load_weights
 from .clip import CLIP
-from .embed import EmbedSettings, ensure_text_cache
+from .embed import CaptionTokenizer, EmbedSettings, ensure_text_cache
 from .evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
 from .head import HeadConfig
 from .image import ImageReadError, ImageTransform, load_image
@@ -193,17 +192,6 @@ def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
                     lambda texts: tokenizer(texts).num_truncated)
 
 
-def count_llm_truncated(llm_dir: str, texts: list[str], settings: EmbedSettings) -> int:
-    """How many texts the LLM embedder cuts (LLMEmbedder.tokenize's rule), from the tokenizer alone."""
-    tokenizer = Tokenizer.from_file(os.path.join(llm_dir, "tokenizer.json"))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()  # a padded batch would count the padding
-    prefix = tokenizer.encode(settings.instruction).ids if settings.instruction else []
-    room = settings.max_length - len(prefix) - int(settings.append_eos)
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=not prefix)
-    return sum(len(encoding.ids) > room for encoding in encodings)
-
-
 def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, precision: str, log=print) -> Encoders:
     """A ProCLIP checkpoint: image tower from it (stage 2) or its CLIP (stage 1), LLM cache + its head for text."""
     weights, meta = load_weights(checkpoint)
@@ -233,7 +221,7 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
     def prepare_texts(texts):
         nonlocal cache
         cache = ensure_text_cache(text_cache, llm_dir, texts, settings, llm_dtype, str(device), batch_tokens, log)
-        return count_llm_truncated(llm_dir, texts, settings)
+        return CaptionTokenizer(llm_dir, settings)(texts)[1]
 
     encode_text = _inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
     return Encoders(checkpoint, clip_dir, ImageTransform.from_folder(clip_dir),

@@ -32,6 +32,7 @@ from .weights import PICKLE_SUFFIXES
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+STEM = "step_{:06d}"  # a checkpoint's files are STEM + each of SUFFIXES
 SUFFIXES = (".state.pt", ".json", ".safetensors")  # write order: the weights last
 TMP = ".tmp"
 STEP_FILE = re.compile(r"^step_(\d+)(\.state\.pt|\.json|\.safetensors)$")
@@ -85,8 +86,8 @@ def _check_plain(value, where: str) -> None:
 
 def rng_state() -> dict:
     """Every RNG the trainer draws from, as plain data that loads with weights_only=True."""
-    version, internal, gauss_next = random.getstate()  # (int, tuple of 625 ints, float | None)
-    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next]}
+    # python's state is already plain: (version, tuple of 625 ints, gauss_next float | None)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()  # one uint8 tensor per visible device
     return state
@@ -95,8 +96,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore the RNGs saved by rng_state(); CUDA states are set for the devices this machine has."""
     torch.set_rng_state(state["torch"])
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
     """Write step_NNNNNN.{state.pt,json,safetensors} (fsynced temp files, then renames), then point `latest` at
     them; returns the weights path. `keep=N` deletes all but the newest N complete checkpoints and `latest`'s."""
     _check_plain(train_state, "train_state")
-    stem = _stem(run_dir, step)
+    stem = os.path.join(run_dir, STEM.format(step))
     # own, dense CPU copies: safetensors refuses tensors that share storage (tied or sliced weights)
     tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in weights.items()}
     meta_text = json.dumps(meta, indent=2, default=_jsonable)
@@ -152,10 +152,6 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
     return stem + ".safetensors"
 
 
-def _stem(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, f"step_{step:06d}")
-
-
 def _checkpoints(run_dir: str) -> tuple[dict[int, set[str]], list[int], int | None]:
     """({step: its checkpoint suffixes present}, the complete steps ascending, the step `latest` names or None)."""
     found = {}
@@ -173,11 +169,12 @@ def _prune(run_dir: str, keep: int) -> None:
     """Delete every checkpoint (complete or not) but the newest `keep` complete ones and the one `latest` names."""
     found, complete, named = _checkpoints(run_dir)
     for step in sorted(set(found) - set(complete[::-1][:keep]) - {named}):
+        stem = os.path.join(run_dir, STEM.format(step))
         try:  # the weights first, so a half-deleted checkpoint is never taken for a complete one
             for suffix in [suffix for suffix in reversed(SUFFIXES) if suffix in found[step]]:
-                os.remove(_stem(run_dir, step) + suffix)
+                os.remove(stem + suffix)
         except OSError as err:
-            logger.warning(f"could not delete old checkpoint {_stem(run_dir, step)}: {err.strerror or err}")
+            logger.warning(f"could not delete old checkpoint {stem}: {err.strerror or err}")
 
 
 def append_metrics(run_dir: str, record: dict) -> None:
@@ -188,8 +185,12 @@ def append_metrics(run_dir: str, record: dict) -> None:
 
 def write_run_meta(run_dir: str, meta: dict) -> None:
     """Atomically (re)write `run_dir`/meta.json."""
-    os.makedirs(run_dir, exist_ok=True)
-    _replace_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        _replace_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+    except OSError as err:
+        raise CheckpointError(f"cannot write meta.json in {run_dir}: {err.strerror or err}; "
+                              f"free space or choose another --output") from err
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -197,16 +198,15 @@ def latest_checkpoint(run_dir: str) -> str | None:
     _, complete, step = _checkpoints(run_dir) if os.path.isdir(run_dir) else ({}, [], None)
     if step not in complete and complete:
         logger.warning(f"{run_dir}: '{LATEST}' is missing or does not name a complete checkpoint; "
-                       f"using step_{complete[-1]:06d}, the highest complete one")
+                       f"using {STEM.format(complete[-1])}, the highest complete one")
         step = complete[-1]
-    return _stem(run_dir, step) + ".safetensors" if step in complete else None
+    return os.path.join(run_dir, STEM.format(step)) + ".safetensors" if step in complete else None
 
 
 def resolve_checkpoint(path: str) -> str:
     """The `.safetensors` path for a run folder (its latest checkpoint), a weights file or a step_NNNNNN stem."""
     if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
+        if (found := latest_checkpoint(path)) is None:
             raise CheckpointError(f"--resume: no checkpoint in {path}; start without --resume")
         return found
     if path.endswith(PICKLE_SUFFIXES):

@@ -54,20 +54,17 @@ class EmbedSettings:
     causal: bool = True  # False for bidirectional embedders (LLM2Vec / LLM2CLIP's Llama-3 embedder)
 
 
-class LLMEmbedder:
-    """Tokenizer + frozen `DecoderLM` + mean pooling: list of captions -> (N, hidden) float32 embeddings."""
+class CaptionTokenizer:
+    """An LLM folder's tokenizer.json with the embedding settings: prefix + caption [+ EOS], cut to max_length."""
 
-    def __init__(self, folder: str, settings: EmbedSettings = EmbedSettings(), dtype: torch.dtype = torch.float32,
-                 device: str = "cpu"):
+    def __init__(self, folder: str, settings: EmbedSettings = EmbedSettings()):
         tokenizer_path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(tokenizer_path):
             raise ModelFolderError(f"{folder}: no tokenizer.json; expected a Hugging Face LLM folder with its tokenizer")
         self.tokenizer = Tokenizer.from_file(tokenizer_path)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.model = DecoderLM.from_pretrained(folder, dtype=dtype, device=device, causal=settings.causal)
-        self.model.requires_grad_(False)
-        self.settings, self.device, self.folder = settings, device, folder
+        self.settings = settings
         eos = read_config(folder).get("eos_token_id")
         self.eos_id = eos[0] if isinstance(eos, list) else eos
         if settings.append_eos and self.eos_id is None:
@@ -75,8 +72,8 @@ class LLMEmbedder:
         # The prefix keeps the tokenizer's special tokens (e.g. Llama's BOS); captions are then encoded bare.
         self.prefix = self.tokenizer.encode(settings.instruction).ids if settings.instruction else []
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids per text (prefix + caption [+ EOS], cut to max_length) and how many were cut."""
+    def __call__(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        """Token ids per text and how many texts were cut to max_length."""
         add_special = not self.prefix  # with a prefix, BOS etc. come from the prefix
         room = self.settings.max_length - len(self.prefix) - int(self.settings.append_eos)
         if room <= 0:
@@ -86,6 +83,18 @@ class LLMEmbedder:
             truncated += len(encoding.ids) > room
             ids.append(self.prefix + encoding.ids[:room] + ([self.eos_id] if self.settings.append_eos else []))
         return ids, truncated
+
+
+class LLMEmbedder:
+    """Tokenizer + frozen `DecoderLM` + mean pooling: list of captions -> (N, hidden) float32 embeddings."""
+
+    def __init__(self, folder: str, settings: EmbedSettings = EmbedSettings(), dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+        self.tokenize = CaptionTokenizer(folder, settings)
+        self.tokenizer, self.prefix = self.tokenize.tokenizer, self.tokenize.prefix
+        self.model = DecoderLM.from_pretrained(folder, dtype=dtype, device=device, causal=settings.causal)
+        self.model.requires_grad_(False)
+        self.settings, self.device, self.folder = settings, device, folder
 
     @torch.no_grad()
     def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:

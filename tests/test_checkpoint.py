@@ -68,7 +68,9 @@ def test_round_trip_weights_meta_optimizer_and_rng(tmp_path):
     inputs = torch.randn(5, 3)
     for _ in range(2):
         model(inputs).square().sum().backward()
-        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
 
     random.seed(1)
     train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -104,7 +106,8 @@ def test_round_trip_weights_meta_optimizer_and_rng(tmp_path):
     assert torch.equal(restored.weight, model.weight) and torch.equal(restored.bias, model.bias)
 
     # restoring the RNG states replays the same draws
-    torch.rand(7), random.random()
+    torch.rand(7)  # move both RNGs on, then back
+    random.random()
     set_rng_state(state["rng"])
     assert torch.equal(torch.rand(5), expected_torch_draw)
     assert random.random() == expected_python_draw
