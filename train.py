@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from miniproclip import checkpoint as ckpt
+from miniproclip.benchmarks import Encoders, RetrievalSet, run_retrieval
 from miniproclip.clip import CLIP
 from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
 from miniproclip.embed import EmbedSettings, ensure_text_cache
@@ -67,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per LLM batch when filling the cache")
     # data
     p.add_argument("--train-data", default=None, help="JSONL, CSV/TSV, or tar shards ('a/{000..009}.tar'); default: toy world")
-    p.add_argument("--val-data", default=None, help="held-out rows, for --eval-every")
+    p.add_argument("--val-data", default=None, help="held-out rows (JSONL/CSV), for --eval-every")
+    p.add_argument("--eval-every", type=int, default=0, help="retrieval R@K on --val-data every N steps (0: never)")
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma for .csv")
@@ -218,12 +220,14 @@ def setup(args, rank, world, log):
         load_init(model, init_path, log)
     rows = read_rows(args.train_data, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
                      csv_separator=args.csv_separator, strict=args.strict_data, log=log)
+    val_rows = (read_rows(args.val_data, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+                          csv_separator=args.csv_separator, log=log) if args.val_data and args.eval_every else [])
     settings = EmbedSettings(args.max_length, args.instruction, False, not args.bidirectional)
-    cache = ensure_text_cache(args.text_cache, args.llm, caption_texts(rows), settings,
+    cache = ensure_text_cache(args.text_cache, args.llm, caption_texts(rows + val_rows), settings,
                               torch.bfloat16 if args.llm_dtype == "bf16" else torch.float32, args.device,
                               args.batch_tokens, log)
 
-    run = {"model": model, "rows": rows, "cache": cache, "device": device, "head": head, "resume_path": resume_path}
+    run = {"model": model, "rows": rows, "val_rows": val_rows, "cache": cache, "device": device, "head": head, "resume_path": resume_path}
     if args.stage == 1:  # only the head learns; CLIP's text tower is the frozen teacher
         model.requires_grad_(False).text_head.requires_grad_(True)
         run["teacher"] = clip.requires_grad_(False).eval().to(device)
@@ -253,6 +257,25 @@ def setup(args, rank, world, log):
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
         f"{world} rank(s), precision {args.precision}, output {args.output}")
     return run
+
+
+def validate(args, run, autocast):
+    """Retrieval R@K both ways on the --val-data rows (one caption each), with the model as it is now."""
+    rows, model, device = run["val_rows"], run["model"], run["device"]
+    dataset = RetrievalSet([r.image for r in rows], [r.caption for r in rows], list(range(len(rows))), "val")
+
+    def inference(encode):
+        def run_encoder(inputs):
+            with torch.no_grad(), autocast:
+                return encode(inputs)
+        return run_encoder
+
+    encoders = Encoders(args.output, args.clip, ImageTransform.from_folder(args.clip), inference(model.encode_image),
+                        inference(lambda texts: model.encode_text(run["cache"](texts).to(device))), lambda texts: 0)
+    model.eval()
+    report, _ = run_retrieval(encoders, dataset, args.batch_size, 0, device, [k for k in (1, 5, 10) if k <= len(rows)])
+    model.train()
+    return {f"val/{k}": v for k, v in report["metrics"].items()}
 
 
 class StopSignal:
@@ -384,6 +407,9 @@ def train(args, run, rank, world, log):
                       **{k: v.item() for k, v in parts.items()}, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": grad_norm.item(), "samples_per_s": args.batch_size * world / (time.time() - started),
                       "teacher_truncated": truncated["count"], "bad_images": state["bad_images"]}
+            if args.eval_every and run["val_rows"] and state["step"] % args.eval_every == 0 and rank == 0:
+                record.update(validate(args, run, autocast))
+                log(f"step {state['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val/")))
             if rank == 0:
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *parts, "lr"]})
                 bar.update(1)

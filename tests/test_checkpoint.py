@@ -427,6 +427,11 @@ def test_metrics_lines_and_run_meta(tmp_path):
     assert json.loads((tmp_path / "run" / "meta.json").read_text()) == {"stage": 1, "latest_step": 120,
                                                                        "clip": "/models/clip"}
     assert os.listdir(tmp_path / "run") == ["meta.json"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError) as error:
+        write_run_meta(str(tmp_path / "file" / "run"), {"stage": 1})
+    assert str(error.value) == (f"cannot write meta.json in {tmp_path / 'file' / 'run'}: Not a directory; "
+                                f"free space or choose another --output")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -173,3 +173,27 @@ def test_stage2_without_init_is_a_one_line_error(world, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and err.strip().splitlines()[-1] == (
         "error: --stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
+
+
+def test_eval_every_logs_validation_retrieval(world, tmp_path):
+    """The logged val/ metrics at the last step equal retrieval computed by hand from the saved checkpoint."""
+    from miniproclip.data import read_rows
+    from miniproclip.embed import TextEmbeddingCache
+    from miniproclip.evaluate import retrieval_metrics
+    from miniproclip.image import ImageTransform, load_image
+    val = write_tiny_pairs(world["dir"] / "val", n=12, seed=3, name="val.jsonl")
+    train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "2", "--val-data", val,
+                                        "--eval-every", "1")])
+    logged = losses(tmp_path / "s1")[2]
+    weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
+    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), HeadConfig(**meta["head"]))
+    model.load_state_dict({**model.state_dict(), **weights})
+    rows = read_rows(val)
+    transform = ImageTransform.from_folder(world["clip"])
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([transform(load_image(r.image)) for r in rows]))
+        cache = TextEmbeddingCache(os.path.join(os.path.dirname(world["data"]), "text_cache.safetensors"))
+        texts = model.encode_text(cache([r.caption for r in rows]))
+    expected = retrieval_metrics(images, texts, torch.arange(len(rows)), ks=(1, 5, 10))
+    for key, value in expected.items():
+        assert logged[f"val/{key}"] == pytest.approx(value, abs=1e-6), key
