@@ -457,8 +457,7 @@ def save(args, run, state, record, scaler, rank):
             ckpt.save_checkpoint(args.output, state["step"], weights, train_state, meta, keep=args.keep)
             ckpt.write_run_meta(args.output, meta)
         except ckpt.CheckpointError as err:  # e.g. the disk filled up: the previous checkpoint is intact
-            sys.exit(f"error: {err}; the previous checkpoint in {args.output} is intact, resume from it "
-                     "with --resume latest once there is space")
+            sys.exit(f"error: {err}, then continue with --resume latest")
     if dist.is_initialized():
         dist.barrier()
 

@@ -23,10 +23,12 @@ import torch
 
 import common  # bench/common.py; also puts the repository on sys.path
 import transformers
+transformers.utils.logging.disable_progress_bar()
 from miniproclip.clip import CLIP
 from miniproclip.llm import DecoderLM
 
-CASES = ("clip-image", "clip-text", "qwen3", "smollm2")
+LABELS = {"clip-image": "CLIP ViT-B/16 image tower", "clip-text": "CLIP ViT-B/16 text tower",
+          "qwen3": "Qwen3-0.6B-shaped decoder", "smollm2": "SmolLM2-135M (real weights)"}
 
 
 def clip_config(quick: bool) -> transformers.CLIPConfig:
@@ -63,7 +65,13 @@ def write_folders(root: str, quick: bool) -> dict[str, str]:
     clip.save_pretrained(folders["clip"])
     del clip
     transformers.Qwen3Model(qwen3_config(quick)).save_pretrained(folders["qwen3"])
-    folders["smollm2"] = str(common.smollm2_folder())
+    if not quick:
+        folders["smollm2"] = str(common.smollm2_folder())
+        return folders
+    folders["smollm2"] = os.path.join(root, "llama")  # --quick: a miniature of SmolLM2's Llama layout instead
+    tiny = transformers.LlamaConfig(vocab_size=1000, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.LlamaModel(tiny).save_pretrained(folders["smollm2"])
     return folders
 
 
@@ -73,74 +81,87 @@ def shapes(quick: bool, device: torch.device) -> dict[str, int]:
     return {"batch": 8, "image_batch": 256 if device.type == "cuda" else 8, "llm_tokens": 128}
 
 
-def build_cases(folders: dict, quick: bool, device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
-    """case -> {"ours": fn, "theirs": fn, "shape": str}: both libraries loaded from the same folder."""
+def build_cases(folders: dict, quick: bool, device: torch.device, dtype: torch.dtype):
+    """Yields (case, {"ours": fn, "theirs": fn, "shape": str}), both libraries loaded from the same folder; one
+    model pair is alive at a time."""
     s, g = shapes(quick, device), torch.Generator().manual_seed(1)
     hf_kwargs = dict(dtype=dtype, attn_implementation="sdpa")
-    ours_clip = CLIP.from_pretrained(folders["clip"], dtype=dtype, device=str(device))
-    theirs_clip = transformers.CLIPModel.from_pretrained(folders["clip"], **hf_kwargs).to(device).eval()
-    size = ours_clip.config.vision.image_size
+    ours = CLIP.from_pretrained(folders["clip"], dtype=dtype, device=str(device))
+    theirs = transformers.CLIPModel.from_pretrained(folders["clip"], **hf_kwargs).to(device).eval()
+    size = ours.config.vision.image_size
     pixels = torch.randn(s["image_batch"], 3, size, size, generator=g).to(device, dtype)
+    yield "clip-image", {"ours": lambda: ours.encode_image(pixels),
+                         "theirs": lambda: theirs.get_image_features(pixel_values=pixels).pooler_output,
+                         "shape": f"{s['image_batch']}×3×{size}×{size}"}
     ids = torch.randint(1, 49000, (s["batch"], 77), generator=g)
     ids[:, 0] = 49406  # BOS, then the EOS at a different place in each row, then EOS padding (OpenAI's way)
     for row in range(s["batch"]):
-        ids[row, 10 + (row * 67) // max(1, s["batch"] - 1):] = 49407
+        ids[row, 10 + (row * 66) // max(1, s["batch"] - 1):] = 49407
     ids = ids.to(device)
-    cases = {
-        "clip-image": {"ours": lambda: ours_clip.encode_image(pixels),
-                       "theirs": lambda: theirs_clip.get_image_features(pixel_values=pixels).pooler_output,
-                       "shape": f"{s['image_batch']}×3×{size}×{size}"},
-        "clip-text": {"ours": lambda: ours_clip.encode_text(ids),
-                      "theirs": lambda: theirs_clip.get_text_features(input_ids=ids).pooler_output,
-                      "shape": f"{s['batch']}×77"}}
+    yield "clip-text", {"ours": lambda: ours.encode_text(ids),
+                        "theirs": lambda: theirs.get_text_features(input_ids=ids).pooler_output,
+                        "shape": f"{s['batch']}×77"}
     for name, hf_class in (("qwen3", transformers.Qwen3Model), ("smollm2", transformers.LlamaModel)):
+        del ours, theirs
         ours = DecoderLM.from_pretrained(folders[name], dtype=dtype, device=str(device))
         theirs = hf_class.from_pretrained(folders[name], **hf_kwargs).to(device).eval()
         tokens = torch.randint(0, ours.config.vocab_size, (s["batch"], s["llm_tokens"]), generator=g).to(device)
-        cases[name] = {"ours": lambda m=ours, t=tokens: m(t),
-                       "theirs": lambda m=theirs, t=tokens: m(input_ids=t, use_cache=False).last_hidden_state,
-                       "shape": f"{s['batch']}×{s['llm_tokens']}"}
-    return cases
+        yield name, {"ours": lambda: ours(tokens),
+                     "theirs": lambda: theirs(input_ids=tokens, use_cache=False).last_hidden_state,
+                     "shape": f"{s['batch']}×{s['llm_tokens']}"}
 
 
-def measure_memory(cases: dict, device: torch.device) -> dict[str, dict[str, float]]:
-    """Peak MiB above the loaded model of one call (after a warm-up call), per case and side."""
+def measure_memory(cases, device: torch.device) -> dict[str, dict[str, float]]:
+    """Peak MiB that one call adds on top of the loaded model (after a warm-up call), per case and side."""
+    memory = {}
     with torch.inference_mode():
-        return {name: {side: (case[side](), common.peak_memory_mib(case[side], device))[1]
-                       for side in ("ours", "theirs")} for name, case in cases.items()}
+        for name, case in cases:
+            memory[name] = {}
+            for side in ("ours", "theirs"):
+                case[side]()
+                memory[name][side] = common.peak_memory_mib(case[side], device)
+    return memory
+
+
+def time_cases(cases, device: torch.device, warmup: int, repeats: int) -> dict[str, dict]:
+    """Per case: the output difference (first calls, also a warm-up), then interleaved timed calls."""
+    results = {}
+    with torch.inference_mode():
+        for name, case in cases:
+            ours_out, theirs_out = case["ours"]().float(), case["theirs"]().float()
+            diff = ((ours_out - theirs_out).abs().max() / theirs_out.abs().max()).item()
+            times = common.interleaved_times({side: case[side] for side in ("ours", "theirs")}, device, warmup, repeats)
+            results[name] = {"shape": case["shape"], "diff": diff, **times}
+            if device.type == "cuda":
+                results[name]["memory"] = measure_memory([(name, case)], device)[name]
+    return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="miniproclip vs transformers: forward time and peak memory.")
     common.add_machine_args(parser)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 5 CPU, 20 CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # folders JSON: measure CPU memory
     args = parser.parse_args(argv)
     device, dtype = common.setup(args)
     if args.memory_child:  # a fresh process under common.cpu_memory_env(): print peak memory as JSON
         print(json.dumps(measure_memory(build_cases(json.loads(args.memory_child), args.quick, device, dtype), device)))
         return
-    repeats = args.repeats or (3 if args.quick else 20 if device.type == "cuda" else 5)
+    repeats = args.repeats or (3 if args.quick or device.type == "cpu" else 20)
+    warmup = 5 if device.type == "cuda" else 0  # on CPU the first (comparison) call is the warm-up
     with tempfile.TemporaryDirectory() as root:
         folders = write_folders(root, args.quick)
-        cases = build_cases(folders, args.quick, device, dtype)
-        rows = []
-        with torch.inference_mode():
-            for name, case in cases.items():
-                ours_out, theirs_out = case["ours"]().float(), case["theirs"]().float()
-                diff = ((ours_out - theirs_out).abs().max() / theirs_out.abs().max()).item()
-                times = common.interleaved_times({k: case[k] for k in ("ours", "theirs")}, device,
-                                                 warmup=1 if args.quick else 2, repeats=repeats)
-                rows.append([name, case["shape"], *(f"{statistics.median(times[k]) * 1e3:.1f}" for k in times),
-                             common.ratio_summary(times["ours"], times["theirs"]), f"{diff:.1e}"])
-        if device.type == "cuda":
-            memory = measure_memory(cases, device)
-        else:  # a fresh process, so that CPU peak memory can be read from its resident set
-            del cases
-            argv = ["--memory-child", json.dumps(folders), "--device", args.device] + ["--quick"] * args.quick
+        results = time_cases(build_cases(folders, args.quick, device, dtype), device, warmup, repeats)
+        if device.type == "cpu":  # a fresh process, so that peak memory can be read from its resident set
+            argv = ["--memory-child", json.dumps(folders), "--device", "cpu"] + ["--quick"] * args.quick
             memory = common.run_child(__file__, argv + (["--threads", str(args.threads)] if args.threads else []))
-    for row in rows:
-        row[5:5] = [f"{memory[row[0]]['ours']:.0f}", f"{memory[row[0]]['theirs']:.0f}"]
+    rows = []
+    for name, r in results.items():
+        peaks = r["memory"] if device.type == "cuda" else memory[name]
+        rows.append([("tiny " if args.quick else "") + LABELS[name], r["shape"],
+                     *(f"{statistics.median(r[side]) * 1e3:.1f}" for side in ("ours", "theirs")),
+                     common.ratio_summary(r["ours"], r["theirs"]),
+                     *(f"{peaks[side]:.1f}" for side in ("ours", "theirs")), f"{r['diff']:.1e}"])
     print(common.markdown_table(["model", "input", "ours ms", "transformers ms", "ratio ours/theirs (range)",
                                  "ours peak MiB", "transformers peak MiB", "max rel. diff"], rows))
     print(common.machine_line(device, dtype))

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -207,7 +206,7 @@ def resolve_checkpoint(path: str) -> str:
     """The `.safetensors` path for a run folder (its latest checkpoint), a weights file or a step_NNNNNN stem."""
     if os.path.isdir(path):
         if (found := latest_checkpoint(path)) is None:
-            raise CheckpointError(f"--resume: no checkpoint in {path}; start without --resume")
+            raise CheckpointError(f"no checkpoint in {path}; give a run folder holding step_*.safetensors (for --resume, start without it)")
         return found
     if path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path} is a pickle, which is never loaded as weights (it can run code); "
@@ -242,9 +241,9 @@ def load_train_state(path: str) -> dict:
                               f"this checkpoint (its weights alone can still be loaded)")
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except Exception as err:  # refused (UnpicklingError) or corrupt (RuntimeError, EOFError, IndexError, ...)
         # torch explains over several paragraphs: keep the diagnosis (the last line before the doc link)
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = [line for line in lines if not line.startswith("Check the doc")][-1].split(". ")[0].rstrip(".")
+        lines = [line for line in map(str.strip, str(err).splitlines()) if line and not line.startswith("Check the")]
+        detail = (lines or [type(err).__name__])[-1].split(". ")[0].rstrip(".")
         raise CheckpointError(f"cannot load {state_path}: {detail}; resume from another step_NNNNNN (a training "
                               f"state may hold only tensors and plain data)") from None

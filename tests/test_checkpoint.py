@@ -357,7 +357,8 @@ def test_error_messages(tmp_path):
     (empty / "step_000005.json").write_text("{}")  # an incomplete checkpoint does not count
     with pytest.raises(CheckpointError) as error:
         load_weights(str(empty))
-    assert str(error.value) == f"--resume: no checkpoint in {empty}; start without --resume"
+    assert str(error.value) == (f"no checkpoint in {empty}; give a run folder holding step_*.safetensors "
+                                "(for --resume, start without it)")
 
     run = tmp_path / "run"
     weights_path = save_step(run, 1)
