@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--language", default=None, help=".jsonl: the caption language to evaluate (multilingual sets)")
     p.add_argument("--classnames", default=None, help="zeroshot: one display name per line, in sorted folder order")
     p.add_argument("--templates", default=None, help="zeroshot: JSON list of strings with {c} (default: OpenAI's 80)")
+    p.add_argument("--heldout-classes", default=None, help="zeroshot: class names (one per line) held out of "
+                                                          "training: adds acc1_seen and acc1_heldout")
     p.add_argument("--ks", default="1,5,10", help="retrieval: recall@K for these K (each at most the gallery size)")
     # output
     p.add_argument("--output", default=None, help="results JSON (default with --model: a file in the run folder)")
@@ -96,6 +98,7 @@ def fill_defaults(args):
         args.dataset = toy_path(args, "zeroshot", "test")
         args.classnames = args.classnames or toy_path(args, "zeroshot", "classnames.txt")
         args.templates = args.templates or toy_path(args, "zeroshot", "templates.json")
+        args.heldout_classes = args.heldout_classes or toy_path(args, "zeroshot", "heldout_classes.txt")
     if args.model:
         args.model = resolve_checkpoint(args.model)
         if args.output is None:  # results go beside the checkpoint they belong to
@@ -132,7 +135,8 @@ def evaluate(args):
         templates = load_templates(args.templates)
         print(f"zeroshot: {len(dataset.images)} images of {len(dataset.classnames)} classes from {args.dataset}, "
               f"{len(templates)} templates")
-        report = bench.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device)
+        heldout = bench.read_lines(args.heldout_classes) if args.heldout_classes else None
+        report = bench.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device, heldout)
         gallery = None
     report = {"task": args.task, "dataset": args.dataset, "model": encoders.name, **report}
     if args.language:

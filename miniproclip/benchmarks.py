@@ -129,6 +129,14 @@ def read_retrieval_set(path: str, images_dir: str | None = None, split: str = "t
     return read_karpathy(path, images_dir, split)
 
 
+def read_lines(path: str) -> list[str]:
+    """The non-empty lines of a text file (class names), stripped."""
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"{path} not found; pass a file with one class name per line")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def read_image_folder(folder: str, classnames_path: str | None = None) -> ClassificationSet:
     """ImageNet-style folder: one subfolder per class in sorted order; display names from classnames_path
     (one per line, same order), else the folder names with '_' as spaces."""
@@ -146,10 +154,7 @@ def read_image_folder(folder: str, classnames_path: str | None = None) -> Classi
                     labels.append(label)
     classnames = [name.replace("_", " ") for name in classes]
     if classnames_path is not None:
-        if not os.path.isfile(classnames_path):
-            raise BenchmarkError(f"--classnames {classnames_path} not found; pass a file with one name per line")
-        with open(classnames_path, encoding="utf-8") as f:
-            classnames = [line.strip() for line in f if line.strip()]
+        classnames = read_lines(classnames_path)
         if len(classnames) != len(classes):
             raise BenchmarkError(f"{classnames_path} has {len(classnames)} names but {folder} has {len(classes)} "
                                  f"class folders; give one name per class, in sorted folder order")
@@ -296,8 +301,9 @@ def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, wo
 
 
 def run_zeroshot(encoders: Encoders, dataset: ClassificationSet, templates: list[str], batch_size: int,
-                 workers: int, device: str):
-    """acc1, acc5 and mean per-class recall of the zero-shot classifier built from `templates`."""
+                 workers: int, device: str, heldout: list[str] | None = None):
+    """acc1, acc5 and mean per-class recall of the zero-shot classifier built from `templates`; with `heldout`
+    class names, also acc1 over the images of those classes and of the others (all classes competing)."""
     image_features, readable, unreadable = encode_images(encoders, dataset.images, batch_size, workers, device)
     labels = torch.tensor([dataset.labels[i] for i in readable], dtype=torch.long)
     # every prompt encoded once, in large batches; zeroshot_classifier then averages them per class
@@ -306,7 +312,16 @@ def run_zeroshot(encoders: Encoders, dataset: ClassificationSet, templates: list
     row_of = {prompt: i for i, prompt in enumerate(prompts)}
     classifier = zeroshot_classifier(lambda texts: prompt_features[[row_of[t] for t in texts]],
                                      dataset.classnames, templates)  # (D, C)
-    metrics = classification_metrics(100.0 * image_features @ classifier, labels)  # CLIP_benchmark's logits
+    logits = 100.0 * image_features @ classifier  # CLIP_benchmark's logits
+    metrics = classification_metrics(logits, labels)
+    if heldout is not None:
+        unknown = sorted(set(heldout) - set(dataset.classnames))
+        if unknown:
+            raise BenchmarkError(f"held-out class {unknown[0]!r} is not among the dataset's classnames")
+        is_heldout = torch.tensor([dataset.classnames[label] in heldout for label in labels.tolist()])
+        for name, rows in (("seen", ~is_heldout), ("heldout", is_heldout)):
+            hits = logits[rows].argmax(dim=1) == labels[rows]
+            metrics[f"acc1_{name}"] = hits.float().mean().item() if rows.any() else float("nan")
     return {"metrics": metrics, "n_images": len(readable), "n_texts": len(prompts), "split": None,
             "n_classes": len(dataset.classnames), "truncated_captions": truncated, "skipped_images": unreadable}
 

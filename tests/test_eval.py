@@ -152,9 +152,11 @@ def test_legacy_eos_config_gives_the_same_metrics(world, tmp_path):
 def test_zeroshot_matches_transformers_from_the_command_line(world, tmp_path):
     root = world["root"]
     out = tmp_path / "zs.json"
+    (tmp_path / "heldout.txt").write_text(f"{CLASSNAMES[1]}\n{CLASSNAMES[4]}\n")
     result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--task", "zeroshot", "--clip", world["clip"],
                              "--dataset", str(root / "zeroshot"), "--classnames", str(root / "classnames.txt"),
-                             "--templates", str(root / "templates.json"), "--output", str(out), "--workers", "1"],
+                             "--templates", str(root / "templates.json"), "--output", str(out), "--workers", "1",
+                             "--heldout-classes", str(tmp_path / "heldout.txt")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -162,7 +164,12 @@ def test_zeroshot_matches_transformers_from_the_command_line(world, tmp_path):
     labels = torch.tensor([c for c in range(6) for _ in range(2)])
     image_features = hf_image_features(world, images)
     classifier = zeroshot_classifier(lambda texts: hf_text_features(world, texts)[0], CLASSNAMES, TEMPLATES)
-    assert_metrics_equal(report["metrics"], classification_metrics(100 * image_features @ classifier, labels))
+    logits = 100 * image_features @ classifier
+    heldout = (labels == 1) | (labels == 4)
+    expected = {**classification_metrics(logits, labels),
+                "acc1_seen": classification_metrics(logits[~heldout], labels[~heldout])["acc1"],
+                "acc1_heldout": (logits[heldout].argmax(1) == labels[heldout]).float().mean().item()}
+    assert_metrics_equal(report["metrics"], expected)
     assert (report["n_images"], report["n_texts"], report["n_classes"]) == (12, 18, 6)
     assert "acc1" in result.stdout and f"results written to {out}" in result.stdout
 
