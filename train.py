@@ -46,7 +46,8 @@ def parse_args(argv=None):
                                             "stage 2 (contrastive tuning of the image encoder with L_reg).")
     # run
     p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: representation inheritance, 2: contrastive tuning")
-    p.add_argument("--init", default=None, help="stage 2: a stage-1 (or stage-2) run folder or checkpoint to start from")
+    p.add_argument("--init", default=None, help="stage 2: a stage-1 (or stage-2) run folder or checkpoint to start "
+                                                "from; 'scratch' = a fresh head (direct alignment, no stage 1)")
     p.add_argument("--resume", default=None, help="'latest' (in --output) or a checkpoint: restore weights, optimizer, data position")
     p.add_argument("--output", default=None, help="run folder (default: runs/stage<N>-<time>)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
@@ -202,7 +203,12 @@ def setup(args, rank, world, log):
             raise ValueError("--resume latest needs --output RUN naming the run to continue")
         resume_path = ckpt.resolve_checkpoint(args.output if args.resume == "latest" else args.resume)
     resumed_meta = ckpt.load_weights(resume_path)[1] if resume_path else None
-    init_path = ckpt.resolve_checkpoint(args.init) if args.init else None
+    if resumed_meta and resumed_meta.get("stage") != args.stage:
+        raise ValueError(f"{resume_path} is a stage-{resumed_meta.get('stage')} checkpoint: resume it with --stage "
+                         f"{resumed_meta.get('stage')}, or start stage {args.stage} from it with --init")
+    train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
+    # `--init scratch`: stage 2 with a fresh head, i.e. direct contrastive alignment (LLM2CLIP-style ablation)
+    init_path = ckpt.resolve_checkpoint(args.init) if args.init and args.init != "scratch" else None
     init_meta = ckpt.load_weights(init_path)[1] if init_path else None
     fill_defaults(args, resumed_meta, init_meta, log)
     if rank == 0:
@@ -215,6 +221,10 @@ def setup(args, rank, world, log):
     if head.output_dim != clip.config.projection_dim:
         raise ValueError(f"{init_path or resume_path}: its head maps to {head.output_dim} dims but {args.clip} has a "
                          f"{clip.config.projection_dim}-dim joint space; use a checkpoint trained with this CLIP")
+    llm_width = LLMConfig.from_folder(args.llm).hidden_size
+    if head.input_dim != llm_width:
+        raise ValueError(f"{init_path or resume_path}: its head takes {head.input_dim}-dim LLM embeddings but "
+                         f"{args.llm} is {llm_width} wide; use the --llm it was trained with")
     model = ProCLIP.from_clip(clip, head)
     if init_path:
         load_init(model, init_path, log)
@@ -227,7 +237,8 @@ def setup(args, rank, world, log):
                               torch.bfloat16 if args.llm_dtype == "bf16" else torch.float32, args.device,
                               args.batch_tokens, log)
 
-    run = {"model": model, "rows": rows, "val_rows": val_rows, "cache": cache, "device": device, "head": head, "resume_path": resume_path}
+    run = {"model": model, "rows": rows, "val_rows": val_rows, "cache": cache, "device": device, "head": head, "resume_path": resume_path,
+           "train_state": train_state}
     if args.stage == 1:  # only the head learns; CLIP's text tower is the frozen teacher
         model.requires_grad_(False).text_head.requires_grad_(True)
         run["teacher"] = clip.requires_grad_(False).eval().to(device)
@@ -313,7 +324,7 @@ def train(args, run, rank, world, log):
             {k: v for k, v in weights.items() if not k.startswith("teacher.")})
         if any(k.startswith("teacher.") for k in weights):
             run["teacher"].load_state_dict({k.removeprefix("teacher."): v for k, v in weights.items() if k.startswith("teacher.")})
-        saved = ckpt.load_train_state(run["resume_path"])
+        saved = run["train_state"]
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         ckpt.set_rng_state(saved["rng"])

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import signal
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -320,7 +321,15 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank
             for step in range(num_rows // global_batch)]
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C and schedulers (SLURM) signal the whole process group: a worker killed by SIGTERM would crash the
+    trainer mid-step, so workers ignore SIGINT/SIGTERM; the trainer saves and closes the loader, which ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0) -> DataLoader:
     """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process)."""
     return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_leave_stop_signals_to_the_trainer)
