@@ -188,6 +188,8 @@ def main(argv=None):
         run = setup(args, rank, world, log)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # before the first step nothing needs saving (the text cache is written atomically)
+        sys.exit("interrupted before training started; nothing was lost, run the same command again")
     train(args, run, rank, world, log)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -425,7 +427,11 @@ def train(args, run, rank, world, log):
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *parts, "lr"]})
                 bar.update(1)
                 if state["step"] % args.log_every == 0:
-                    ckpt.append_metrics(args.output, record)
+                    try:
+                        ckpt.append_metrics(args.output, record)
+                    except OSError as err:  # e.g. a full disk: stop now, the last checkpoint is intact
+                        sys.exit(f"error: cannot append to {args.output}/metrics.jsonl ({err.strerror}); the last "
+                                 "checkpoint is intact: free space, then continue with --resume latest")
             if state["bad_steps"] >= args.max_bad_steps:
                 sys.exit(f"error: {state['bad_steps']} consecutive non-finite steps; stopping. The last good "
                          f"checkpoint is kept in {args.output}; try a lower --lr or --precision fp32")

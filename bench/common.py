@@ -96,11 +96,12 @@ def peak_memory_mib(fn, device: torch.device) -> float:
     return _proc_status_mib("VmHWM") - before
 
 
-def run_child(script: str, argv: list[str]) -> dict:
-    """Run `script argv` under `cpu_memory_env()` and return the JSON object it prints last."""
-    done = subprocess.run([sys.executable, script, *argv], env=cpu_memory_env(), capture_output=True, text=True)
+def run_child(script: str, argv: list[str], memory_env: bool = False) -> dict:
+    """Run `script argv` in a fresh process (under `cpu_memory_env()` if asked) and return the JSON it prints last."""
+    env = cpu_memory_env() if memory_env else None
+    done = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"memory child {script} {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"child `{script} {' '.join(argv)}` failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
