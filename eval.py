@@ -98,7 +98,8 @@ def fill_defaults(args):
         args.dataset = toy_path(args, "zeroshot", "test")
         args.classnames = args.classnames or toy_path(args, "zeroshot", "classnames.txt")
         args.templates = args.templates or toy_path(args, "zeroshot", "templates.json")
-        args.heldout_classes = args.heldout_classes or toy_path(args, "zeroshot", "heldout_classes.txt")
+        heldout = os.path.join(args.toy_dir, "zeroshot", "heldout_classes.txt")  # optional in a toy world
+        args.heldout_classes = args.heldout_classes or (heldout if os.path.exists(heldout) else None)
     if args.model:
         args.model = resolve_checkpoint(args.model)
         if args.output is None:  # results go beside the checkpoint they belong to
