@@ -68,7 +68,8 @@ def ratio_summary(ours: list[float], theirs: list[float]) -> str:
 
 # ----------------------------------------------------------------------------- memory
 
-def _proc_status_mib(field: str) -> float:
+def proc_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: VmRSS (resident now), VmHWM (peak resident)."""
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
 
@@ -89,11 +90,11 @@ def peak_memory_mib(fn, device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         raise RuntimeError("CPU peak memory is only meaningful in a process started with cpu_memory_env()")
-    before = _proc_status_mib("VmRSS")
+    before = proc_status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident set to the current one
         f.write("5")
     fn()
-    return _proc_status_mib("VmHWM") - before
+    return proc_status_mib("VmHWM") - before
 
 
 def run_child(script: str, argv: list[str], memory_env: bool = False) -> dict:

@@ -23,12 +23,13 @@ import torch
 
 import common  # bench/common.py; also puts the repository on sys.path
 import transformers
-transformers.utils.logging.disable_progress_bar()
 from miniproclip.clip import CLIP
 from miniproclip.llm import DecoderLM
 
 LABELS = {"clip-image": "CLIP ViT-B/16 image tower", "clip-text": "CLIP ViT-B/16 text tower",
           "qwen3": "Qwen3-0.6B-shaped decoder", "smollm2": "SmolLM2-135M (real weights)"}
+QUICK_LABELS = {**{name: "tiny " + label for name, label in LABELS.items()},
+                "smollm2": "tiny Llama (stands in for SmolLM2)"}
 
 
 def clip_config(quick: bool) -> transformers.CLIPConfig:
@@ -144,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # folders JSON: measure CPU memory
     args = parser.parse_args(argv)
     device, dtype = common.setup(args)
+    transformers.utils.logging.disable_progress_bar()
     if args.memory_child:  # a fresh process under common.cpu_memory_env(): print peak memory as JSON
         print(json.dumps(measure_memory(build_cases(json.loads(args.memory_child), args.quick, device, dtype), device)))
         return
@@ -159,8 +161,7 @@ def main(argv=None):
     rows = []
     for name, r in results.items():
         peaks = r["memory"] if device.type == "cuda" else memory[name]
-        rows.append([("tiny " if args.quick else "") + LABELS[name] if name != "smollm2" or not args.quick
-                     else "tiny Llama (stands in for SmolLM2)", r["shape"],
+        rows.append([(QUICK_LABELS if args.quick else LABELS)[name], r["shape"],
                      *(f"{statistics.median(r[side]) * 1e3:.1f}" for side in ("ours", "theirs")),
                      common.ratio_summary(r["ours"], r["theirs"]),
                      *(f"{peaks[side]:.1f}" for side in ("ours", "theirs")), f"{r['diff']:.1e}"])

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark scripts (bench/): each runs end to end with --quick (tiny random models) and prints
+its table, its machine line, and numbers that make sense (finite times, outputs equal to the reference).
+
+The speed numbers themselves are not asserted: speed claims come from the full benchmarks (BENCHMARKS.md),
+measured in one run on one machine, not from timed tests. The scripts run on one thread here: at these tiny shapes
+a second OpenMP thread on a busy 2-core runner only adds waiting (about 35 s in all instead of 60 s).
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--device", "cpu", "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^machine: CPU: .+, torch \S+, .*threads 1, dtype float32", done.stdout, re.M), done.stdout
+    return done.stdout
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of the markdown table in `output`, as lists of cells."""
+    lines = [line for line in output.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_forward_quick():
+    rows = table_rows(run("forward.py"))
+    assert [row[0] for row in rows] == ["tiny CLIP ViT-B/16 image tower", "tiny CLIP ViT-B/16 text tower",
+                                        "tiny Qwen3-0.6B-shaped decoder", "tiny Llama (stands in for SmolLM2)"]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4].split()[0]) > 0  # ms, ms, ratio
+        assert float(row[5]) >= 0 and float(row[6]) >= 0  # peak MiB of each side
+        assert float(row[7]) < 1e-4  # same weights, same dtype: the outputs agree
+
+
+def test_embed_quick():
+    output = run("embed.py")
+    naive, bucketed = table_rows(output)
+    assert naive[0].startswith("naive: 8 captions") and bucketed[0].startswith("length-bucketed: ≤1024")
+    assert int(naive[1]) == 6  # 48 captions in batches of 1024 // 128
+    # the padded-token budget holds, and sorting by length pads less than input order
+    assert int(bucketed[4]) <= 1024 and int(bucketed[2]) < int(naive[2])
+    assert float(naive[6]) > 0 and float(bucketed[6]) > 0
+    difference = float(re.search(r"max \|difference\| of the embeddings: (\S+)", output).group(1))
+    assert difference < 1e-4  # batching must not change the embeddings
+    assert re.search(r"48 captions, \d+ real tokens", output)
+
+
+def test_train_step_quick():
+    rows = table_rows(run("train_step.py"))
+    assert [row[0] for row in rows] == ["eager", "grad-checkpointing"]
+    eager, checkpointed = rows
+    assert float(eager[1]) > 0 and float(eager[2]) > 0 and float(eager[3]) > float(eager[4]) > 0  # ms, /s, MiB
+    # checkpointing recomputes the forward in backward: it counts more FLOPs than the eager step
+    assert float(checkpointed[6]) > float(eager[6]) > 0
