@@ -1,13 +1,15 @@
 """The toy world's CLIP teacher: a small CLIP trained from scratch on short English captions, saved as an HF folder.
 
-ProCLIP starts from a pretrained CLIP (paper sec. 3); with no model hub we train one in about two minutes on two
+ProCLIP starts from a pretrained CLIP (paper sec. 3); with no model hub we train one in about 2.5 minutes on two
 CPU cores: a ViT-64/8 image tower and a 77-token text tower over OpenAI's real 49,408-token vocabulary, trained
 with the symmetric contrastive loss (open_clip's `ClipLoss`), AdamW and a cosine schedule, as CLIP was
-(Radford et al. 2021, sec. 2.5). It sees only short English captions, so it is a strong teacher on those and,
-by construction, a weak one on long captions (their detail lies past token 77) and on other languages.
+(Radford et al. 2021, sec. 2.5). It sees only short English captions, so it is a good teacher on those and, by
+construction, a blind one on long captions (their detail lies past token 77) and on other languages. Measured on
+the seed-0 world's test split: zero-shot acc1 0.67 (36 classes), short-caption R@1 0.58 text->image and 0.56
+image->text, long-caption and de/fr/es/ja R@1 at most 0.012 (chance: 0.0023).
 
 The folder it writes is what transformers' `CLIPModel.save_pretrained` + `CLIPProcessor` would write:
-config.json, model.safetensors, tokenizer.json, preprocessor_config.json.
+config.json, model.safetensors, tokenizer.json, tokenizer_config.json, preprocessor_config.json.
 """
 
 import json
@@ -34,21 +36,27 @@ PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
                 "resample": 3, "do_center_crop": True, "crop_size": {"height": 64, "width": 64}, "do_rescale": True,
                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN),
                 "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True}
+# what openai/clip-vit-base-patch32 says about its tokenizer: the 77-token window and <|endoftext|> as padding
+TOKENIZER_CONFIG = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 
 
 def toy_clip_config() -> CLIPConfig:
-    """ViT with 8x8 patches on 64x64 pictures (64 patches + class token), and a 77-token text tower; 4 layers each."""
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    """ViT on 64x64 pictures with 8x8 patches (64 patches + class token) and a 77-token text tower over CLIP's
+    49,408-token vocabulary; 4 layers of width 64 each, so that 1200 steps fit in about 2.5 minutes on two CPU cores
+    (width 128: 0.34 s a step instead of 0.12)."""
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                               image_size=64, patch_size=8, hidden_act="quick_gelu")
-    text = CLIPTextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    text = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                           max_position_embeddings=77, hidden_act="quick_gelu")
     return CLIPConfig(vision=vision, text=text, projection_dim=64)
 
 
 def init_weights(model: CLIP) -> None:
-    """open_clip's CLIP init (`TextTransformer.init_parameters`, `VisionTransformer`): residual branches scaled by
-    (2 * layers)^-0.5, class token and image positions ~ width^-0.5. A uniformly tiny init (std 0.02 everywhere)
-    stalls at the loss ln(B) for hundreds of steps: every picture's class token starts out nearly the same."""
+    """open_clip's init: its `TextTransformer.init_parameters` for the blocks of both towers (branches that write
+    into the residual stream scaled by (2 * layers)^-0.5) and its `VisionTransformer`'s width^-0.5 class token,
+    positions and projection. A uniformly tiny init (std 0.02 everywhere) stalls at the loss ln(B) for hundreds of
+    steps: every picture's class token starts out nearly the same."""
     for tower in (model.vision_model, model.text_model):
         layers = tower.encoder.layers
         width = layers[0].self_attn.q_proj.in_features
@@ -107,6 +115,7 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
     partial.mkdir(parents=True)
     save_clip_tokenizer_json(str(partial / "tokenizer.json"))
     (partial / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+    (partial / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     tokenizer, transform = CLIPTokenizer.from_folder(str(partial)), ImageTransform.from_folder(str(partial))
     start = time.time()
     pixels = load_pixels([path for path, _ in pairs], transform)  # (N, 3, 64, 64)
@@ -147,13 +156,18 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
     save_hf_config(config, str(partial))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial / "model.safetensors"),
               metadata={"format": "pt"})
-    os.replace(partial, out_dir) if not out_dir.exists() else (shutil.rmtree(out_dir), os.replace(partial, out_dir))
+    shutil.rmtree(out_dir, ignore_errors=True)  # a teacher left by an unfinished build is replaced
+    os.replace(partial, out_dir)
     return str(out_dir)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 @torch.no_grad()
 def evaluate_clip(clip_dir, toy_dir, batch_size: int = 256) -> dict:
-    """Zero-shot acc1/acc5 on the test split's class folders and R@1 on each retrieval set, for a CLIP folder."""
+    """A CLIP folder's zero-shot acc1/acc5 on the toy test split and its R@1/R@5 on each toy retrieval set."""
     toy_dir = Path(toy_dir)
     model = CLIP.from_pretrained(str(clip_dir))
     tokenizer, transform = CLIPTokenizer.from_folder(str(clip_dir)), ImageTransform.from_folder(str(clip_dir))
@@ -162,29 +176,29 @@ def evaluate_clip(clip_dir, toy_dir, batch_size: int = 256) -> dict:
         return torch.cat([model.encode_text(trim(tokenizer(texts[i:i + batch_size]).input_ids), normalize=True)
                           for i in range(0, len(texts), batch_size)])
 
-    test = [json.loads(line) for line in (toy_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    test = read_jsonl(toy_dir / "test.jsonl")
     pixels = load_pixels([str(toy_dir / r["image"]) for r in test], transform)
     image_features = torch.cat([model.encode_image(pixels[i:i + batch_size], normalize=True)
                                 for i in range(0, len(pixels), batch_size)])  # (N, D)
     classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text(encoding="utf-8").splitlines()
     templates = json.loads((toy_dir / "zeroshot" / "templates.json").read_text())
     weights = zeroshot_classifier(encode_texts, classnames, templates)  # (D, C)
-    labels = torch.tensor([r["label"] for r in test])
-    metrics = {"zeroshot": classification_metrics(100 * image_features @ weights, labels)}
+    zeroshot = classification_metrics(100 * image_features @ weights, torch.tensor([r["label"] for r in test]))
+    metrics = {"zeroshot": {k: round(v, 4) for k, v in zeroshot.items()}}
+    image_index = {r["image"]: i for i, r in enumerate(test)}
     for name in ["short", "long", "de", "fr", "es", "ja"]:
-        rows = [json.loads(line) for line in (toy_dir / f"retrieval_{name}.jsonl").read_text("utf-8").splitlines()]
+        rows = read_jsonl(toy_dir / f"retrieval_{name}.jsonl")
         texts = [caption for row in rows for caption in row["captions"]]
-        text_to_image = torch.tensor([i for i, row in enumerate(rows) for _ in row["captions"]])
+        text_to_image = torch.tensor([image_index[row["image"]] for row in rows for _ in row["captions"]])
         recall = retrieval_metrics(image_features, encode_texts(texts), text_to_image, ks=(1, 5))
         metrics[f"retrieval_{name}"] = {k: round(v, 4) for k, v in recall.items()}
-    metrics["zeroshot"] = {k: round(v, 4) for k, v in metrics["zeroshot"].items()}
     return metrics
 
 
 def train_teacher(toy_dir, seed: int, steps: int, log=print) -> dict:
     """Train the toy world's teacher on its short English training captions into toy_dir/clip; score it on test."""
     toy_dir = Path(toy_dir)
-    rows = [json.loads(line) for line in (toy_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(toy_dir / "train.jsonl")
     start = time.time()
     train_toy_clip([(str(toy_dir / r["image"]), r["caption"]) for r in rows], toy_dir / "clip", seed, steps, log=log)
     training = {"steps": steps, "pairs": len(rows), "seconds": round(time.time() - start, 1)}

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .tokenizer import build_clip_tokenizer
-from .toyclip import train_teacher
+from .toyclip import read_jsonl, train_teacher
 
 # -----------------------------------------------------------------------------
 # the world's attributes (English names are the canonical values)
@@ -252,10 +252,6 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def make_split(toy_dir: Path, split: str, counts: dict, seed: int, clip_bpe) -> list[dict]:
