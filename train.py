@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from miniproclip import checkpoint as ckpt
-from miniproclip.benchmarks import Encoders, RetrievalSet, run_retrieval
+from miniproclip.benchmarks import Encoders, RetrievalSet, inference, run_retrieval
 from miniproclip.clip import CLIP
 from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
 from miniproclip.embed import EmbedSettings, ensure_text_cache
@@ -272,19 +272,13 @@ def setup(args, rank, world, log):
     return run
 
 
-def validate(args, run, autocast):
+def validate(args, run):
     """Retrieval R@K both ways on the --val-data rows (one caption each), with the model as it is now."""
     rows, model, device = run["val_rows"], run["model"], run["device"]
     dataset = RetrievalSet([r.image for r in rows], [r.caption for r in rows], list(range(len(rows))), "val")
-
-    def inference(encode):
-        def run_encoder(inputs):
-            with torch.no_grad(), autocast:
-                return encode(inputs)
-        return run_encoder
-
-    encoders = Encoders(args.output, args.clip, ImageTransform.from_folder(args.clip), inference(model.encode_image),
-                        inference(lambda texts: model.encode_text(run["cache"](texts).to(device))), lambda texts: 0)
+    encode_text = inference(lambda texts: model.encode_text(run["cache"](texts).to(device)), device, args.precision)
+    encoders = Encoders(args.output, args.clip, ImageTransform.from_folder(args.clip),
+                        inference(model.encode_image, device, args.precision), encode_text, lambda texts: 0)
     model.eval()
     report, _ = run_retrieval(encoders, dataset, args.batch_size, 0, device, [k for k in (1, 5, 10) if k <= len(rows)])
     model.train()
@@ -421,7 +415,7 @@ def train(args, run, rank, world, log):
                       "grad_norm": grad_norm.item(), "samples_per_s": args.batch_size * world / (time.time() - started),
                       "teacher_truncated": truncated["count"], "bad_images": state["bad_images"]}
             if args.eval_every and run["val_rows"] and state["step"] % args.eval_every == 0 and rank == 0:
-                record.update(validate(args, run, autocast))
+                record.update(validate(args, run))
                 log(f"step {state['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val/")))
             if rank == 0:
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *parts, "lr"]})

@@ -176,7 +176,7 @@ class Encoders:
     prepare_texts: Callable[[list[str]], int]  # before encode_text: fills ProCLIP's cache; returns #truncated
 
 
-def _inference(encode: Callable, device: torch.device, precision: str) -> Callable:
+def inference(encode: Callable, device: torch.device, precision: str) -> Callable:
     """`encode` run without autograd, under the autocast of --precision (amp_bf16, amp = fp16, fp32 = none)."""
     dtype = {"amp_bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
 
@@ -190,8 +190,8 @@ def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
     """A plain HF CLIP folder: its own towers, tokenizer.json (77 tokens) and preprocessor_config.json."""
     device = torch.device(device)
     clip, tokenizer = CLIP.from_pretrained(folder).to(device), CLIPTokenizer.from_folder(folder)
-    encode_image = _inference(lambda pixels: clip.encode_image(pixels, normalize=True), device, precision)
-    encode_text = _inference(lambda texts: clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True),
+    encode_image = inference(lambda pixels: clip.encode_image(pixels, normalize=True), device, precision)
+    encode_text = inference(lambda texts: clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True),
                              device, precision)
     return Encoders(folder, folder, ImageTransform.from_folder(folder), encode_image, encode_text,
                     lambda texts: tokenizer(texts).num_truncated)
@@ -228,9 +228,9 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
         cache = ensure_text_cache(text_cache, llm_dir, texts, settings, llm_dtype, str(device), batch_tokens, log)
         return CaptionTokenizer(llm_dir, settings)(texts)[1]
 
-    encode_text = _inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
+    encode_text = inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
     return Encoders(checkpoint, clip_dir, ImageTransform.from_folder(clip_dir),
-                    _inference(model.encode_image, device, precision), encode_text, prepare_texts)
+                    inference(model.encode_image, device, precision), encode_text, prepare_texts)
 
 
 # ----------------------------------------------------------------------------- encoding
