@@ -28,7 +28,7 @@ from miniproclip import checkpoint as ckpt
 from miniproclip.benchmarks import Encoders, RetrievalSet, inference, run_retrieval
 from miniproclip.clip import CLIP
 from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
-from miniproclip.embed import EmbedSettings, ensure_text_cache
+from miniproclip.embed import EmbedSettings, default_batch_tokens, ensure_text_cache
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform
 from miniproclip.llm import LLMConfig
@@ -64,9 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="LLM tokens per caption")
     p.add_argument("--instruction", default="", help="LLM instruction prefix, excluded from the mean pool")
     p.add_argument("--bidirectional", action="store_true", help="LLM with bidirectional attention (LLM2Vec-style)")
-    p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="fp32", help="LLM weights when filling the cache")
+    p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
+                   help="LLM weights when filling the cache (bf16: 2-3x faster on CPU too, cosine to fp32 >= 0.999)")
     p.add_argument("--text-cache", default=None, help="LLM embedding cache (default: text_cache.safetensors beside the data)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per LLM batch when filling the cache")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per LLM batch when filling the cache (default: 8192 on CUDA, 1024 on CPU)")
     # data
     p.add_argument("--train-data", default=None, help="JSONL, CSV/TSV, or tar shards ('a/{000..009}.tar'); default: toy world")
     p.add_argument("--val-data", default=None, help="held-out rows (JSONL/CSV), for --eval-every")
@@ -96,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--struct-weight", type=float, default=1.0, help="weight of L_struct (stage 1; inside L_reg in stage 2)")
     p.add_argument("--reg-weight", type=float, default=1.0, help="λ, weight of L_reg in stage 2 (0: no self-distillation)")
     p.add_argument("--ema-momentum", type=float, default=1.0, help="L_reg teacher = EMA of the image encoder; 1 keeps the initial one")
+    p.add_argument("--skip-truncated-long", action="store_true",
+                   help="stage 1: leave long captions the 77-token teacher sees cut out of L_ins (official: distil them cut)")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="reduction of L_ins/L_struct (official: sum)")
     p.add_argument("--gather-with-grad", action="store_true", help="all losses over the global batch under torchrun")
     p.add_argument("--local-loss", action="store_true", help="InfoNCE of local rows against all (open_clip)")
@@ -138,6 +142,7 @@ def fill_defaults(args, resumed_meta, init_meta, log):
     args.text_cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(first_source)), "text_cache.safetensors")
     args.epochs = args.epochs or (20 if args.stage == 1 else 10)
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
     args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -336,6 +341,8 @@ def train(args, run, rank, world, log):
 
     def stage1_features(mb, student_only):
         short, long_ = mb["captions"], [c for c in mb["long_captions"] if c]
+        if args.skip_truncated_long:  # a cut caption's target describes its first 77 tokens only
+            long_ = [c for c, cut in zip(long_, tokenizer(long_).truncated.tolist()) if not cut]
         with autocast:
             _, student = compiled(llm_embeddings=cache(short + long_).to(device))
         f = {"student_short": student[:len(short)], "student_long": student[len(short):]}

@@ -240,6 +240,12 @@ def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: Embed
     return TextEmbeddingCache(path)
 
 
+def default_batch_tokens(device: str) -> int:
+    """Padded tokens per LLM batch: large on a GPU; on a CPU ~1k, so a batch's activations stay in cache
+    (SmolLM2-135M on 2 cores: 1024 tokens ran 2x faster than 8192, measured in bf16 and fp32)."""
+    return 8192 if str(device).startswith("cuda") else 1024
+
+
 def embed_to_file(embedder: LLMEmbedder, texts: list[str], output: str, batch_tokens: int) -> dict[str, str]:
     """Embed `texts` into `output`; under torchrun each rank embeds every world_size-th text, rank 0 merges."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -272,12 +278,13 @@ def main(argv=None):
     parser.add_argument("--texts", required=True, help=".txt (one text per line) or .jsonl file")
     parser.add_argument("--text-key", default=None, help="field holding the text in a .jsonl file")
     parser.add_argument("--output", required=True, help="output .safetensors file")
-    parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (count × longest)")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="padded tokens per batch (count × longest; default: 8192 on CUDA, 1024 on CPU)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per text, longer ones are cut")
     parser.add_argument("--instruction", default="", help="prefix prepended to every text, excluded from the pool")
     parser.add_argument("--append-eos", action="store_true", help="end every text with the EOS token")
     parser.add_argument("--bidirectional", action="store_true", help="non-causal attention (LLM2Vec-style LLMs)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight and compute dtype")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight and compute dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
@@ -292,7 +299,7 @@ def main(argv=None):
     except (ModelFolderError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     start = time.time()
-    embed_to_file(embedder, texts, args.output, args.batch_tokens)
+    embed_to_file(embedder, texts, args.output, args.batch_tokens or default_batch_tokens(args.device))
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"embedded {len(texts)} texts with {args.llm} in {time.time() - start:.1f}s -> {args.output}")
     if dist.is_initialized():

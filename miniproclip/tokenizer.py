@@ -81,7 +81,11 @@ def save_clip_tokenizer_json(out_path: str, bpe_gz_path: str = DEFAULT_CLIP_BPE)
 @dataclass
 class TokenizedText:
     input_ids: torch.Tensor  # (B, context_length) int64: BOS, BPE ids, EOS, then pad_id
-    num_truncated: int  # how many captions were longer than the window and lost tokens
+    truncated: torch.Tensor  # (B,) bool: captions longer than the window, which lost tokens
+
+    @property
+    def num_truncated(self) -> int:
+        return int(self.truncated.sum())
 
 
 def _token_id(tokenizer: Tokenizer, token: str, where: str) -> int:
@@ -146,9 +150,9 @@ class CLIPTokenizer:
     def __call__(self, texts: list[str]) -> TokenizedText:
         n = self.context_length
         input_ids = torch.full((len(texts), n), self.pad_id, dtype=torch.long)  # (B, n)
-        num_truncated = 0
+        truncated = torch.zeros(len(texts), dtype=torch.bool)
         for row, encoding in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
-            num_truncated += len(encoding.ids) > n - 2
+            truncated[row] = len(encoding.ids) > n - 2
             ids = [self.bos_id, *encoding.ids[: n - 2], self.eos_id]  # EOS stays last even when cut
             input_ids[row, : len(ids)] = torch.tensor(ids)
-        return TokenizedText(input_ids, num_truncated)
+        return TokenizedText(input_ids, truncated)

@@ -46,7 +46,7 @@ OPTIONAL = ("size", "texture", "position", "background")  # attributes a trainin
 MENTION = 0.4
 SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> id mixed into the RNG seeds
 # pictures per split (multiples of 36: balanced classes) and how many of the first rows get a long caption
-FULL_COUNTS = {"train": 5400, "val": 216, "test": 432, "train_long": 600, "val_long": 0, "test_long": 432}
+FULL_COUNTS = {"train": 5400, "val": 216, "test": 432, "train_long": 1080, "val_long": 0, "test_long": 432}
 QUICK_COUNTS = {"train": 72, "val": 36, "test": 36, "train_long": 36, "val_long": 0, "test_long": 36}
 TEACHER_STEPS, TEACHER_STEPS_QUICK = 1200, 30  # about 2.5 minutes and 4 seconds on two CPU cores
 MIN_FILLER_TOKENS = 76  # a 77-token row keeps BOS + 75 BPE tokens + EOS: no detail word survives the cut
@@ -54,7 +54,7 @@ IMAGE_SIZE, SUPERSAMPLE = 64, 4  # drawn at 256x256, box-filtered down to 64x64 
 LANGUAGES = ("de", "fr", "es", "ja")
 TEMPLATES = ["a photo of the {c}.", "a picture of the {c}.", "an image showing the {c}.", "a drawing of the {c}.",
              "the {c}."]
-WORLD_VERSION = 1  # bump when the generator changes, so an old toy world is not silently reused
+WORLD_VERSION = 2  # bump when the generator changes, so an old toy world is not silently reused
 
 
 def classname(label: int) -> str:
@@ -129,8 +129,13 @@ def render(a: dict, rng: np.random.Generator) -> Image.Image:
 EN_PLURAL = {shape: shape + ("es" if shape == "cross" else "s") for shape in SHAPES}
 EN_POSITION = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                "center": "in the center"}
+# Varied phrasings, as web captions have: a text side trained on few phrasings fails on zero-shot prompts ("a photo
+# of the red circle."): with 5 templates the stage-1 head reached cosine 0.97 to the teacher on test captions but
+# 0.84 on the prompts, and zero-shot acc1 40% against the teacher's 67%.
 EN_TEMPLATES = ("{np} {pos} {bg}", "{pos}, {np} {bg}", "a picture of {np} {pos} {bg}", "an image with {np} {pos} {bg}",
-                "{np} {bg} {pos}")
+                "{np} {bg} {pos}", "a photo of {np} {pos} {bg}", "a drawing of {np} {pos} {bg}",
+                "there is {np} {pos} {bg}", "this image shows {np} {pos} {bg}", "{np} can be seen {pos} {bg}",
+                "a simple rendering of {np} {bg} {pos}", "here we have {np} {pos} {bg}")
 EN_LONG_LEADS = ("What the picture shows comes last:", "Now the content itself:", "The one thing that matters:")
 # Neutral filler for long captions: no attribute word, true of every picture, so it distinguishes nothing.
 FILLER = (

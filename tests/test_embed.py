@@ -67,9 +67,9 @@ def test_cli_txt_and_jsonl_write_the_same_cache(tiny_llm, tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n")
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"caption": t}) for t in TEXTS) + "\n")
     main(["--llm", tiny_llm, "--texts", str(tmp_path / "t.txt"), "--output", str(tmp_path / "a.safetensors"),
-          "--batch-tokens", "32"])
+          "--batch-tokens", "32", "--dtype", "fp32"])
     main(["--llm", tiny_llm, "--texts", str(tmp_path / "t.jsonl"), "--text-key", "caption",
-          "--output", str(tmp_path / "b.safetensors")])
+          "--output", str(tmp_path / "b.safetensors"), "--dtype", "fp32"])
     (a, hashes, meta), (b, _, _) = load_cache(str(tmp_path / "a.safetensors")), load_cache(str(tmp_path / "b.safetensors"))
     assert a.shape == (len(TEXTS), 32) and a.dtype == torch.float32
     assert (a - b).abs().max() < 1e-5
@@ -92,7 +92,7 @@ def test_torchrun_two_ranks_merge_in_input_order(tiny_llm, tmp_path):
     out = tmp_path / "c.safetensors"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29517", "-m", "miniproclip.embed", "--llm", tiny_llm,
-                             "--texts", str(tmp_path / "t.txt"), "--output", str(out)],
+                             "--texts", str(tmp_path / "t.txt"), "--output", str(out), "--dtype", "fp32"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     embeddings, _, _ = load_cache(str(out))

@@ -167,7 +167,7 @@ def test_matches_transformers(ours, hf_from_vocab):
 
 def test_truncation_keeps_eos_last(ours, reference):
     tokenized = ours([LONG_CAPTION, "short", LONG_CAPTION + " tail"])
-    assert tokenized.num_truncated == 2
+    assert tokenized.num_truncated == 2 and tokenized.truncated.tolist() == [True, False, True]
     assert tokenized.input_ids.shape == (3, 77)
     assert tokenized.input_ids[0].tolist() == reference.tokenize([LONG_CAPTION])[0].tolist()
     assert tokenized.input_ids[0, -1] == 49407 and tokenized.input_ids[0, -2] != 49407

@@ -60,6 +60,15 @@ def test_stage1_lowers_its_loss_then_stage2_starts_from_it(world, tmp_path):
     assert not torch.equal(weights["text_head.proj.weight"], stage1_head["text_head.proj.weight"])
 
 
+def test_skip_truncated_long_leaves_cut_long_captions_out_of_stage1(world, tmp_path):
+    train.main(["--stage", "1", *common(world, tmp_path / "cut", "--max-steps", "1")])
+    train.main(["--stage", "1", *common(world, tmp_path / "skip", "--max-steps", "1", "--skip-truncated-long")])
+    cut, skip = losses(tmp_path / "cut")[1], losses(tmp_path / "skip")[1]
+    assert cut["teacher_truncated"] > 0 and skip["teacher_truncated"] == 0  # every long fixture caption is cut
+    assert skip["struct"] == pytest.approx(cut["struct"], rel=1e-6)  # same init, same short captions
+    assert skip["ins"] < cut["ins"] - 1e-3  # fewer (non-negative) instance terms
+
+
 def tiny_model(world, seed=0):
     torch.manual_seed(seed)
     clip = CLIP.from_pretrained(world["clip"])
