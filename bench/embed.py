@@ -1,4 +1,5 @@
-"""Caption embedding throughput: the embed CLI's length-bucketed batching vs naive fixed-size padded batches.
+"""Caption embedding throughput: the embed CLI's length-bucketed batching vs naive fixed-size padded batches, and
+the cache-fill defaults (bf16 weights, `default_batch_tokens` for the device) vs fp32 with 8192-token batches.
 
 Both ways run the same `LLMEmbedder` (tokenizer, frozen SmolLM2-135M, mean pooling) on the same captions and
 differ only in how captions are grouped. Bucketed: `token_budget_batches`, what `python -m miniproclip.embed`
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import common  # bench/common.py; also puts the repository on sys.path
-from miniproclip.embed import EmbedSettings, LLMEmbedder, token_budget_batches
+from miniproclip.embed import EmbedSettings, LLMEmbedder, default_batch_tokens, token_budget_batches
 from miniproclip.llm import DecoderLM, LLMConfig
 
 WORDS = ("a an the two three small large old young red blue green white black wooden stone dog cat man woman "
@@ -65,20 +66,22 @@ def tiny_llm_folder(root: str) -> str:
     return root
 
 
-def run_interleaved(embedder: LLMEmbedder, ids: list[list[int]], ways: dict[str, list[list[int]]],
+def run_interleaved(ids: list[list[int]], ways: dict[str, tuple[LLMEmbedder, list[list[int]]]],
                     device: torch.device) -> dict[str, dict]:
-    """Embed every caption once per way, alternating batches by progress; time and output per way."""
+    """Embed every caption once per way (an embedder and its batches), alternating batches by progress; time and
+    output per way."""
+    embedders, ways = {name: e for name, (e, _) in ways.items()}, {name: b for name, (_, b) in ways.items()}
     cost = {name: [len(b) * max(len(ids[i]) for i in b) for b in batches] for name, batches in ways.items()}
     done = {name: 0 for name in ways}  # batches run so far
     seconds = {name: 0.0 for name in ways}
-    out = {name: torch.empty(len(ids), embedder.model.config.hidden_size) for name in ways}
+    out = {name: torch.empty(len(ids), embedders[name].model.config.hidden_size) for name in ways}
     while any(done[name] < len(ways[name]) for name in ways):
         # the way with the smaller share of its padded tokens done runs its next batch
         name = min((n for n in ways if done[n] < len(ways[n])), key=lambda n: sum(cost[n][:done[n]]) / sum(cost[n]))
         batch = ways[name][done[name]]
         common.sync(device)
         start = time.perf_counter()
-        out[name][batch] = embedder.embed_ids([ids[i] for i in batch])  # .cpu() inside waits for the device
+        out[name][batch] = embedders[name].embed_ids([ids[i] for i in batch])  # .cpu() inside waits for the device
         seconds[name] += time.perf_counter() - start
         done[name] += 1
     return {name: {"seconds": seconds[name], "embeddings": out[name], "padded": sum(cost[name]),
@@ -104,18 +107,26 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as root:
         folder = tiny_llm_folder(root) if args.quick else args.llm or str(common.smollm2_folder())
         embedder = LLMEmbedder(folder, EmbedSettings(max_length=args.max_length), dtype, str(device))
+        fp32, bf16 = (LLMEmbedder(folder, EmbedSettings(max_length=args.max_length), d, str(device))
+                      for d in (torch.float32, torch.bfloat16))
     ids, _ = embedder.tokenize(texts)
     lengths = [len(row) for row in ids]
     naive_size = max(1, args.batch_tokens // args.max_length)
     ways = {f"naive: {naive_size} captions per batch, input order":
-            [list(range(i, min(i + naive_size, n))) for i in range(0, n, naive_size)],
+            (embedder, [list(range(i, min(i + naive_size, n))) for i in range(0, n, naive_size)]),
             f"length-bucketed: ≤{args.batch_tokens} padded tokens per batch":
-            token_budget_batches(lengths, args.batch_tokens)}
+            (embedder, token_budget_batches(lengths, args.batch_tokens))}
+    default_tokens = default_batch_tokens(str(device))
+    fill = {"fp32 weights, ≤8192 padded tokens per batch": (fp32, token_budget_batches(lengths, 8192)),
+            f"bf16 weights, ≤{default_tokens} padded tokens per batch (the default here)":
+            (bf16, token_budget_batches(lengths, default_tokens))}
     by_length = sorted(range(n), key=lengths.__getitem__)
     with torch.inference_mode():  # warm-up: a batch of short captions and one of long ones
-        for batch in (by_length[:8], by_length[-2:]):
-            embedder.embed_ids([ids[i] for i in batch])
-        results = run_interleaved(embedder, ids, ways, device)
+        for e in (embedder, fp32, bf16):
+            for batch in (by_length[:8], by_length[-2:]):
+                e.embed_ids([ids[i] for i in batch])
+        results = run_interleaved(ids, ways, device)
+        fill_results = run_interleaved(ids, fill, device)
     naive, bucketed = results.values()
     real = sum(lengths)
     rows = [[name, r["batches"], r["padded"], f"{100 * (1 - real / r['padded']):.0f}%", r["largest"],
@@ -124,6 +135,12 @@ def main(argv=None):
                                  "seconds", "tokens/s"], rows))
     print(f"speed-up of length-bucketed over naive: {naive['seconds'] / bucketed['seconds']:.2f}× tokens/s; "
           f"max |difference| of the embeddings: {(naive['embeddings'] - bucketed['embeddings']).abs().max():.1e}")
+    rows = [[name, r["batches"], f"{r['seconds']:.1f}", f"{real / r['seconds']:.0f}"] for name, r in fill_results.items()]
+    print("\ncache fill:\n" + common.markdown_table(["weights and batches", "batches", "seconds", "tokens/s"], rows))
+    slow, fast = fill_results.values()
+    cosine = torch.nn.functional.cosine_similarity(slow["embeddings"], fast["embeddings"], dim=-1).min()
+    print(f"speed-up of the default over fp32/8192: {slow['seconds'] / fast['seconds']:.2f}× tokens/s; "
+          f"min cosine of the embeddings: {cosine:.5f}")
     mix = []
     for kind, group in (("short", [k for k, long_ in zip(lengths, is_long) if not long_]),
                         ("long", [k for k, long_ in zip(lengths, is_long) if long_])):
