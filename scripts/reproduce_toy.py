@@ -47,12 +47,18 @@ RETRIEVAL_SETS = ["short", "long", *LANGUAGES]
 COLUMNS = ["zs seen", "zs held-out"] + [f"{s} {d}" for s in RETRIEVAL_SETS for d in ("I→T", "T→I")]
 
 
+TRAINED, REUSED = set(), set()  # runs this invocation trained / found finished (RESULTS.md times the former)
+
+
 def run_training(stage, flags, out, common, log):
     """One train.py run into `out`, reused if it already finished (so an interrupted reproduction continues)."""
     if os.path.exists(os.path.join(out, "latest")):
+        if out not in TRAINED:
+            REUSED.add(out)
         return out
     log(f"train stage {stage} {' '.join(flags)} -> {out}")
     train.main(["--stage", str(stage), *flags, *common, "--output", out])
+    TRAINED.add(out)
     return out
 
 
@@ -92,11 +98,12 @@ def table(results):
 
 
 def plot(results, path):
-    """Grouped bars (PIL only): zero-shot seen / held-out, long T→I and the languages' mean T→I, per model."""
+    """Grouped bars (PIL only): zero-shot seen / held-out, and text-to-image R@1 on short and long captions and the
+    languages' mean, per model. (PIL's default font has no arrows.)"""
     from PIL import Image, ImageDraw
     groups = {"zero-shot seen": lambda r: r["zs seen"], "zero-shot held-out": lambda r: r["zs held-out"],
-              "long T→I R@1": lambda r: r["long T→I"],
-              "languages T→I R@1": lambda r: statistics.mean(r[f"{lang} T→I"] for lang in LANGUAGES)}
+              "short text-to-image": lambda r: r["short T→I"], "long text-to-image": lambda r: r["long T→I"],
+              "languages text-to-image": lambda r: statistics.mean(r[f"{lang} T→I"] for lang in LANGUAGES)}
     colours = [(90, 90, 90), (220, 120, 40), (150, 150, 220), (40, 90, 200), (120, 180, 120), (200, 80, 80),
                (160, 100, 200), (60, 170, 170)]
     bar, gap, height, left = 14, 30, 260, 40
@@ -188,7 +195,8 @@ def write_results(args, results, minutes, png, settings):
     command = "python scripts/reproduce_toy.py" + (" --quick" if args.quick else "") + \
         f" --seeds {' '.join(map(str, args.seeds))}"
     with open(args.output, "w", encoding="utf-8") as f:
-        f.write(f"# ProCLIP on the toy world\n\n`{command}`: {len(args.seeds)} seed(s), {minutes:.1f} minutes, "
+        reused = f" ({len(REUSED)} finished training runs reused from an earlier invocation)" if REUSED else ""
+        f.write(f"# ProCLIP on the toy world\n\n`{command}`: {len(args.seeds)} seed(s), {minutes:.1f} minutes{reused}, "
                 f"{time.strftime('%Y-%m-%d')}. Numbers are % (mean ± std over seeds); R@1 on the test split, "
                 "zero-shot acc1 over all classes, split into the classes stage 2 trains on (seen) and the "
                 "held-out ones.\n\n"
