@@ -44,7 +44,7 @@ def test_forward_quick():
 
 def test_embed_quick():
     output = run("embed.py")
-    naive, bucketed = table_rows(output)
+    naive, bucketed, _, fp32, bf16 = table_rows(output)  # two tables; the second's header is the `_` row
     assert naive[0].startswith("naive: 8 captions") and bucketed[0].startswith("length-bucketed: ≤1024")
     assert int(naive[1]) == 6  # 48 captions in batches of 1024 // 128
     # the padded-token budget holds, and sorting by length pads less than input order
@@ -53,6 +53,11 @@ def test_embed_quick():
     difference = float(re.search(r"max \|difference\| of the embeddings: (\S+)", output).group(1))
     assert difference < 1e-4  # batching must not change the embeddings
     assert re.search(r"48 captions, \d+ real tokens", output)
+    # the cache-fill table: fp32 with 8192-token batches vs the CPU default, bf16 with 1024-token batches
+    assert fp32[0].startswith("fp32 weights, ≤8192") and bf16[0].startswith("bf16 weights, ≤1024")
+    assert float(fp32[3]) > 0 and float(bf16[3]) > 0
+    cosine = float(re.search(r"min cosine of the embeddings: (\S+)", output).group(1))
+    assert 0.99 <= cosine <= 1.0 + 1e-6  # bf16 weights move the embeddings only slightly
 
 
 def test_train_step_quick():
