@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--instruction", default="", help="LLM instruction prefix, excluded from the mean pool")
     p.add_argument("--bidirectional", action="store_true", help="LLM with bidirectional attention (LLM2Vec-style)")
     p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
-                   help="LLM weights when filling the cache (bf16: 2-3x faster on CPU too, cosine to fp32 >= 0.999)")
+                   help="LLM weights when filling the cache (bf16: ~2x faster on CPU too, cosine to fp32 >= 0.999)")
     p.add_argument("--text-cache", default=None, help="LLM embedding cache (default: text_cache.safetensors beside the data)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens per LLM batch when filling the cache (default: 8192 on CUDA, 1024 on CPU)")
@@ -146,8 +146,10 @@ def fill_defaults(args, resumed_meta, init_meta, log):
     first_source = args.train_data.split("::")[0]
     args.text_cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(first_source)), "text_cache.safetensors")
     args.epochs = args.epochs or (20 if args.stage == 1 else 10)
-    args.lr = args.lr or (1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4)
-    args.lr_vision = args.lr_vision or (1e-4 if toy else 1e-5)
+    if args.lr is None:  # not `or`: --lr 0 (a frozen head) is a valid choice
+        args.lr = 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4
+    if args.lr_vision is None:
+        args.lr_vision = 1e-4 if toy else 1e-5
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
     args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
     args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")

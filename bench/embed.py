@@ -107,8 +107,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as root:
         folder = tiny_llm_folder(root) if args.quick else args.llm or str(common.smollm2_folder())
         embedder = LLMEmbedder(folder, EmbedSettings(max_length=args.max_length), dtype, str(device))
-        fp32, bf16 = (LLMEmbedder(folder, EmbedSettings(max_length=args.max_length), d, str(device))
-                      for d in (torch.float32, torch.bfloat16))
+        fp32, bf16 = (embedder if d == dtype else LLMEmbedder(folder, EmbedSettings(max_length=args.max_length), d,
+                                                              str(device)) for d in (torch.float32, torch.bfloat16))
     ids, _ = embedder.tokenize(texts)
     lengths = [len(row) for row in ids]
     naive_size = max(1, args.batch_tokens // args.max_length)
@@ -122,7 +122,7 @@ def main(argv=None):
             (bf16, token_budget_batches(lengths, default_tokens))}
     by_length = sorted(range(n), key=lengths.__getitem__)
     with torch.inference_mode():  # warm-up: a batch of short captions and one of long ones
-        for e in (embedder, fp32, bf16):
+        for e in dict.fromkeys((embedder, fp32, bf16)):  # each distinct embedder once
             for batch in (by_length[:8], by_length[-2:]):
                 e.embed_ids([ids[i] for i in batch])
         results = run_interleaved(ids, ways, device)

@@ -242,7 +242,7 @@ def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: Embed
 
 def default_batch_tokens(device: str) -> int:
     """Padded tokens per LLM batch: large on a GPU; on a CPU ~1k, so a batch's activations stay in cache
-    (SmolLM2-135M on 2 cores: 1024 tokens ran 2x faster than 8192, measured in bf16 and fp32)."""
+    (SmolLM2-135M on 2 cores, bf16: 1186 tokens/s at 1024 vs 703 at 8192; fp32: 514 vs 394)."""
     return 8192 if str(device).startswith("cuda") else 1024
 
 

@@ -20,14 +20,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from miniproclip.embed import EmbedSettings, ensure_text_cache  # noqa: E402
+from miniproclip.toyclip import read_jsonl  # noqa: E402
 from miniproclip.toyworld import LANGUAGES  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape", "position", "count")
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y, classes: int) -> float:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import train  # noqa: E402  (the repository's train.py, run in-process)
 from miniproclip import benchmarks as bench  # noqa: E402
 from miniproclip.checkpoint import resolve_checkpoint  # noqa: E402
+from miniproclip.evaluate import load_templates  # noqa: E402
 from miniproclip.toyworld import LANGUAGES, build_toyworld  # noqa: E402
 
 # name -> (stage-1 flags or None for no stage 1, stage-2 flags or None for no stage 2)
@@ -71,8 +72,7 @@ def evaluate(model_flags, toy_dir, workers):
                 else bench.clip_encoders(path, device, precision))
     zs_dir = os.path.join(toy_dir, "zeroshot")
     dataset = bench.read_image_folder(os.path.join(zs_dir, "test"), os.path.join(zs_dir, "classnames.txt"))
-    with open(os.path.join(zs_dir, "templates.json"), encoding="utf-8") as f:
-        templates = json.load(f)
+    templates = load_templates(os.path.join(zs_dir, "templates.json"))
     heldout = bench.read_lines(os.path.join(zs_dir, "heldout_classes.txt"))
     zs = bench.run_zeroshot(encoders, dataset, templates, 256, workers, device, heldout)["metrics"]
     row = {"zs seen": zs["acc1_seen"], "zs held-out": zs["acc1_heldout"]}

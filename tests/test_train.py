@@ -206,3 +206,15 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
     expected = retrieval_metrics(images, texts, torch.arange(len(rows)), ks=(1, 5, 10))
     for key, value in expected.items():
         assert logged[f"val/{key}"] == pytest.approx(value, abs=1e-6), key
+
+
+def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
+    def filled(*flags):
+        args = train.parse_args(["--stage", *flags, *common(world, tmp_path / "run")])
+        train.fill_defaults(args, None, None, print)
+        return args.lr, args.lr_vision
+
+    assert filled("1") == (1e-3, 1e-5)  # a fresh head; real data keeps a pretrained CLIP's vision rate
+    assert filled("2", "--init", "scratch") == (1e-3, 1e-5)
+    assert filled("2", "--init", "runs/s1") == (1e-4, 1e-5)  # a trained head keeps what it inherited
+    assert filled("2", "--init", "runs/s1", "--lr", "0", "--lr-vision", "0") == (0.0, 0.0)  # 0 is not "unset"
