@@ -8,8 +8,8 @@ On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--mo
     python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy.json --images flickr30k --output out.json
     python eval.py --task retrieval --model runs/stage2 --dataset xm3600.jsonl --language de --show 8
     python eval.py --task zeroshot --model runs/stage2 --dataset imagenet/val --classnames names.txt --output out.json
-Metric definitions are LAION-AI/CLIP_benchmark's (see miniproclip/evaluate.py); this file is orchestration, the
-readers and runners live in miniproclip/benchmarks.py.
+Metric definitions are LAION-AI/CLIP_benchmark's (see miniproclip/metrics.py); this file is orchestration, the
+readers and runners live in miniproclip/evaluation.py.
 """
 
 import argparse
@@ -21,12 +21,12 @@ import sys
 
 import torch
 
-from miniproclip import benchmarks as bench
+from miniproclip import evaluation
 from miniproclip.checkpoint import LATEST, CheckpointError, resolve_checkpoint
-from miniproclip.evaluate import load_templates
+from miniproclip.metrics import load_templates
 from miniproclip.weights import ModelFolderError
 
-USER_ERRORS = (bench.BenchmarkError, ModelFolderError, CheckpointError, OSError, ValueError)
+USER_ERRORS = (evaluation.BenchmarkError, ModelFolderError, CheckpointError, OSError, ValueError)
 
 
 def parse_args(argv=None):
@@ -69,7 +69,7 @@ def newest_run(runs_dir: str) -> str:
     if os.path.isdir(runs_dir):
         runs = [entry.path for entry in os.scandir(runs_dir) if os.path.isfile(os.path.join(entry.path, LATEST))]
     if not runs:
-        raise bench.BenchmarkError(f"no run with a '{LATEST}' checkpoint under {runs_dir}/; train one with "
+        raise evaluation.BenchmarkError(f"no run with a '{LATEST}' checkpoint under {runs_dir}/; train one with "
                                    f"`python train.py --stage 1`, or pass --model CKPT or --clip DIR")
     return max(runs, key=lambda run: os.path.getmtime(os.path.join(run, LATEST)))
 
@@ -78,7 +78,7 @@ def toy_path(args, *parts) -> str:
     path = os.path.join(args.toy_dir, *parts)
     if not os.path.exists(path):
         given = f"--dataset {args.dataset} is neither a file nor a toy-world name: " if args.dataset else ""
-        raise bench.BenchmarkError(f"{given}{path} not found; build the toy world with `python train.py --stage 1`, "
+        raise evaluation.BenchmarkError(f"{given}{path} not found; build the toy world with `python train.py --stage 1`, "
                                    f"or pass --dataset (and --toy-dir if the toy world lives elsewhere)")
     return path
 
@@ -86,7 +86,7 @@ def toy_path(args, *parts) -> str:
 def fill_defaults(args):
     """The newest run when no model is named; the toy world's test split when no dataset is named."""
     if args.clip and args.model:
-        raise bench.BenchmarkError("pass either --clip (the baseline) or --model (a ProCLIP checkpoint), not both")
+        raise evaluation.BenchmarkError("pass either --clip (the baseline) or --model (a ProCLIP checkpoint), not both")
     if not (args.clip or args.model):
         args.model = newest_run(args.runs)
     if args.task == "retrieval":
@@ -110,34 +110,34 @@ def fill_defaults(args):
     try:
         args.ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
-        raise bench.BenchmarkError(f"--ks {args.ks!r}: give comma-separated integers such as 1,5,10") from None
+        raise evaluation.BenchmarkError(f"--ks {args.ks!r}: give comma-separated integers such as 1,5,10") from None
     if args.output:  # fail now rather than after encoding the whole set
         folder = os.path.dirname(os.path.abspath(args.output))
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
-            raise bench.BenchmarkError(f"--output {args.output}: cannot create {folder} ({err.strerror})") from None
+            raise evaluation.BenchmarkError(f"--output {args.output}: cannot create {folder} ({err.strerror})") from None
         if not os.access(folder, os.W_OK):
-            raise bench.BenchmarkError(f"--output {args.output}: {folder} is not writable; choose another path")
+            raise evaluation.BenchmarkError(f"--output {args.output}: {folder} is not writable; choose another path")
 
 
 def evaluate(args):
     """Load the model and the data, run the task; returns (report, retrieval gallery or None)."""
     if args.model:
-        encoders = bench.proclip_encoders(args.model, args.text_cache, args.device, args.precision)
+        encoders = evaluation.proclip_encoders(args.model, args.text_cache, args.device, args.precision)
     else:
-        encoders = bench.clip_encoders(args.clip, args.device, args.precision)
+        encoders = evaluation.clip_encoders(args.clip, args.device, args.precision)
     if args.task == "retrieval":
-        dataset = bench.read_retrieval_set(args.dataset, args.images, args.split, args.language)
+        dataset = evaluation.read_retrieval_set(args.dataset, args.images, args.split, args.language)
         print(f"retrieval: {len(dataset.images)} images, {len(dataset.texts)} captions from {args.dataset}")
-        report, gallery = bench.run_retrieval(encoders, dataset, args.batch_size, args.workers, args.device, args.ks)
+        report, gallery = evaluation.run_retrieval(encoders, dataset, args.batch_size, args.workers, args.device, args.ks)
     else:
-        dataset = bench.read_image_folder(args.dataset, args.classnames)
+        dataset = evaluation.read_image_folder(args.dataset, args.classnames)
         templates = load_templates(args.templates)
         print(f"zeroshot: {len(dataset.images)} images of {len(dataset.classnames)} classes from {args.dataset}, "
               f"{len(templates)} templates")
-        heldout = bench.read_lines(args.heldout_classes) if args.heldout_classes else None
-        report = bench.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device, heldout)
+        heldout = evaluation.read_lines(args.heldout_classes) if args.heldout_classes else None
+        report = evaluation.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device, heldout)
         gallery = None
     report = {"task": args.task, "dataset": args.dataset, "model": encoders.name, **report}
     if args.language:
@@ -183,7 +183,7 @@ def main(argv=None):
         print(f"results written to {args.output}")
     if args.show and gallery is not None:
         png = os.path.splitext(args.output)[0] + ".png" if args.output else f"eval_{args.task}_examples.png"
-        bench.show_grid(png, gallery, args.show)
+        evaluation.show_grid(png, gallery, args.show)
         print(f"{args.show} example queries with their top-5 images (the right one framed green): {png}")
     print(f"next: {next_step(args, clip_dir)}")
     return report

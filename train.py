@@ -14,7 +14,6 @@ miniproclip/ (model.py, stages.py, losses.py).
 
 import argparse
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -25,19 +24,23 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from miniproclip import checkpoint as ckpt
-from miniproclip.benchmarks import Encoders, RetrievalSet, inference, run_retrieval
+from miniproclip.evaluation import Encoders, RetrievalSet, inference, run_retrieval
 from miniproclip.clip import CLIP
+from miniproclip.distributed import init_distributed
 from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
-from miniproclip.embed import EmbedSettings, default_batch_tokens, ensure_text_cache
+from miniproclip.embed import ensure_text_cache
+from miniproclip.embedder import EmbedSettings, default_batch_tokens
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform
 from miniproclip.llm import LLMConfig
 from miniproclip.losses import ClipLoss, clamp_logit_scale_, ema_update
 from miniproclip.model import ProCLIP
+from miniproclip.optim import cosine_lr_factor, param_groups
 from miniproclip.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
 from miniproclip.weights import ModelFolderError
 
+VISION = ("vision_model.", "visual_projection.")  # the image tower's parameters get --lr-vision
 USER_ERRORS = (ModelFolderError, DataError, ckpt.CheckpointError, FileNotFoundError, ValueError)
 
 
@@ -116,17 +119,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def setup_distributed(args):
-    """(rank, world size); under torchrun the process group is NCCL on GPUs and gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def fill_defaults(args, resumed_meta, init_meta, log):
     """Toy world when no data is given; models and settings from the checkpoint being resumed or started from."""
     for meta in (resumed_meta, init_meta):
@@ -135,7 +127,7 @@ def fill_defaults(args, resumed_meta, init_meta, log):
                 setattr(args, key, meta["args"][key])
     toy = args.train_data is None
     if toy:
-        from miniproclip.toyworld import build_toyworld
+        from miniproclip.toy.world import build_toyworld
         build_toyworld(args.toy_dir, llm_dir=args.llm, log=log)
         args.train_data = os.path.join(args.toy_dir, "train.jsonl" if args.stage == 1 else "train_stage2.jsonl")
         args.val_data = args.val_data or os.path.join(args.toy_dir, "val.jsonl")
@@ -164,39 +156,13 @@ def head_config(args, init_meta, llm_dir, projection_dim):
 
 def load_init(model, path, log):
     """Weights of a stage-1 checkpoint (head only) or a stage-2 one (everything) into `model`."""
-    state, meta = ckpt.load_weights(path)
-    if meta["stage"] == 1:
-        model.text_head.load_state_dict({k.removeprefix("text_head."): v for k, v in state.items()})
-    else:
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("teacher.")})
+    _, meta = ckpt.load_trained_weights(model, path)
     log(f"init: stage-{meta['stage']} weights from {path} (step {meta['step']})")
-
-
-def param_groups(model, args):
-    """AdamW groups: no decay on biases, norms, embeddings and logit_scale; --lr-vision for the image tower."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or "embedding" in name or "logit_scale" in name
-        vision = name.startswith(("vision_model.", "visual_projection."))
-        key = (vision, no_decay)
-        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else args.wd,
-                                "base_lr": args.lr_vision if vision else args.lr})["params"].append(p)
-    return list(groups.values())
-
-
-def lr_factor(step, warmup, total):
-    """Linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total` (open_clip's cosine_lr)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world = setup_distributed(args)
+    rank, world, args.device = init_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         run = setup(args, rank, world, log)
@@ -218,14 +184,14 @@ def setup(args, rank, world, log):
         if args.resume == "latest" and not args.output:
             raise ValueError("--resume latest needs --output RUN naming the run to continue")
         resume_path = ckpt.resolve_checkpoint(args.output if args.resume == "latest" else args.resume)
-    resumed_meta = ckpt.load_weights(resume_path)[1] if resume_path else None
+    resumed_meta = ckpt.load_meta(resume_path) if resume_path else None
     if resumed_meta and resumed_meta.get("stage") != args.stage:
         raise ValueError(f"{resume_path} is a stage-{resumed_meta.get('stage')} checkpoint: resume it with --stage "
                          f"{resumed_meta.get('stage')}, or start stage {args.stage} from it with --init")
     train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
     # `--init scratch`: stage 2 with a fresh head, i.e. direct contrastive alignment (LLM2CLIP-style ablation)
     init_path = ckpt.resolve_checkpoint(args.init) if args.init and args.init != "scratch" else None
-    init_meta = ckpt.load_weights(init_path)[1] if init_path else None
+    init_meta = ckpt.load_meta(init_path) if init_path else None
     fill_defaults(args, resumed_meta, init_meta, log)
     if rank == 0:
         ckpt.check_writable(args.output)
@@ -270,7 +236,8 @@ def setup(args, rank, world, log):
         del clip
     model.vision_model.encoder.grad_checkpointing = args.grad_checkpointing
     model.to(device)
-    run["optimizer"] = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(args.beta1, args.beta2),
+    lr_of = lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr)
+    run["optimizer"] = torch.optim.AdamW(param_groups(model, args.wd, lr_of), lr=args.lr, betas=(args.beta1, args.beta2),
                                          eps=args.eps)
     run["dataset"] = ImageTextDataset(rows, run["transform"])
     if run["transform"] is not None:  # fail early when the images are not where the rows say
@@ -327,13 +294,9 @@ def train(args, run, rank, world, log):
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "bad_steps": 0, "bad_images": 0, "bad_image_paths": []}
     scaler = torch.amp.GradScaler(enabled=args.precision == "amp")
     if run["resume_path"]:
-        weights, _ = ckpt.load_weights(run["resume_path"])
-        if args.stage == 1:
-            weights = {k.removeprefix("text_head."): v for k, v in weights.items()}
-        (model.text_head if args.stage == 1 else model).load_state_dict(
-            {k: v for k, v in weights.items() if not k.startswith("teacher.")})
-        if any(k.startswith("teacher.") for k in weights):
-            run["teacher"].load_state_dict({k.removeprefix("teacher."): v for k, v in weights.items() if k.startswith("teacher.")})
+        teacher_weights, _ = ckpt.load_trained_weights(model, run["resume_path"])
+        if teacher_weights:  # an EMA teacher is state too
+            run["teacher"].load_state_dict(teacher_weights)
         saved = run["train_state"]
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
@@ -408,7 +371,7 @@ def train(args, run, rank, world, log):
                 batch["text"] = [lc if (lc and pick_long[i]) else c for i, c, lc in
                                  zip(batch["indices"], batch["captions"], batch["long_captions"])]
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(state["step"], args.warmup, total_steps)
+                group["lr"] = group["base_lr"] * cosine_lr_factor(state["step"], args.warmup, total_steps)
             optimizer.zero_grad(set_to_none=True)
             loss, parts = accumulated_backward(split(batch, args.accum_freq), features_fn, loss_fn,
                                                ddp.no_sync if world > 1 else contextlib.nullcontext, lambda l: scaler.scale(l).backward())

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import common  # bench/common.py; also puts the repository on sys.path
-from miniproclip.embed import EmbedSettings, LLMEmbedder, default_batch_tokens, token_budget_batches
+from miniproclip.embedder import EmbedSettings, LLMEmbedder, default_batch_tokens, token_budget_batches
 from miniproclip.llm import DecoderLM, LLMConfig
 
 WORDS = ("a an the two three small large old young red blue green white black wooden stone dog cat man woman "

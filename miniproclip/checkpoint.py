@@ -26,14 +26,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .weights import PICKLE_SUFFIXES
+from .files import TMP, fsync_path, write_text_atomic
+from .weights import PICKLE_SUFFIXES, load_state_dict_strict
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 STEM = "step_{:06d}"  # a checkpoint's files are STEM + each of SUFFIXES
 SUFFIXES = (".state.pt", ".json", ".safetensors")  # write order: the weights last
-TMP = ".tmp"
 STEP_FILE = re.compile(r"^step_(\d+)(\.state\.pt|\.json|\.safetensors)$")
 STALE_TEMP = re.compile(r"^(step_\d+(\.state\.pt|\.json|\.safetensors)|latest|meta\.json)\.tmp$")
 WRAPPER_PREFIXES = ("module", "_orig_mod")  # added by DistributedDataParallel and torch.compile
@@ -45,15 +45,6 @@ class CheckpointError(OSError):
     """A checkpoint that cannot be saved or loaded as asked; the message is one line saying why and what to do."""
 
 
-def _fsync(path: str) -> None:
-    """Flush a file's data (or a folder's renames) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(paths) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
@@ -62,14 +53,6 @@ def _remove(paths) -> None:
 
 def _jsonable(value):  # json.dumps fallback: tensors become numbers/lists, anything else (paths, dtypes) its str
     return value.tolist() if isinstance(value, torch.Tensor) else str(value)
-
-
-def _replace_text(path: str, text: str) -> None:
-    """Atomically make `path` hold `text`: temp file, fsync, rename, fsync the folder."""
-    Path(path + TMP).write_text(text, encoding="utf-8")
-    _fsync(path + TMP)
-    os.replace(path + TMP, path)
-    _fsync(os.path.dirname(path) or ".")
 
 
 def _check_plain(value, where: str) -> None:
@@ -134,12 +117,12 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
         _remove(os.path.join(run_dir, n) for n in os.listdir(run_dir) if STALE_TEMP.match(n))  # left by crashes
         for suffix in SUFFIXES:
             writers[suffix](stem + suffix + TMP)
-            _fsync(stem + suffix + TMP)
+            fsync_path(stem + suffix + TMP)
         for suffix in SUFFIXES:
             os.replace(stem + suffix + TMP, stem + suffix)
             renamed.append(stem + suffix)
-        _fsync(run_dir)
-        _replace_text(os.path.join(run_dir, LATEST), os.path.basename(stem) + "\n")
+        fsync_path(run_dir)
+        write_text_atomic(os.path.join(run_dir, LATEST), os.path.basename(stem) + "\n")
     except BaseException as err:
         _remove([stem + suffix + TMP for suffix in SUFFIXES] + renamed + [os.path.join(run_dir, LATEST + TMP)])
         if isinstance(err, OSError):
@@ -186,7 +169,7 @@ def write_run_meta(run_dir: str, meta: dict) -> None:
     """Atomically (re)write `run_dir`/meta.json."""
     try:
         os.makedirs(run_dir, exist_ok=True)
-        _replace_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+        write_text_atomic(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
     except OSError as err:
         raise CheckpointError(f"cannot write meta.json in {run_dir}: {err.strerror or err}; "
                               f"free space or choose another --output") from err
@@ -232,6 +215,17 @@ def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return state_dict, json.loads(header.get("meta", "{}"))
 
 
+def load_meta(path: str) -> dict:
+    """The meta of a checkpoint (args, stage, head config, ...) without reading its tensors."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}"))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); "
+                              f"pass another step_NNNNNN.safetensors or its run folder") from None
+
+
 def load_train_state(path: str) -> dict:
     """The `.state.pt` next to a checkpoint's weights (or given itself), on CPU, with weights_only=True."""
     is_state = path.endswith(".state.pt")
@@ -247,3 +241,20 @@ def load_train_state(path: str) -> dict:
         detail = (lines or [type(err).__name__])[-1].split(". ")[0].rstrip(".")
         raise CheckpointError(f"cannot load {state_path}: {detail}; resume from another step_NNNNNN (a training "
                               f"state may hold only tensors and plain data)") from None
+
+
+def load_trained_weights(model: torch.nn.Module, path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Put a train.py checkpoint's weights into a ProCLIP `model`, strictly, wherever a checkpoint is loaded.
+
+    A stage-1 checkpoint holds the text head only (`text_head.*`), a stage-2 one the whole model; an EMA
+    teacher (`teacher.*`) is not part of the model and is returned for the caller that needs it (a resumed
+    stage-2 run), with the checkpoint's meta: (teacher weights, possibly empty; meta).
+    """
+    state, meta = load_weights(path)
+    teacher = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
+    state = {k: v for k, v in state.items() if not k.startswith("teacher.")}
+    if meta.get("stage") == 1:  # only the head was trained
+        load_state_dict_strict(model.text_head, {k.removeprefix("text_head."): v for k, v in state.items()}, path)
+    else:
+        load_state_dict_strict(model, state, path)
+    return teacher, meta

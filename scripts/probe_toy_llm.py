@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from miniproclip.embed import EmbedSettings, ensure_text_cache  # noqa: E402
-from miniproclip.toyclip import read_jsonl  # noqa: E402
-from miniproclip.toyworld import LANGUAGES  # noqa: E402
+from miniproclip.embed import ensure_text_cache  # noqa: E402
+from miniproclip.embedder import EmbedSettings  # noqa: E402
+from miniproclip.toy.teacher import read_jsonl  # noqa: E402
+from miniproclip.toy.world import LANGUAGES  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape", "position", "count")
 

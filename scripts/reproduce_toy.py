@@ -26,10 +26,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import train  # noqa: E402  (the repository's train.py, run in-process)
-from miniproclip import benchmarks as bench  # noqa: E402
+from miniproclip import evaluation  # noqa: E402
 from miniproclip.checkpoint import resolve_checkpoint  # noqa: E402
-from miniproclip.evaluate import load_templates  # noqa: E402
-from miniproclip.toyworld import LANGUAGES, build_toyworld  # noqa: E402
+from miniproclip.metrics import load_templates  # noqa: E402
+from miniproclip.toy.world import LANGUAGES, build_toyworld  # noqa: E402
 
 # name -> (stage-1 flags or None for no stage 1, stage-2 flags or None for no stage 2)
 VARIANTS = {
@@ -68,17 +68,17 @@ def evaluate(model_flags, toy_dir, workers):
     kind, path = model_flags
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "amp_bf16" if device == "cuda" else "fp32"
-    encoders = (bench.proclip_encoders(resolve_checkpoint(path), None, device, precision) if kind == "--model"
-                else bench.clip_encoders(path, device, precision))
+    encoders = (evaluation.proclip_encoders(resolve_checkpoint(path), None, device, precision) if kind == "--model"
+                else evaluation.clip_encoders(path, device, precision))
     zs_dir = os.path.join(toy_dir, "zeroshot")
-    dataset = bench.read_image_folder(os.path.join(zs_dir, "test"), os.path.join(zs_dir, "classnames.txt"))
+    dataset = evaluation.read_image_folder(os.path.join(zs_dir, "test"), os.path.join(zs_dir, "classnames.txt"))
     templates = load_templates(os.path.join(zs_dir, "templates.json"))
-    heldout = bench.read_lines(os.path.join(zs_dir, "heldout_classes.txt"))
-    zs = bench.run_zeroshot(encoders, dataset, templates, 256, workers, device, heldout)["metrics"]
+    heldout = evaluation.read_lines(os.path.join(zs_dir, "heldout_classes.txt"))
+    zs = evaluation.run_zeroshot(encoders, dataset, templates, 256, workers, device, heldout)["metrics"]
     row = {"zs seen": zs["acc1_seen"], "zs held-out": zs["acc1_heldout"]}
     for name in RETRIEVAL_SETS:
-        retrieval = bench.read_retrieval_set(os.path.join(toy_dir, f"retrieval_{name}.jsonl"))
-        metrics = bench.run_retrieval(encoders, retrieval, 256, workers, device, (1,))[0]["metrics"]
+        retrieval = evaluation.read_retrieval_set(os.path.join(toy_dir, f"retrieval_{name}.jsonl"))
+        metrics = evaluation.run_retrieval(encoders, retrieval, 256, workers, device, (1,))[0]["metrics"]
         row[f"{name} I→T"] = metrics["text_retrieval_recall@1"]
         row[f"{name} T→I"] = metrics["image_retrieval_recall@1"]
     return row

@@ -251,7 +251,7 @@ def save_frozen_in(run_dir, step, phase, frozen_event):
     """A writer that freezes inside one phase of saving `step` (its file half written), to be killed there."""
     torch.set_num_threads(1)
     module, name = {"state": (torch, "save"), "weights": (checkpoint, "save_file"),
-                    "latest": (checkpoint, "_replace_text")}[phase]
+                    "latest": (checkpoint, "write_text_atomic")}[phase]
     real_writer = getattr(module, name)
 
     def freeze(*args, **kwargs):

@@ -10,7 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from miniproclip.embed import EmbedSettings, LLMEmbedder, load_cache, main, text_hash, token_budget_batches
+from miniproclip.embed import load_cache, main
+from miniproclip.embedder import EmbedSettings, LLMEmbedder, text_hash, token_budget_batches
 from miniproclip.llm import mean_pool
 
 from fixtures import write_tiny_llm

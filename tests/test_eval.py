@@ -1,7 +1,7 @@
 """eval.py end to end on tiny random models: its JSON metrics equal those computed from reference features.
 
 - `--clip`: the reference is transformers' own pipeline (CLIPImageProcessorPil, a fast tokenizer read from the
-  same tokenizer.json, CLIPModel.get_image_features / get_text_features) fed to miniproclip.evaluate's metric
+  same tokenizer.json, CLIPModel.get_image_features / get_text_features) fed to miniproclip.metrics's metric
   functions, whose definitions are tested against CLIP_benchmark in test_metrics.py. Tolerance 1e-6 on metrics
   (they are fractions of hits; features agree to ~1e-6, far from flipping a ranking on these seeds).
 - `--model`: the reference is ProCLIP.encode_image / encode_text on LLMEmbedder embeddings computed here.
@@ -23,11 +23,11 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from miniproclip import benchmarks as bench
+from miniproclip import evaluation
 from miniproclip.checkpoint import save_checkpoint
 from miniproclip.clip import CLIP
-from miniproclip.embed import EmbedSettings, LLMEmbedder
-from miniproclip.evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
+from miniproclip.embedder import EmbedSettings, LLMEmbedder
+from miniproclip.metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform, load_image
 from miniproclip.model import ProCLIP
@@ -179,15 +179,15 @@ def test_show_draws_queries_with_the_right_image_framed(world, tmp_path):
     report = run_eval("--task", "retrieval", "--clip", world["clip"], "--dataset", root / "long.jsonl",
                       "--ks", "1", "--show", "3", "--output", tmp_path / "r.json")
     grid = Image.open(tmp_path / "r.png")
-    cell = bench.THUMB + bench.PAD
-    assert grid.size == (bench.CAPTION_WIDTH + 5 * cell + bench.PAD, 3 * cell + bench.PAD)
+    cell = evaluation.THUMB + evaluation.PAD
+    assert grid.size == (evaluation.CAPTION_WIDTH + 5 * cell + evaluation.PAD, 3 * cell + evaluation.PAD)
     # query 0 (image 0's caption): the right image's frame is green, the other frames grey, in score order
     images = [str(root / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
     texts = [json.loads(line)["captions"][0] for line in (root / "long.jsonl").read_text().splitlines()]
     scores = hf_text_features(world, texts[:1])[0] @ hf_image_features(world, images).T  # (1, I)
     top5 = scores[0].topk(5).indices.tolist()
     for column, image_index in enumerate(top5):
-        corner = grid.getpixel((bench.CAPTION_WIDTH + column * (bench.THUMB + bench.PAD) + 1, bench.PAD + 1))
+        corner = grid.getpixel((evaluation.CAPTION_WIDTH + column * (evaluation.THUMB + evaluation.PAD) + 1, evaluation.PAD + 1))
         assert corner == ((0, 128, 0) if image_index == 0 else (204, 204, 204))
     assert report["n_images"] == 7
 
@@ -260,25 +260,25 @@ def test_readers_language_split_and_class_order(tmp_path):
     rows = [{"image": "a.png", "captions": {"de": ["eine Katze", "ein Tier"], "fr": ["un chat"]}},
             {"image": "/abs/b.png", "captions": {"fr": ["un chien"]}}]
     (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    de = bench.read_caption_jsonl(str(tmp_path / "multi.jsonl"), language="de")
+    de = evaluation.read_caption_jsonl(str(tmp_path / "multi.jsonl"), language="de")
     assert (de.images, de.texts, de.text_to_image) == ([str(tmp_path / "a.png")], ["eine Katze", "ein Tier"], [0, 0])
-    fr = bench.read_caption_jsonl(str(tmp_path / "multi.jsonl"), images_dir="/img", language="fr")
+    fr = evaluation.read_caption_jsonl(str(tmp_path / "multi.jsonl"), images_dir="/img", language="fr")
     assert (fr.images, fr.texts, fr.text_to_image) == (["/img/a.png", "/abs/b.png"], ["un chat", "un chien"], [0, 1])
-    with pytest.raises(bench.BenchmarkError, match="pass --language"):
-        bench.read_caption_jsonl(str(tmp_path / "multi.jsonl"))
+    with pytest.raises(evaluation.BenchmarkError, match="pass --language"):
+        evaluation.read_caption_jsonl(str(tmp_path / "multi.jsonl"))
     rows = [{"image": "a.png", "captions": ["a cat"], "language": "en"}, {"image": "b.png", "captions": ["ein Hund"],
                                                                           "language": "de"}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert bench.read_caption_jsonl(str(tmp_path / "rows.jsonl"), language="de").texts == ["ein Hund"]
-    assert bench.read_caption_jsonl(str(tmp_path / "rows.jsonl")).texts == ["a cat", "ein Hund"]
+    assert evaluation.read_caption_jsonl(str(tmp_path / "rows.jsonl"), language="de").texts == ["ein Hund"]
+    assert evaluation.read_caption_jsonl(str(tmp_path / "rows.jsonl")).texts == ["a cat", "ein Hund"]
     (tmp_path / "k.json").write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "val", "sentences": []}]}))
-    with pytest.raises(bench.BenchmarkError, match=r"no image with split 'test' \(it has: val\)"):
-        bench.read_retrieval_set(str(tmp_path / "k.json"))
+    with pytest.raises(evaluation.BenchmarkError, match=r"no image with split 'test' \(it has: val\)"):
+        evaluation.read_retrieval_set(str(tmp_path / "k.json"))
     for name in ["b_dog", "a_cat", "c_red_fox"]:  # classes are the sorted folder names, "_" read as a space
         (tmp_path / "zs" / name).mkdir(parents=True)
         (tmp_path / "zs" / name / "0.JPG").write_bytes(b"")
     (tmp_path / "zs" / "a_cat" / "notes.txt").write_text("not an image")
-    folder = bench.read_image_folder(str(tmp_path / "zs"))
+    folder = evaluation.read_image_folder(str(tmp_path / "zs"))
     assert folder.classnames == ["a cat", "b dog", "c red fox"] and folder.labels == [0, 1, 2]
 
 

@@ -1,4 +1,4 @@
-"""Tests for miniproclip/evaluate.py: hand-worked retrieval and classification numbers, tie and edge behaviour,
+"""Tests for miniproclip/metrics.py: hand-worked retrieval and classification numbers, tie and edge behaviour,
 and two independent retrieval references (CLIP_benchmark's positive-pair/one-hot algorithm, a brute-force loop)."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miniproclip.evaluate import classification_metrics, load_templates, retrieval_metrics, zeroshot_classifier
+from miniproclip.metrics import classification_metrics, load_templates, retrieval_metrics, zeroshot_classifier
 
 # -----------------------------------------------------------------------------
 # retrieval: hand-worked gallery

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miniproclip.embed import EmbedSettings, LLMEmbedder
+from miniproclip.embedder import EmbedSettings, LLMEmbedder
 from miniproclip.llm import DecoderLM, mean_pool
 
 TEXTS = {

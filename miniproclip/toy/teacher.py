@@ -13,7 +13,6 @@ config.json, model.safetensors, tokenizer.json, tokenizer_config.json, preproces
 """
 
 import json
-import math
 import os
 import shutil
 import time
@@ -25,11 +24,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, save_hf_config
-from .evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
-from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
-from .losses import ClipLoss, clamp_logit_scale_
-from .tokenizer import CLIPTokenizer, save_clip_tokenizer_json
+from ..clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, save_hf_config
+from ..metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
+from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+from ..losses import ClipLoss, clamp_logit_scale_
+from ..optim import cosine_lr_factor, param_groups
+from ..tokenizer import CLIPTokenizer, save_clip_tokenizer_json
 
 # HF CLIPImageProcessor settings for 64x64 pictures (resize and crop are then no-ops)
 PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 64},
@@ -93,13 +93,6 @@ def trim(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, : int((ids == eos_id).int().argmax(dim=1).max()) + 1]
 
 
-def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, LayerNorms, embeddings' class token or the temperature."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: int = 1200, batch_size: int = 64,
                    lr: float = 2e-3, weight_decay: float = 0.1, log=print) -> str:
     """Train a toy CLIP on (image path, short caption) pairs and save it as an HF CLIP folder at `out_dir`.
@@ -129,9 +122,7 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     # linear warmup over the first 10% of the steps, then cosine decay to zero
     warmup = max(1, steps // 10)
-    schedule = lambda step: (step + 1) / warmup if step < warmup else \
-        0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr_factor(step, warmup, steps))
     loss_fn = ClipLoss()
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)

@@ -1,7 +1,7 @@
-"""Zero-shot benchmarks for eval.py: dataset readers, models as feature extractors, retrieval / zero-shot runners.
+"""Zero-shot evaluation for eval.py: eval dataset readers, models as feature extractors, retrieval / zero-shot runners.
 
 Mirrors LAION-AI/CLIP_benchmark (`clip_benchmark/metrics/zeroshot_retrieval.py`, `zeroshot_classification.py`):
-normalised image and text features of the whole test set, then the metric math of `evaluate.py`. Readers:
+normalised image and text features of the whole test set, then the metric math of `metrics.py`. Readers:
 - Karpathy-split JSON (Flickr30k, COCO): {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}
 - caption JSONL, one image per line: {"image": path, "captions": [str, ...]} (Urban1k, DCI, ShareGPT4V, the toy
   world); multilingual sets (XM3600) either give "captions" as {language: [str, ...]} or one "language" per row
@@ -20,15 +20,15 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import load_weights
+from .checkpoint import load_meta, load_trained_weights
 from .clip import CLIP
-from .embed import CaptionTokenizer, EmbedSettings, ensure_text_cache
-from .evaluate import classification_metrics, retrieval_metrics, zeroshot_classifier
+from .embed import ensure_text_cache
+from .embedder import CaptionTokenizer, EmbedSettings
+from .metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from .head import HeadConfig
 from .image import ImageReadError, ImageTransform, load_image
 from .model import ProCLIP
 from .tokenizer import CLIPTokenizer
-from .weights import load_state_dict_strict
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 THUMB, PAD, CAPTION_WIDTH = 112, 6, 260  # --show grid: thumbnail side, gap, caption column (pixels)
@@ -199,9 +199,9 @@ def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
 
 def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, precision: str, log=print) -> Encoders:
     """A ProCLIP checkpoint: image tower from it (stage 2) or its CLIP (stage 1), LLM cache + its head for text."""
-    weights, meta = load_weights(checkpoint)
+    meta = load_meta(checkpoint)
     try:
-        args, head, stage = meta["args"], HeadConfig(**meta["head"]), meta["stage"]
+        args, head = meta["args"], HeadConfig(**meta["head"])
         clip_dir, llm_dir = args["clip"], args["llm"]
         settings = EmbedSettings(args["max_length"], args["instruction"], False, not args["bidirectional"])
         llm_dtype, batch_tokens = torch.bfloat16 if args["llm_dtype"] == "bf16" else torch.float32, args["batch_tokens"]
@@ -213,12 +213,7 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
             raise BenchmarkError(f"{checkpoint} was trained with the {kind} folder {folder}, which is not there; "
                                  f"run eval.py where train.py ran, or put the folder back")
     model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
-    weights = {k: v for k, v in weights.items() if not k.startswith("teacher.")}  # an EMA teacher is not evaluated
-    if stage == 1:  # only the head was trained
-        head_weights = {k.removeprefix("text_head."): v for k, v in weights.items()}
-        load_state_dict_strict(model.text_head, head_weights, checkpoint)
-    else:
-        load_state_dict_strict(model, weights, checkpoint)
+    load_trained_weights(model, checkpoint)  # an EMA teacher is not evaluated
     device = torch.device(device)
     model = model.eval().to(device)
     cache = None

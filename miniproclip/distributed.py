@@ -1,0 +1,30 @@
+"""torchrun setup shared by train.py and the embed CLI: one process group that serves CPU and GPU tensors.
+
+The group is created as "cpu:gloo,cuda:nccl", so a collective on a CPU tensor (a batch size, a flag) goes
+through gloo and one on a GPU tensor through NCCL; a plain "nccl" group rejects CPU tensors ("No backend type
+associated with device type cpu"). Under torchrun each rank takes the GPU of its LOCAL_RANK, whatever `cuda`
+or `cuda:N` was asked for, so eight ranks never pile onto GPU 0.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device). Outside torchrun: (0, 1, device) and no process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):  # one GPU per rank, picked by torchrun's LOCAL_RANK
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group, or (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

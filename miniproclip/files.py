@@ -1,0 +1,43 @@
+"""Crash-safe file writing: write under a temporary name, flush to disk, then rename over the target.
+
+A rename is atomic on POSIX file systems, so a reader (or a resumed run) sees either the old file or the new
+one, never half of one, whatever kills the writer (kill -9, a full disk, a lost node). Used by checkpoints,
+caches and the toy world.
+"""
+
+import contextlib
+import os
+from pathlib import Path
+
+TMP = ".tmp"  # `path + TMP` is the temporary name; checkpoint.py sweeps stale ones
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's data (or a folder's renames) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """`with atomic_path(p) as tmp: write(tmp)` makes `p` appear whole only once the block has succeeded."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + TMP
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(os.path.dirname(path) or ".")
+    finally:  # on failure nothing but the old file (if any) is left
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Atomically make `path` hold `text`."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
