@@ -61,7 +61,8 @@ def iter_texts(path: str, text_key: str | None = None) -> Iterator[str]:
                 try:
                     yield str(json.loads(line)[text_key])
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{number}: no text under key {text_key!r} ({type(err).__name__})") from None
+                    raise ValueError(f"{path}:{number}: no text under key {text_key!r} "
+                                     f"({type(err).__name__})") from None
 
 
 def chunked(texts: Iterable[str], size: int) -> Iterator[list[str]]:

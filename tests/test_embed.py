@@ -171,7 +171,8 @@ def test_cli_resumes_after_kill_9_and_matches_an_uninterrupted_run(tiny_llm, tmp
     whole = subprocess.run([sys.executable, *flags, "--output", str(tmp_path / "whole.safetensors")], env=env,
                            capture_output=True, text=True)
     assert whole.returncode == 0 and "kept" not in whole.stdout
-    (a, hashes_a, meta_a), (b, hashes_b, meta_b) = load_cache(str(killed)), load_cache(str(tmp_path / "whole.safetensors"))
+    whole_cache = tmp_path / "whole.safetensors"
+    (a, hashes_a, meta_a), (b, hashes_b, meta_b) = load_cache(str(killed)), load_cache(str(whole_cache))
     assert a.shape == (1200, 32) and a.dtype == torch.float16 and meta_a == meta_b
     assert torch.equal(a, b) and torch.equal(hashes_a, hashes_b)
     assert not parts.exists()
@@ -224,10 +225,11 @@ def test_lookup_by_sorted_hash_prefix_survives_prefix_collisions(tmp_path, monke
 @pytest.mark.parametrize("store_dtype", ["fp32", "fp16", "bf16"])
 def test_store_dtypes_read_back_as_float32(tmp_path, store_dtype):
     texts = [f"t{i}" for i in range(20)]
-    cache = ensure_vector_cache(str(tmp_path / "c.safetensors"), texts, counting_encoder([]), {}, store_dtype=store_dtype)
+    cache = ensure_vector_cache(str(tmp_path / "c.safetensors"), texts, counting_encoder([]), {},
+                                store_dtype=store_dtype)
     read = cache(texts)
     assert read.dtype == torch.float32 and cache.store_dtype == store_dtype
-    expected = fake_vectors(texts).to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[store_dtype])
+    expected = fake_vectors(texts).to(embed.STORE_DTYPES[store_dtype][0])
     assert torch.equal(read, expected.float())  # exactly the stored rounding, upcast
 
 
