@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+@pytest.mark.slow  # seven fresh processes (each CLI run loads torch): ~1-2 min on 2 busy cores
 def test_scale_quick():
     done = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--quick", "--threads", "1"],
                           capture_output=True, text=True, timeout=600)
