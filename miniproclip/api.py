@@ -188,7 +188,7 @@ def load_model(path: str, *, clip: str | None = None, llm: str | None = None, de
     device: default CUDA when available. dtype: the compute dtype, float32, bfloat16 or float16 (default: what
     eval.py does, bf16 autocast on CUDA and fp32 on CPU, with the LLM in the dtype its training cache was filled in).
     """
-    path = os.fspath(path)
+    path, clip, llm = os.fspath(path), clip and os.fspath(clip), llm and os.fspath(llm)
     if dtype not in (None, *COMPUTE_DTYPES):
         raise ValueError(f"dtype {dtype} is not one of torch.float32, torch.bfloat16, torch.float16")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
