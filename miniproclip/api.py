@@ -31,7 +31,7 @@ from .embedder import DTYPES, EmbedSettings, LLMEmbedder, default_batch_tokens
 from .head import HeadConfig
 from .image import ImageTransform, load_image
 from .model import ProCLIP
-from .weights import ModelFolderError, load_state_dict_strict, read_config
+from .weights import PICKLE_SUFFIXES, ModelFolderError, load_state_dict_strict, read_config
 
 EXPORT_JSON = "proclip.json"  # marks an exported folder: head config, LLM folder, embedding settings
 HEAD_FILE = "text_head.safetensors"  # the head's weights in an exported folder, under TextHead's own names
@@ -172,6 +172,8 @@ def _kind_of(path: str) -> str:
         return "export"
     if not os.path.exists(path) and not os.path.isfile(path + ".safetensors"):  # a step_NNNNNN stem is fine
         raise ModelFolderError(f"{path} does not exist; {WHAT_PATH_IS}")
+    if os.path.isfile(path) and not path.endswith((".safetensors", *PICKLE_SUFFIXES)):  # pickles: refused later
+        raise ModelFolderError(f"{path} is not a checkpoint (step_NNNNNN.safetensors); {WHAT_PATH_IS}")
     if os.path.isdir(path) and latest_checkpoint(path) is None:
         is_clip = os.path.isfile(os.path.join(path, "config.json")) and read_config(path).get("model_type") == "clip"
         hint = " It is a plain CLIP folder: load it with CLIP.from_pretrained, or pass it as clip=." if is_clip else ""

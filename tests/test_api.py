@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 import miniproclip
 from miniproclip.api import load_model
-from miniproclip.checkpoint import save_checkpoint
+from miniproclip.checkpoint import CheckpointError, save_checkpoint
 from miniproclip.clip import CLIP
 from miniproclip.embedder import EmbedSettings, LLMEmbedder
 from miniproclip.head import HeadConfig
@@ -139,6 +139,10 @@ def test_one_line_errors(world, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFolderError, match=r"holds neither a checkpoint \(step_\*.safetensors\) nor proclip.json"):
         load_model(tmp_path / "empty")
+    with pytest.raises(ModelFolderError, match=r"step_000007.json is not a checkpoint \(step_NNNNNN.safetensors\)"):
+        load_model(root / "runs" / "stage1" / "step_000007.json")
+    with pytest.raises(CheckpointError, match=r"is a pickle, which is never loaded as weights"):
+        load_model(root / "runs" / "stage1" / "step_000007.state.pt")
     with pytest.raises(ModelFolderError, match="It is a plain CLIP folder: load it with CLIP.from_pretrained"):
         load_model(world["clip"])
     with pytest.raises(ValueError, match="dtype torch.int8 is not one of"):
