@@ -123,7 +123,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, top: int, title: str, series: dict, fo
             draw.text((px(step), y1 + 6), str(int(step)), fill="black", font=small, anchor="mt")
     draw.text(((x0 + x1) // 2, y1 + 22), "step", fill="black", font=small, anchor="mt")
     draw.rectangle([x0, y0, x1, y1], outline="black")
-    for index, (name, points) in enumerate(series.items()):
+    for index, (name, points) in reversed(list(enumerate(series.items()))):  # the first (the total loss) on top
         colour = COLOURS[index % len(COLOURS)]
         xy = [(px(step), py(to_axis(value))) for step, value in points]
         if len(xy) > 1:

@@ -16,9 +16,12 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
+import train
 from miniproclip.api import load_model
+from miniproclip.curves import PANEL_HEIGHT, curve_panels, read_metrics, write_curves
 from miniproclip.export import export, main
 
+from fixtures import write_tiny_pairs
 from test_api import build_world, write_run
 
 
@@ -106,3 +109,24 @@ def test_errors_are_one_line_and_nothing_is_overwritten(world, tmp_path, capsys)
     (tmp_path / "empty" / "proclip.json").write_text("{")
     with pytest.raises(Exception, match=r"proclip.json: not valid JSON .*; export the run again"):
         load_model(tmp_path / "empty")
+
+
+def test_a_real_train_py_run_loads_exports_and_draws_its_curves(world, tmp_path):
+    """Stage 1 then stage 2 with --eval-every (4 steps each, ~3 s): what train.py really writes."""
+    data, val = write_tiny_pairs(tmp_path / "data"), write_tiny_pairs(tmp_path / "data", n=8, seed=1, name="val.jsonl")
+    common = ["--train-data", data, "--clip", world["clip"], "--llm", world["llm"], "--workers", "0",
+              "--batch-size", "8", "--warmup", "2", "--max-steps", "4"]
+    train.main(["--stage", "1", *common, "--output", str(tmp_path / "s1")])
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common, "--output", str(tmp_path / "s2"),
+                "--val-data", val, "--eval-every", "2"])
+    out = export(str(tmp_path / "s2"), str(tmp_path / "out"))
+    model = load_model(tmp_path / "s2", device="cpu")
+    assert model.meta["stage"] == 2 and model.meta["step"] == 4
+    torch.testing.assert_close(model.encode_image(world["images"]), hf_image_features(out, world["images"])[0],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(load_model(out, device="cpu").encode_text(world["texts"]),
+                               model.encode_text(world["texts"]), atol=0, rtol=0)
+    panels = curve_panels(read_metrics(str(tmp_path / "s2" / "metrics.jsonl"))[0])
+    assert [(title, len(series)) for title, series in panels] == [
+        ("loss and its parts", 5), ("validation (--val-data)", 4), ("learning rate", 1)]  # R@1, R@5 both ways
+    assert Image.open(write_curves(str(tmp_path / "s2"))).size[1] == 3 * PANEL_HEIGHT
