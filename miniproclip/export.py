@@ -8,8 +8,8 @@ OUT holds what transformers' `CLIPModel.from_pretrained(OUT)` loads: `config.jso
 float32), `preprocessor_config.json` and the tokenizer files. Next to them: `text_head.safetensors` (the head,
 under `TextHead`'s names) and `proclip.json` (head config, LLM folder, embedding settings, where it came from),
 so that `miniproclip.load_model(OUT)` gives the same encoders as the run. A stage-1 run exports too: its image
-tower is the original one. OUT is written as OUT.partial and renamed when complete, and an existing non-empty
-OUT is never written into.
+tower is the original one. OUT is written under a temporary name beside it and renamed when complete, and an
+existing non-empty OUT is never written into.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -69,9 +70,10 @@ def export(run: str, out: str, copy_llm: bool = False, clip: str | None = None, 
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise ModelFolderError(f"{out} exists and is not empty; choose a new folder (nothing in it is overwritten)")
     trained = load_model(run, clip=clip, llm=llm, device="cpu", dtype=torch.float32)  # the LLM is not loaded
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
-    os.makedirs(partial)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # written under a fresh hidden name beside OUT, then renamed: OUT appears whole or not at all
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial",
+                               dir=os.path.dirname(os.path.abspath(out)))
     try:
         _write_clip_folder(trained, partial)
         head = {k: v.detach().float().contiguous() for k, v in trained.model.text_head.state_dict().items()}

@@ -100,7 +100,9 @@ def test_errors_are_one_line_and_nothing_is_overwritten(world, tmp_path, capsys)
     assert os.listdir(tmp_path / "full") == ["keep.txt"]
     with pytest.raises(SystemExit, match=r"^error: .*nope does not exist; pass a train.py run folder"):
         main([str(tmp_path / "nope"), str(tmp_path / "out")])
-    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+    with pytest.raises(SystemExit, match=r"^error: the CLIP folder .*clip_moved of .* is not there .* --clip DIR"):
+        main([run, str(tmp_path / "out"), "--clip", str(tmp_path / "clip_moved")])
+    assert sorted(os.listdir(tmp_path)) == ["full"]  # no OUT, no temporary folder left behind
     (tmp_path / "empty").mkdir()  # an empty folder is taken
     export(run, str(tmp_path / "empty"))
     assert os.path.isfile(tmp_path / "empty" / "model.safetensors")
