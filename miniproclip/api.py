@@ -118,7 +118,8 @@ def embed_settings(args: dict) -> EmbedSettings:
 def _check_folder(source: str, kind: str, folder: str, keyword: str) -> None:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ModelFolderError(f"the {kind} folder {folder} of {source} is not there (no config.json; a relative path "
-                               f"is taken from the current folder); pass {keyword}=DIR (export: --{keyword} DIR)")
+                               f"is taken from the current folder): run from where train.py ran, or give the folder "
+                               f"where it is now ({keyword}=DIR to load_model, --{keyword} DIR to export)")
 
 
 def _from_checkpoint(path: str, clip: str | None, llm: str | None, device: torch.device):

@@ -152,10 +152,10 @@ def test_one_line_errors(world, tmp_path):
     moved_llm = shutil.copytree(world["llm"], tmp_path / "llm")
     write_run(tmp_path / "run", str(moved_clip), str(moved_llm), 2, seed=2, llm_dtype="bf16")
     shutil.move(moved_clip, tmp_path / "clip_moved")
-    with pytest.raises(ModelFolderError, match=rf"the CLIP folder {moved_clip} of .* is not there .* pass clip=DIR"):
+    with pytest.raises(ModelFolderError, match=rf"the CLIP folder {moved_clip} of .*\(clip=DIR to load_model"):
         load_model(tmp_path / "run")
     shutil.move(moved_llm, tmp_path / "llm_moved")
-    with pytest.raises(ModelFolderError, match=rf"the LLM folder {moved_llm} of .* is not there .* pass llm=DIR"):
+    with pytest.raises(ModelFolderError, match=rf"the LLM folder {moved_llm} of .*\(llm=DIR to load_model"):
         load_model(tmp_path / "run", clip=tmp_path / "clip_moved")
     model = load_model(tmp_path / "run", clip=tmp_path / "clip_moved", llm=tmp_path / "llm_moved", device="cpu")
     reference = reference_features(world["stage2"], world, torch.bfloat16)
