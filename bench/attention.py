@@ -54,7 +54,7 @@ def distance_child(args, device: torch.device) -> dict:
     distance_step(args.distance_child, x)
     peak = common.peak_memory_mib(lambda: distance_step(args.distance_child, x), device)
     seconds = statistics.median(distance_step(args.distance_child, x) for _ in range(3))
-    return {"peak_mib": peak, "seconds": seconds}
+    return {"peak_mib": peak, "ms": seconds * 1e3}
 
 
 def distance_table(args, device: torch.device) -> str:
@@ -73,9 +73,9 @@ def distance_table(args, device: torch.device) -> str:
             results[name] = common.run_child(__file__, argv, memory_env=device.type == "cpu")
         old, new = results["F.pdist"], results["pairwise_distances"]
         cell = (lambda r, key, fmt: fmt.format(r[key]) if r else "skipped (out of memory)")
-        rows.append([f"{n}×{width}", cell(old, "seconds", "{:.3f}"), cell(new, "seconds", "{:.3f}"),
+        rows.append([f"{n}×{width}", cell(old, "ms", "{:.2f}"), cell(new, "ms", "{:.2f}"),
                      cell(old, "peak_mib", "{:.0f}"), cell(new, "peak_mib", "{:.0f}"), f"{cuda_buffer_mib:.0f}"])
-    return common.markdown_table(["B×D", "pdist s", "ours s", "pdist peak MiB", "ours peak MiB",
+    return common.markdown_table(["B×D", "pdist ms", "ours ms", "pdist peak MiB", "ours peak MiB",
                                   "CUDA pdist backward buffer MiB (computed)"], rows)
 
 
@@ -124,7 +124,8 @@ def attention_batches(batch: int, T: int, vocab: int) -> dict[str, tuple[torch.T
     ids = torch.randint(0, vocab, (batch, T), generator=g)
     lengths = torch.linspace(T // 4, T, batch).long()
     right = (torch.arange(T)[None] < lengths[:, None]).long()  # 1…1 0…0
-    return {"unpadded": (ids, torch.ones_like(right)), "right-padded": (ids, right), "left-padded": (ids, right.flip(1))}
+    return {"unpadded": (ids, torch.ones_like(right)), "right-padded": (ids, right),
+            "left-padded": (ids, right.flip(1))}
 
 
 def fast_kernels_only(fn, device: torch.device) -> str:
