@@ -150,10 +150,12 @@ def parse_args(argv=None):
 
 def fill_defaults(args, resumed_meta, init_meta, log):
     """Toy world when no data is given; models and settings from the checkpoint being resumed or started from."""
+    # a checkpoint names the CLIP and LLM it was trained with; explicit flags win
     for meta in (resumed_meta, init_meta):
         for key in ("clip", "llm"):
             if meta and getattr(args, key) is None:
                 setattr(args, key, meta["args"][key])
+    # no data given: build (once) and use the toy world, its CLIP teacher and SmolLM2
     toy = args.train_data is None
     if toy:
         from miniproclip.toy.world import build_toyworld
@@ -165,13 +167,16 @@ def fill_defaults(args, resumed_meta, init_meta, log):
     if args.clip is None or args.llm is None:
         raise TrainingError("--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
                             "names them)")
+    # the text cache sits beside the (first) data source, so every run on that data shares it
     first_source = os.path.abspath(args.train_data.split("::")[0])
     args.text_cache = args.text_cache or os.path.join(os.path.dirname(first_source), "text_cache.safetensors")
+    # the stage-dependent defaults (argparse leaves them None so that these rules can see the other flags)
     args.epochs = args.epochs or (20 if args.stage == 1 else 10)
     if args.lr is None:  # not `or`: --lr 0 (a frozen head) is a valid choice
         args.lr = 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4
     if args.lr_vision is None:
         args.lr_vision = 1e-4 if toy else 1e-5
+    # bf16 autocast on GPUs; CPUs run fp32 (bf16 matmuls are slow on most of them)
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
     args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
     args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -255,6 +260,7 @@ def find_checkpoints(args):
 
 def build_model(args, clip, meta, source, log):
     """ProCLIP from the CLIP's image tower and a head shaped by the checkpoint `meta` (or by the flags)."""
+    # the head maps the LLM's width (d) to CLIP's joint space (D); a checkpoint fixes both
     projection_dim = clip.config.projection_dim
     llm_width = LLMConfig.from_folder(args.llm).hidden_size
     head = HeadConfig(**meta["head"]) if meta else HeadConfig(input_dim=llm_width, output_dim=projection_dim,
@@ -285,14 +291,14 @@ def read_data(args, log):
 def freeze_and_teacher(args, model, clip):
     """Set what trains; return the frozen teacher. Stage 1: the head only, taught by CLIP's text tower.
     Stage 2: everything, against a frozen copy of the initial image tower (--lock-image-layers freezes more)."""
-    if args.stage == 1:
+    if args.stage == 1:  # the model's image tower is unused; CLIP's text tower is the teacher
         model.requires_grad_(False).text_head.requires_grad_(True)
         return clip.requires_grad_(False).eval()
     if args.lock_image_layers is not None:
         vision = model.vision_model
         for module in [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:args.lock_image_layers]]:
             module.requires_grad_(False)
-    return model.image_teacher()
+    return model.image_teacher()  # a frozen deep copy of the image tower as initialised (L_reg's v̂)
 
 
 def train_transform(args):
@@ -305,7 +311,7 @@ def train_transform(args):
 
 def check_images(args, dataset):
     """Fail early when the images are not where the rows say."""
-    probe = [dataset[i] for i in range(min(len(dataset), 64))]
+    probe = [dataset[i] for i in range(min(len(dataset), 64))]  # a sample of a bad image carries "bad_image"
     if all("bad_image" in sample for sample in probe):
         raise DataError(f"{args.train_data}: none of the first {len(probe)} images is readable (e.g. "
                         f"{probe[0]['bad_image']}); check the image paths, which are relative to the data file")
@@ -389,10 +395,11 @@ def build_stage(args, forward, model, teacher, cache, device, rank, world):
 
 
 def train(args, run: Run, log):
-    cursor, stop = run.cursor, StopSignal()
+    cursor, stop = run.cursor, StopSignal()  # SIGTERM/SIGINT end the run after the current step, saved
     bar = tqdm(total=run.total_steps, initial=cursor.step, disable=run.rank != 0, dynamic_ncols=True,
                desc=f"stage {args.stage}")
     trainable = [p for p in run.model.parameters() if p.requires_grad]
+    # record: the last logged numbers; timer: (time, step) of the last log, for samples_per_s
     record, last_save, timer = {}, cursor.step, (time.time(), cursor.step)
     for batch in training_batches(args, run, log):
         # schedule: linear warmup, then cosine decay to 0, set on every step
@@ -482,6 +489,7 @@ def count_bad_images(paths, cursor: Cursor, log):
 def split(batch, parts):
     """A collated batch -> `parts` micro-batches of (nearly) equal size."""
     n = len(batch["captions"])
+    # micro-batch j holds rows [round(j·n/parts), round((j+1)·n/parts)); the bad-image list stays with the batch
     bounds = [round(i * n / parts) for i in range(parts + 1)]
     return [{k: v[a:b] for k, v in batch.items() if v is not None and k != "bad_images"}
             for a, b in zip(bounds, bounds[1:])]
@@ -508,8 +516,10 @@ def append_metrics(args, record):
 def validate(args, run: Run):
     """Retrieval R@K both ways on the --val-data rows (one caption each), with the model as it is now."""
     rows, model, device = run.val_rows, run.model, run.device
+    # one caption per image: row i's caption belongs to image i
     dataset = RetrievalSet([r.image for r in rows], [r.caption for r in rows], list(range(len(rows))), "val")
     encode_text = inference(lambda texts: model.encode_text(run.cache(texts).to(device)), device, args.precision)
+    # eval.py's retrieval runner, with the model's own encoders and CLIP's eval (centre crop) transform
     encoders = Encoders(args.output, args.clip, ImageTransform.from_folder(args.clip),
                         inference(model.encode_image, device, args.precision), encode_text, lambda texts: 0)
     model.eval()
@@ -534,12 +544,14 @@ def save(args, run: Run, record: dict):
     """Rank 0 writes weights (head only in stage 1), optimizer, RNG and data cursor; the others wait."""
     if run.rank == 0:
         model = run.model
+        # stage 1 saves the head only (the image tower is CLIP's, unchanged); stage 2 the whole model
         weights = ({f"text_head.{k}": v for k, v in model.text_head.state_dict().items()} if args.stage == 1
                    else dict(model.state_dict()))
         if args.stage == 2 and args.ema_momentum < 1:  # an EMA teacher is state too
             weights.update({f"teacher.{k}": v for k, v in run.teacher.state_dict().items()})
         meta = {"stage": args.stage, "step": run.cursor.step, "args": vars(args), "head": run.head.__dict__,
                 "metrics": record, "bad_image_paths": run.cursor.bad_image_paths}
+        # what a resumed run needs to continue as if never stopped (torch.load(weights_only=True)-safe types)
         train_state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                        "rng": ckpt.rng_state(), "cursor": asdict(run.cursor)}
         try:
@@ -547,7 +559,7 @@ def save(args, run: Run, record: dict):
             ckpt.write_run_meta(args.output, meta)
         except ckpt.CheckpointError as err:  # e.g. the disk filled up: the previous checkpoint is intact
             raise TrainingError(f"{err}, then continue with --resume latest") from err
-    if dist.is_initialized():
+    if dist.is_initialized():  # no rank runs ahead of a checkpoint being written
         dist.barrier()
 
 

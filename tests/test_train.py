@@ -164,11 +164,17 @@ def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
                              "29531", os.path.join(ROOT, "train.py"), *base, "--output", str(tmp_path / "two"),
                              "--batch-size", "4"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    for step in (1, 2, 3):
-        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5)
-    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "one")))[0]
-    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "two")))[0]
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"abs": 1e-5})
+
+
+def assert_same_runs(one_dir, two_dir, steps, loss_tol):
+    """Equal logged losses at every step and final weights within 1e-5."""
+    one, two = losses(one_dir), losses(two_dir)
+    for step in range(1, steps + 1):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], **loss_tol)
+    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(one_dir)))[0]
+    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(two_dir)))[0]
+    assert w_one.keys() == w_two.keys()
     for name in w_one:
         assert (w_one[name] - w_two[name]).abs().max() < 1e-5, name
 
@@ -294,13 +300,7 @@ def test_stage1_gather_with_grad_with_unequal_long_captions_matches_one_process(
     train.main(flags + ["--batch-size", "8", "--output", str(tmp_path / "one")])
     records = torchrun_recorded(tmp_path, 29535, flags + ["--batch-size", "4", "--output", str(tmp_path / "two")])
     assert all(r["devices"] == ["cpu"] for r in records)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    for step in (1, 2, 3):
-        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5)
-    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "one")))[0]
-    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "two")))[0]
-    for name in w_one:
-        assert (w_one[name] - w_two[name]).abs().max() < 1e-5, name
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"rel": 1e-5})
 
 
 def test_fp16_overflow_skipped_by_the_scaler_is_not_a_bad_step(world, tmp_path, monkeypatch, capsys):
