@@ -412,8 +412,7 @@ def train(args, run: Run, log):
         # optimizer step: clip the unscaled gradient; skip a non-finite step (fp16 overflow is the scaler's to skip)
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip_norm or float("inf"))
-        bad = ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) & (not run.scaler.is_enabled()))
-        if bad.item():  # the one host sync of a step (GradScaler.step makes its own for fp16)
+        if non_finite_step(run, loss, grad_norm):  # the one host sync of a step (GradScaler.step has its own)
             cursor.bad_steps += 1
             log(f"step {cursor.step}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}, step skipped")
         else:
@@ -474,6 +473,16 @@ def training_batches(args, run: Run, log):
                 yield run.stage.prepare(batch, pick_long)
         cursor.epoch += 1
         cursor.batch_in_epoch = 0
+
+
+def non_finite_step(run: Run, loss, grad_norm) -> bool:
+    """A non-finite loss, or non-finite gradients that no GradScaler handles (fp16 overflow is the scaler's to
+    skip, not a bad step). Under torchrun the verdict is shared, so every rank skips (and stops) together."""
+    bad = ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) & (not run.scaler.is_enabled()))
+    if run.world > 1:  # a loss can be non-finite on one rank only
+        bad = bad.to(torch.int32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad)
 
 
 def count_bad_images(paths, cursor: Cursor, log):
