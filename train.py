@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from miniproclip import checkpoint as ckpt
 from miniproclip.clip import CLIP
+from miniproclip.curves import write_curves
 from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
 from miniproclip.distributed import init_distributed
 from miniproclip.embed import ensure_text_cache
@@ -573,6 +574,9 @@ def save(args, run: Run, record: dict):
 
 
 def finish_message(args, run: Run, stop: StopSignal, record: dict, log):
+    """The run's curves (loss parts and eval metrics over steps, also after a resume), then what to do next."""
+    if run.rank == 0:
+        log(f"curves: {write_curves(args.output)}")
     if stop.received:
         log(f"{stop.received}: saved step {run.cursor.step} to {args.output}; continue with "
             f"`python train.py --stage {args.stage} --output {args.output} --resume latest`")

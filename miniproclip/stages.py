@@ -28,9 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 
-from .losses import ClipLoss, clamp_logit_scale_, distillation_loss, ema_update, instance_loss, \
+from .losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, instance_loss, \
     splice_micro_batch, structure_loss
 
 
@@ -50,11 +49,6 @@ class LossSettings:
 
 def distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) on each rank -> (W·B, D) in rank order; each rank's rows get the gradient summed over ranks."""
-    return torch.cat(torch.distributed.nn.all_gather(x.contiguous()), dim=0)
 
 
 def gather_rows(features: torch.Tensor, across_ranks: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("transformers")
 
@@ -47,6 +48,8 @@ def test_stage1_lowers_its_loss_then_stage2_starts_from_it(world, tmp_path):
     records = losses(tmp_path / "s1")
     first, last = [records[s]["loss"] for s in (1, 2, 3)], [records[s]["loss"] for s in (28, 29, 30)]
     assert sum(last) < 0.5 * sum(first)
+    with Image.open(tmp_path / "s1" / "curves.png") as curves:  # drawn at the end of every run
+        assert curves.size[0] > 300 and len(curves.getcolors(1 << 16)) > 3  # not a blank canvas
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
     assert meta["stage"] == 1 and meta["step"] == 30 and all(k.startswith("text_head.") for k in weights)
     train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3")])
@@ -151,6 +154,7 @@ def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
     assert process.returncode == 0, err[-2000:]
     step = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "run")))[1]["step"]
     assert 2 <= step < 500 and "--resume latest" in out
+    assert f"curves: {tmp_path / 'run' / 'curves.png'}" in out
 
 
 def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
