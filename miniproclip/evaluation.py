@@ -20,14 +20,12 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import load_meta, load_trained_weights
+from .api import load_model
 from .clip import CLIP
 from .embed import ensure_text_cache
-from .embedder import CaptionTokenizer, EmbedSettings
+from .embedder import CaptionTokenizer
 from .metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
-from .head import HeadConfig
 from .image import ImageReadError, ImageTransform, load_image
-from .model import ProCLIP
 from .tokenizer import CLIPTokenizer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -198,34 +196,21 @@ def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
 
 
 def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, precision: str, log=print) -> Encoders:
-    """A ProCLIP checkpoint: image tower from it (stage 2) or its CLIP (stage 1), LLM cache + its head for text."""
-    meta = load_meta(checkpoint)
-    try:
-        args, head = meta["args"], HeadConfig(**meta["head"])
-        clip_dir, llm_dir = args["clip"], args["llm"]
-        settings = EmbedSettings(args["max_length"], args["instruction"], False, not args["bidirectional"])
-        llm_dtype, batch_tokens = torch.bfloat16 if args["llm_dtype"] == "bf16" else torch.float32, args["batch_tokens"]
-        text_cache = text_cache or args["text_cache"]
-    except (KeyError, TypeError) as err:
-        raise BenchmarkError(f"{checkpoint}: its meta lacks {err}; is it a train.py checkpoint?") from None
-    for kind, folder in (("CLIP", clip_dir), ("LLM", llm_dir)):
-        if not os.path.isdir(folder):
-            raise BenchmarkError(f"{checkpoint} was trained with the {kind} folder {folder}, which is not there; "
-                                 f"run eval.py where train.py ran, or put the folder back")
-    model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
-    load_trained_weights(model, checkpoint)  # an EMA teacher is not evaluated
-    device = torch.device(device)
-    model = model.eval().to(device)
+    """A ProCLIP checkpoint as `load_model` reads it (api.py), with the LLM embeddings from the text cache."""
+    trained = load_model(checkpoint, device=device)
+    model, text, device = trained.model, trained.text, trained.device
+    text_cache = text_cache or text.cache
     cache = None
 
     def prepare_texts(texts):
         nonlocal cache
-        cache = ensure_text_cache(text_cache, llm_dir, texts, settings, llm_dtype, str(device), batch_tokens, log)
-        return CaptionTokenizer(llm_dir, settings)(texts)[1]
+        cache = ensure_text_cache(text_cache, text.llm_dir, texts, text.settings, text.llm_dtype, str(device),
+                                  text.batch_tokens, log)
+        return CaptionTokenizer(text.llm_dir, text.settings)(texts)[1]
 
     encode_text = inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
-    return Encoders(checkpoint, clip_dir, ImageTransform.from_folder(clip_dir),
-                    inference(model.encode_image, device, precision), encode_text, prepare_texts)
+    return Encoders(checkpoint, trained.clip_dir, trained.transform, inference(model.encode_image, device, precision),
+                    encode_text, prepare_texts)
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -5,9 +5,14 @@ Mirrors the PIL/NumPy path of transformers' CLIP image processor (`CLIPImageProc
 get_resize_output_image_size, center_crop, rescale, normalize), reading the same preprocessor_config.json.
 The output equals HF's to float32 rounding. openai/CLIP's torchvision `_transform` does the same steps but rounds
 the crop offset with round() where HF floors, and drops alpha where HF (5.x) composites it onto white.
+
+`RandomResizedCropTransform` is the training transform of the official ProCLIP code (open_clip's
+`RandomResizedCrop(scale=(0.9, 1.0))`, bicubic, then the same rescale and normalization): stage 2's default.
 """
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -129,3 +134,55 @@ class ImageTransform:
         if self.mean is not None:
             pixels = (pixels - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height) as torchvision's RandomResizedCrop.get_params draws it.
+
+    Up to 10 tries of an area fraction uniform in `scale` and an aspect ratio log-uniform in `ratio`; if none
+    fits inside the image, the largest centred crop whose ratio is clamped to `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = torch.randint(0, height - crop_height + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - crop_width + 1, size=(1,), generator=generator).item()
+            return left, top, crop_width, crop_height
+    in_ratio = width / height  # fallback: a centre crop with the ratio clamped into `ratio`
+    if in_ratio < ratio[0]:
+        crop_width, crop_height = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_width, crop_height = int(round(height * ratio[1])), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+
+
+@dataclass(kw_only=True)
+class RandomResizedCropTransform:
+    """Training transform: a random crop of 90-100% of the image's area, resized to the model's input size.
+
+    Draws from torch's global RNG (seeded per data-loader worker, as torchvision's transforms do), or from
+    `generator` when given.
+    """
+    base: ImageTransform  # its crop_size is the output size; its rescale and normalization are applied after
+    scale: tuple[float, float] = (0.9, 1.0)  # area fraction (official ProCLIP / open_clip stage-2 setting)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (torchvision's default)
+    generator: torch.Generator | None = None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 pixels, H, W = base.crop_size (or base.size when square)."""
+        if self.base.convert_rgb:
+            image = to_rgb(image)
+        out_height, out_width = self.base.crop_size or (self.base.size, self.base.size)
+        left, top, width, height = random_resized_crop_box(image.width, image.height, self.scale, self.ratio,
+                                                           self.generator)
+        image = image.resize((out_width, out_height), resample=Image.Resampling(self.base.resample),
+                             box=(left, top, left + width, top + height))  # crop and resize in one PIL call
+        return dataclasses.replace(self.base, size=None, crop_size=None)(image)  # rescale + normalize only

@@ -131,9 +131,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE (HF `LlamaAttention` names), run by SDPA."""
 
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, causal: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.causal = causal  # with no mask: SDPA's own causal masking (True) or none at all (False)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -154,9 +155,16 @@ class Attention(nn.Module):
         # RoPE: rotate each (q, k) pair by its position's angles; cos/sin are (B, 1, T, hs)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # GQA: each kv head serves n_heads / n_kv_heads query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads. SDPA's `enable_gqa` is taken by
+        # the flash kernel (no mask) and by the CPU kernel, but a mask plus enable_gqa sends a GPU to the slow
+        # math kernel; there the kv heads are repeated instead (HF's `repeat_kv`), which the efficient kernel takes
+        grouped = self.n_kv_heads != self.n_heads
+        if grouped and mask is not None and x.device.type != "cpu":
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, T, hs)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            grouped = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                                           enable_gqa=grouped)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
 
 
@@ -176,10 +184,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, causal: bool = True):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, causal)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -196,20 +204,32 @@ class DecoderLM(nn.Module):
         self.config = config
         self.causal = causal  # False: bidirectional attention over real tokens (LLM2Vec-style embedders)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, causal) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def attention_mask(self, attention_mask: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
-        """Boolean (B, 1, T, T) mask of allowed (query, key) pairs, or None when plain causal SDPA suffices."""
-        plain = attention_mask is None or bool(attention_mask.all())
-        if plain and self.causal and (self.config.sliding_window is None or T <= self.config.sliding_window):
+        """Boolean mask of allowed (query, key) pairs, or None when SDPA needs none (its fast kernels take none).
+
+        - None: no padding, or causal with right padding only (the embedder's): a real token's keys all precede
+          it, so no real token can see a pad; the pads' own outputs are never pooled.
+        - (B, 1, 1, T), bidirectional with padding: real keys only, the same for every query.
+        - (B, 1, T, T), causal with left or inner padding, or a sliding window shorter than T.
+        """
+        window = self.config.sliding_window if self.causal else None
+        windowed = window is not None and T > window
+        if attention_mask is None or bool(attention_mask.all()):
+            attention_mask = None  # nothing is padded
+        elif self.causal and not windowed and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            attention_mask = None  # right padding: 1…1 0…0 in every row
+        if attention_mask is None and not windowed:
             return None
+        if not self.causal:  # a row without real tokens sees every key rather than none (softmax of nothing = NaN)
+            real = attention_mask.bool()
+            return (real | ~real.any(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, T)
         i = torch.arange(T, device=device)
-        allowed = torch.ones(T, T, dtype=torch.bool, device=device)
-        if self.causal:
-            allowed = i[:, None] >= i[None, :]  # key j ≤ query i
-            if self.config.sliding_window is not None:
-                allowed &= i[:, None] - i[None, :] < self.config.sliding_window
+        allowed = i[:, None] >= i[None, :]  # key j ≤ query i
+        if windowed:
+            allowed &= i[:, None] - i[None, :] < window
         allowed = allowed[None, None]  # (1, 1, T, T)
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # no real token attends to padding

@@ -4,8 +4,10 @@
   L_ins + L_struct in stage 1 (text head vs. CLIP text encoder) and L_reg in stage 2 (image encoder vs. its
   teacher). They mirror VisionXLab/ProCLIP `training/train.py` (`train_one_epoch_stage1/2`): `F.mse_loss` and
   `F.smooth_l1_loss(F.pdist(.), F.pdist(.))`, both with `reduction="sum"` by default, per-device batch, no gather.
+  `pairwise_distances` gives pdist's values and gradients in O(B²) memory (CUDA's pdist backward takes O(B²·D)).
 - `ClipLoss`: the symmetric InfoNCE of mlfoundations/open_clip `src/open_clip/loss.py` (`ClipLoss`,
-  `gather_features`), with the same `local_loss` / `gather_with_grad` / `rank` / `world_size` switches.
+  `gather_features`), with the same `local_loss` / `gather_with_grad` / `rank` / `world_size` switches;
+  `all_gather_with_grad` is the gather whose backward returns each rank its rows' gradient.
 - `splice_micro_batch`: the feature splicing of open_clip's `--accum-freq` (open_clip_train/train.py).
 - `ema_update`, `clamp_logit_scale_`: the stage-2 teacher update and open_clip's `clamp_(0, ln 100)`.
 
@@ -17,11 +19,13 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
 
 REDUCTIONS = ("sum", "mean")
+# torch 2.13 renamed the single-tensor collectives (the `_tensor` names now warn); older torch has only those
+ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def _fp32_region(tensor: torch.Tensor):
@@ -51,21 +55,56 @@ def instance_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str =
         return F.mse_loss(student.float(), teacher.detach().float(), reduction=reduction)
 
 
+class PairwiseDistances(torch.autograd.Function):
+    """(B, D) -> (B, B) Euclidean distances with F.pdist's values and backward, in O(B²) memory.
+
+    F.pdist's CUDA backward materialises every difference x_i - x_j: (B-1)·B·D floats, 48 GiB for B=4096, D=768.
+    Here the forward is the exact difference kernel of cdist (no Gram-matrix cancellation, so equal rows give
+    exactly 0), and the backward is pdist's formula grad_i = sum_j W_ij (x_i - x_j) with W_ij = g_ij / d_ij,
+    regrouped as x_i * sum_j W_ij - (W @ x)_i: two (B, B) matrices and one matmul, never a (B, B, D) tensor.
+    The regrouping costs precision only for nearly equal rows (large W_ij): an fp32 rounding of |W_ij|·|x|.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (B, B), diagonal exactly 0
+        ctx.save_for_backward(x, distances)
+        return distances
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, distances = ctx.saved_tensors
+        # d_ij = d_ji, so pair (i, j) receives the gradient of both entries; the zero-distance rule of pdist's
+        # backward (ATen DistanceOpsKernel.cpp / DistanceKernel.cu: `dist == 0 ? 0 : grad * diff / dist`) sets
+        # W_ij = 0 for equal rows and the diagonal (their 0/0 = NaN is overwritten), so no NaN reaches x
+        weights = (grad + grad.T).div_(distances).masked_fill_(distances == 0, 0.0)  # (B, B), in place: 0/0 -> 0
+        return x * weights.sum(1, keepdim=True) - weights @ x  # (B, D)
+
+
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (B, B) with d_ij = ||x_i - x_j||: F.pdist's values (its upper triangle) and gradients."""
+    return PairwiseDistances.apply(x)
+
+
 def structure_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum",
                    beta: float = 1.0) -> torch.Tensor:
     """L_struct: Huber (smooth L1, threshold `beta`) between the batch's pairwise Euclidean distances.
 
     Over the B(B-1)/2 pairs i<j: sum of huber(||s_i - s_j|| - ||u_i - u_j||); "mean" divides by the number of
-    pairs. Identical rows (distance 0, e.g. a caption repeated in the batch) are safe: the backward of
-    `F.pdist` defines the gradient of a zero distance as 0 (ATen `DistanceOpsKernel.cpp` on CPU and
-    `DistanceKernel.cu` on CUDA, `dist == 0 ? 0 : grad * diff / dist`), so no NaN/inf appears and no eps is needed.
+    pairs. The official code's `F.pdist` is replaced by `pairwise_distances` (same values and gradients, O(B²)
+    memory). Identical rows (distance 0, e.g. a caption repeated in the batch) are safe: as in pdist's backward,
+    a zero distance has gradient 0, so no NaN/inf appears and no eps is needed.
     A batch of one row has no pairs: its loss is 0 ("sum") or NaN ("mean", as F.smooth_l1_loss of empty input).
     """
     _check_pair(student, teacher, reduction)
     with _fp32_region(student):
-        student_dist = F.pdist(student.float())  # (B(B-1)/2,) in the order (0,1), (0,2), ..., (B-2,B-1)
-        teacher_dist = F.pdist(teacher.detach().float())
-        return F.smooth_l1_loss(student_dist, teacher_dist, beta=beta, reduction=reduction)
+        student_dist = pairwise_distances(student.float())  # (B, B), symmetric, zero diagonal
+        with torch.no_grad():
+            teacher_dist = torch.cdist(teacher.float(), teacher.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        per_pair = F.smooth_l1_loss(student_dist, teacher_dist, beta=beta, reduction="none").triu(1)  # pairs i<j
+        if reduction == "sum":
+            return per_pair.sum()
+        return per_pair.sum() / (student.shape[0] * (student.shape[0] - 1) // 2)  # 0 pairs: 0/0 = NaN
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, ins_weight: float = 1.0,
@@ -85,18 +124,43 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, ins_weight: 
 # -----------------------------------------------------------------------------
 # contrastive loss (stage 2)
 
+class AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sends every rank the sum over ranks of its rows' gradients (a reduce-scatter).
+
+    Replaces `torch.distributed.nn.all_gather` (which warns on use) with the two single-tensor collectives:
+    all-gather forward, reduce-scatter backward. Every rank must pass the same shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        gathered = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))  # (W*B, ...), rank order
+        ALL_GATHER_SINGLE(gathered, x)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        own = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))  # (B, ...)
+        REDUCE_SCATTER_SINGLE(own, grad, op=dist.ReduceOp.SUM)  # rank r: sum over ranks of rows r*B..r*B+B-1
+        return own
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world_size * B, ...) in rank order; gradients flow back to each rank's rows."""
+    return AllGatherWithGrad.apply(x)
+
+
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, local_loss: bool,
                     gather_with_grad: bool, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather (B, D) features from every rank into (world_size * B, D), rank order, as open_clip does.
 
-    With `gather_with_grad`, torch.distributed.nn.all_gather sends each rank's gradient back to the rank that
-    owns the rows (summed over ranks). Without it the gathered copies carry no gradient; unless `local_loss`,
-    this rank's own slot is replaced by the local tensors so its rows still get a gradient.
+    With `gather_with_grad`, `all_gather_with_grad` sends each rank's gradient back to the rank that owns the
+    rows (summed over ranks). Without it the gathered copies carry no gradient; unless `local_loss`, this rank's
+    own slot is replaced by the local tensors so its rows still get a gradient.
     """
     if gather_with_grad:
-        all_image = torch.cat(torch.distributed.nn.all_gather(image_features), dim=0)
-        all_text = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
-        return all_image, all_text
+        return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
     gathered_image = [torch.zeros_like(image_features) for _ in range(world_size)]
     gathered_text = [torch.zeros_like(text_features) for _ in range(world_size)]
     dist.all_gather(gathered_image, image_features.contiguous())
@@ -197,11 +261,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         return
     student_params = dict(student.named_parameters())
     student_buffers = dict(student.named_buffers())
+    teacher_params, sources = [], []
     for name, param in teacher.named_parameters():
         if name not in student_params:
             raise ValueError(f"EMA teacher parameter {name!r} has no counterpart in the student; "
                              "pass the unwrapped student module with the same architecture")
-        param.lerp_(student_params[name].to(param.dtype), 1.0 - momentum)  # t + (1-m)(s - t)
+        teacher_params.append(param)
+        sources.append(student_params[name].to(param.dtype))
+    torch._foreach_lerp_(teacher_params, sources, 1.0 - momentum)  # t + (1-m)(s - t), few kernels for all
     for name, buffer in teacher.named_buffers():
         if name in student_buffers:
             buffer.copy_(student_buffers[name])

@@ -1,4 +1,4 @@
-"""The two ProCLIP training stages as loss functions over a batch, with contrastive-aware accumulation.
+"""The two ProCLIP training stages: each stage's features and loss in one class, and contrastive-aware accumulation.
 
 Stage 1, representation inheritance (paper section 3.2): the frozen CLIP text encoder teaches LLM+head.
     L = w_ins · (L_ins(short) + L_ins(long)) + w_struct · L_struct(short)
@@ -9,11 +9,18 @@ Stage 2, contrastive tuning (paper section 3.3): the image encoder trains agains
     L = InfoNCE(v, s) + λ · (w_ins · L_ins(v, v̂) + w_struct · L_struct(v, v̂))
   where v̂ are the features of a frozen (or EMA) copy of the initial image encoder.
 
+Under torchrun, InfoNCE sees the global batch (open_clip's gather). L_reg is per device by default, as in the
+official code: DDP then applies λ · (1/W) Σ_r L_reg(rank r's rows), i.e. with the "sum" reduction the instance
+term weighs 1/W of what it weighs on one device holding the global batch. `reg_scope="global"` computes L_reg
+over the gathered global batch instead, so W ranks × B rows train exactly like one device × W·B rows.
+
 Accumulation (`accum_freq` > 1, open_clip's scheme): a first no-grad pass computes every micro-batch's features;
 then each micro-batch is recomputed with gradient and the loss is taken over the whole batch with the other
 micro-batches' cached features, so negatives and pairwise distances still cover the full batch and the summed
 gradient equals the full-batch one. The temperature gets its gradient in the last micro-batch only (open_clip
 counts it once per micro-batch, i.e. accum_freq times too much).
+
+Each stage's frozen-teacher features come from one method, `teacher_features`, the place a feature cache plugs in.
 """
 
 import contextlib
@@ -21,36 +28,66 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 
-from .losses import ClipLoss, distillation_loss, instance_loss, splice_micro_batch, structure_loss
+from .losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, instance_loss, \
+    splice_micro_batch, structure_loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossSettings:
     ins_weight: float = 1.0  # w_ins
     struct_weight: float = 1.0  # w_struct
     reg_weight: float = 1.0  # λ, stage 2 only (not published; reported with every result)
     reduction: str = "sum"  # the official code's; "mean" makes the loss scale independent of the batch size
-    gather_with_grad: bool = False  # distillation terms over the global batch too (else per device, as official)
+    gather_with_grad: bool = False  # InfoNCE and the stage-1 terms over the global batch (open_clip's flag)
     local_loss: bool = False  # InfoNCE: score local rows against all (open_clip --local-loss)
+    reg_scope: str = "device"  # L_reg over this device's rows (official) or the gathered "global" batch
 
 
-def gather_rows(features: torch.Tensor, settings: LossSettings) -> torch.Tensor:
-    """All ranks' rows with gradient when `--gather-with-grad` under torchrun; the local rows otherwise."""
-    if settings.gather_with_grad and dist.is_initialized() and dist.get_world_size() > 1:
-        return torch.cat(torch.distributed.nn.all_gather(features.contiguous()), dim=0)
-    return features
+# -----------------------------------------------------------------------------
+# gathering rows across ranks (same collectives, same shapes on every rank)
 
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_rows(features: torch.Tensor, across_ranks: bool) -> torch.Tensor:
+    """All ranks' rows with gradient when `across_ranks` under torchrun; the local rows otherwise."""
+    return all_gather_with_grad(features) if across_ranks and distributed() else features
+
+
+def gather_padded(features: torch.Tensor, capacity: int, across_ranks: bool) -> torch.Tensor:
+    """Like gather_rows for a row count that differs between ranks, up to `capacity` (equal on every rank).
+
+    Every rank pads its rows to `capacity` and gathers rows and a validity mask, so the collectives and their
+    shapes are the same everywhere (an all_gather of unequal sizes aborts gloo and hangs NCCL); the padding rows
+    are then dropped, leaving the valid rows in rank order.
+    """
+    if not (across_ranks and distributed()):
+        return features
+    padded = features.new_zeros(capacity, features.shape[1])  # (capacity, D)
+    padded = torch.cat([features, padded[features.shape[0]:]])  # keeps the rows' autograd history
+    valid = torch.arange(capacity, device=features.device) < features.shape[0]  # (capacity,) bool
+    return all_gather_with_grad(padded)[all_gather_with_grad(valid.to(features.dtype)).bool()]
+
+
+# -----------------------------------------------------------------------------
+# the stage losses over a batch's features
 
 def stage1_loss(f: dict, settings: LossSettings) -> tuple[torch.Tensor, dict]:
-    """Stage-1 loss from features {student_short, teacher_short, student_long, teacher_long}, each (B_k, D)."""
-    s, u = gather_rows(f["student_short"], settings), gather_rows(f["teacher_short"], settings)
+    """Stage-1 loss from features {student_short, teacher_short, student_long, teacher_long}, each (B_k, D).
+
+    There are at most as many long captions as short ones (one per row), so `len(short)` bounds their count on
+    every rank; the branch on the long set is taken on the gathered count, which all ranks share.
+    """
+    across, rows = settings.gather_with_grad, f["student_short"].shape[0]
+    s, u = gather_rows(f["student_short"], across), gather_rows(f["teacher_short"], across)
     ins = instance_loss(s, u, settings.reduction)
     struct = structure_loss(s, u, settings.reduction) if s.shape[0] > 1 else s.new_zeros(())
-    if f["student_long"].shape[0] > 0:  # rows with a long caption: instance term only, as the official code
-        ins = ins + instance_loss(gather_rows(f["student_long"], settings), gather_rows(f["teacher_long"], settings),
-                                  settings.reduction)
+    s_long = gather_padded(f["student_long"], rows, across)
+    u_long = gather_padded(f["teacher_long"], rows, across)
+    if s_long.shape[0] > 0:  # rows with a long caption: instance term only, as the official code
+        ins = ins + instance_loss(s_long, u_long, settings.reduction)
     total = settings.ins_weight * ins + settings.struct_weight * struct
     return total, {"ins": ins.detach(), "struct": struct.detach()}
 
@@ -60,7 +97,8 @@ def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scal
     """Stage-2 loss from features {image, text, teacher_image}, each (B, D); `logit_scale` is the log."""
     scale = (logit_scale if last else logit_scale.detach()).exp()
     contrastive = clip_loss(f["image"], f["text"], scale)
-    reg, parts = distillation_loss(gather_rows(f["image"], settings), gather_rows(f["teacher_image"], settings),
+    across = settings.reg_scope == "global"
+    reg, parts = distillation_loss(gather_rows(f["image"], across), gather_rows(f["teacher_image"], across),
                                    settings.ins_weight, settings.struct_weight, settings.reduction)
     total = contrastive + settings.reg_weight * reg
     return total, {"contrastive": contrastive.detach(), "reg": reg.detach(),
@@ -73,9 +111,9 @@ def accumulated_backward(micro_batches: list, features_fn, loss_fn, no_sync=cont
 
     features_fn(micro_batch, student_only) -> dict of (B_j, D) features; with student_only=True it may skip
     the no-grad teacher features (they are reused from the first pass). loss_fn(features, last) -> (loss, parts).
-    `no_sync` is DDP's context that defers the gradient all-reduce to the last backward; `backward(loss)` lets
-    a GradScaler scale the loss first (fp16).
-    Returns the loss and its parts (detached).
+    `no_sync` is DDP's context that defers the gradient all-reduce to the last backward: the forward of the
+    other micro-batches must run inside it too, or DDP expects their gradients in this step's reduction.
+    `backward(loss)` lets a GradScaler scale the loss first (fp16). Returns the loss and its parts (detached).
     """
     if len(micro_batches) == 1:
         loss, parts = loss_fn(features_fn(micro_batches[0], False), True)
@@ -84,11 +122,96 @@ def accumulated_backward(micro_batches: list, features_fn, loss_fn, no_sync=cont
     with torch.no_grad():
         cached = [features_fn(mb, False) for mb in micro_batches]
     for j, micro_batch in enumerate(micro_batches):
-        fresh = features_fn(micro_batch, True)
-        spliced = {key: splice_micro_batch([c[key] for c in cached], j, fresh[key]) if key in fresh
-                   else torch.cat([c[key] for c in cached]) for key in cached[0]}
         last = j == len(micro_batches) - 1
-        loss, parts = loss_fn(spliced, last)
-        with contextlib.nullcontext() if last else no_sync():
+        with contextlib.nullcontext() if last else no_sync():  # one gradient all-reduce per step, in the last
+            fresh = features_fn(micro_batch, True)
+            spliced = {key: splice_micro_batch([c[key] for c in cached], j, fresh[key]) if key in fresh
+                       else torch.cat([c[key] for c in cached]) for key in cached[0]}
+            loss, parts = loss_fn(spliced, last)
             backward(loss)
     return loss.detach(), parts
+
+
+# -----------------------------------------------------------------------------
+# the stages: what a micro-batch's features are, and the loss over them
+
+class Stage1:
+    """Representation inheritance: the head learns to map cached LLM embeddings onto CLIP's text features."""
+
+    def __init__(self, *, forward, teacher, tokenizer, cache, device, autocast, settings, skip_truncated_long):
+        self.forward, self.teacher, self.tokenizer, self.cache = forward, teacher, tokenizer, cache
+        self.device, self.autocast, self.settings = device, autocast, settings
+        self.skip_truncated_long = skip_truncated_long
+        self.teacher_truncated = 0  # captions the 77-token teacher saw cut (logged)
+
+    def prepare(self, batch: dict, pick_long: list[bool]) -> dict:
+        return batch  # both caption sets are used
+
+    def captions(self, micro_batch: dict) -> tuple[list[str], list[str]]:
+        short, long_ = micro_batch["captions"], [c for c in micro_batch["long_captions"] if c]
+        if self.skip_truncated_long:  # a cut caption's target describes its first 77 tokens only
+            long_ = [c for c, cut in zip(long_, self.tokenizer(long_).truncated.tolist()) if not cut]
+        return short, long_
+
+    @torch.no_grad()
+    def teacher_features(self, texts: list[str]) -> torch.Tensor:
+        """CLIP's text features of `texts`, each cut to its 77-token window: (N, D), L2-normalised."""
+        tokens = self.tokenizer(texts)
+        self.teacher_truncated += tokens.num_truncated
+        with self.autocast:
+            return self.teacher.encode_text(tokens.input_ids.to(self.device), normalize=True)
+
+    def features(self, micro_batch: dict, student_only: bool) -> dict:
+        short, long_ = self.captions(micro_batch)
+        with self.autocast:
+            _, student = self.forward(llm_embeddings=self.cache(short + long_).to(self.device, non_blocking=True))
+        f = {"student_short": student[:len(short)], "student_long": student[len(short):]}
+        if not student_only:
+            taught = self.teacher_features(short + long_)
+            f["teacher_short"], f["teacher_long"] = taught[:len(short)], taught[len(short):]
+        return f
+
+    def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
+        return stage1_loss(features, self.settings)
+
+    def after_step(self) -> None:
+        pass  # nothing but the head changes
+
+
+class Stage2:
+    """Contrastive tuning: the image tower and temperature learn against LLM+head, with L_reg to the teacher."""
+
+    def __init__(self, *, forward, model, teacher, cache, device, autocast, settings, clip_loss, ema_momentum):
+        self.forward, self.model, self.teacher, self.cache = forward, model, teacher, cache
+        self.device, self.autocast, self.settings, self.clip_loss = device, autocast, settings, clip_loss
+        self.ema_momentum = ema_momentum
+        self.teacher_truncated = 0  # stage 2 has no text teacher
+
+    def prepare(self, batch: dict, pick_long: list[bool]) -> dict:
+        """Per sample, the short or the long caption at random (the official loader)."""
+        batch["text"] = [lc if (lc and pick_long[i]) else c
+                         for i, c, lc in zip(batch["indices"], batch["captions"], batch["long_captions"])]
+        return batch
+
+    @torch.no_grad()
+    def teacher_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen (or EMA) image tower's features v̂: (B, D), L2-normalised."""
+        with self.autocast:
+            return self.teacher.encode_image(pixels)
+
+    def features(self, micro_batch: dict, student_only: bool) -> dict:
+        pixels = micro_batch["pixels"].to(self.device, non_blocking=True)
+        with self.autocast:
+            image, text = self.forward(pixels, self.cache(micro_batch["text"]).to(self.device, non_blocking=True))
+        f = {"image": image, "text": text}
+        if not student_only:
+            f["teacher_image"] = self.teacher_features(pixels)
+        return f
+
+    def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
+        return stage2_loss(features, self.settings, self.clip_loss, self.model.logit_scale, last)
+
+    def after_step(self) -> None:
+        """Clamp the temperature to τ ≤ 100 (CLIP), then move the EMA teacher (momentum 1: it stays frozen)."""
+        clamp_logit_scale_(self.model.logit_scale)
+        ema_update(self.teacher, self.model, self.ema_momentum)

@@ -18,9 +18,9 @@ pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, timeout: int = 300) -> str:
     done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--device", "cpu", "--threads", "1", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^machine: CPU: .+, torch \S+, .*threads 1, dtype float32", done.stdout, re.M), done.stdout
     return done.stdout
@@ -67,3 +67,30 @@ def test_train_step_quick():
     assert float(eager[1]) > 0 and float(eager[2]) > 0 and float(eager[3]) > float(eager[4]) > 0  # ms, /s, MiB
     # checkpointing recomputes the forward in backward: it counts more FLOPs than the eager step
     assert float(checkpointed[6]) > float(eager[6]) > 0
+
+
+def test_attention_quick():
+    output = run("attention.py")
+    distances, _, *attention = table_rows(output)  # two tables; the second's header is the `_` row
+    assert distances[0] == "64×32" and float(distances[1]) > 0 and float(distances[2]) > 0
+    assert float(distances[3]) >= 0 and float(distances[4]) >= 0  # peak MiB of each kernel
+    assert [row[0] for row in attention] == [f"{kind}, {case}" for case in ("unpadded", "right-padded", "left-padded")
+                                             for kind in ("causal", "bidirectional")]
+    for row in attention:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        assert float(row[5]) < 1e-5  # the new mask forms give the old outputs on real tokens
+
+
+def test_gpu_check_quick():
+    """The GPU check's CPU mode: every section runs (tiny models), nothing failed, timed out or was skipped."""
+    output = run("gpu_check.py", timeout=420)
+    for title in ("Both stages end to end", "Stage-2 step", "Forward vs transformers", "LLM embedding throughput",
+                  "L_struct distances and LLM attention"):
+        assert re.search(rf"^### \d\. {re.escape(title)}", output, re.M), title
+    assert not re.search(r"failed|timed out|skipped", output), output
+    runs = {row[0]: row for row in table_rows(output.split("### 2.")[0])}
+    assert list(runs) == ["stage 1, amp_bf16", "stage 2, amp_bf16", "stage 2, amp (fp16, GradScaler)",
+                          "stage 2, amp_bf16, --grad-checkpointing", "stage 2, amp_bf16, --accum-freq 2"]
+    for row in runs.values():
+        assert row[1] == "ok" and row[3] == "2" and 0 < float(row[4]) < 1e4  # 2 steps, a finite loss
+    assert re.search(r"^gpu_check: \d+ s in all", output, re.M)

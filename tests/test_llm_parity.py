@@ -108,6 +108,40 @@ def test_left_and_right_padding_and_single_rows_pool_the_same(tmp_path, causal):
     assert (right - singles).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
+def test_left_padded_batch_matches_transformers(tmp_path, kind):
+    # left padding needs the full (B, 1, T, T) mask (mistral: with its 4-token window); transformers is given the
+    # same positions (counted over real tokens), since it would count the pads
+    reference = save_tiny(kind, tmp_path)
+    ours = DecoderLM.from_pretrained(str(tmp_path))
+    ids, mask = left_pad(*batch())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        mine = ours(ids, mask)
+    real = mask.bool()
+    assert (mine[real] - theirs[real]).abs().max() < TOL
+
+
+def test_attention_mask_forms(tmp_path):
+    """SDPA's fast kernels take no mask or a plain one: the mask is only as large as the padding requires."""
+    save_tiny("llama", tmp_path)
+    causal, bidirectional = (DecoderLM.from_pretrained(str(tmp_path), causal=c) for c in (True, False))
+    ids, right = batch()
+    _, left = left_pad(ids, right)
+    full = torch.ones_like(right)
+    assert causal.attention_mask(full, 12, "cpu") is None and bidirectional.attention_mask(None, 12, "cpu") is None
+    assert causal.attention_mask(right, 12, "cpu") is None  # right padding: no real token sees a pad anyway
+    assert causal.attention_mask(left, 12, "cpu").shape == (3, 1, 12, 12)
+    key_mask = bidirectional.attention_mask(right, 12, "cpu")
+    assert key_mask.shape == (3, 1, 1, 12) and torch.equal(key_mask[:, 0, 0], right.bool())
+    empty_row = right.clone()
+    empty_row[0] = 0  # a row without real tokens sees every key instead of none (NaN)
+    assert bidirectional.attention_mask(empty_row, 12, "cpu")[0].all()
+    with torch.no_grad():
+        assert torch.isfinite(bidirectional(ids, empty_row)).all()
+
+
 def test_bidirectional_attention_sees_later_tokens(tmp_path):
     save_tiny("llama", tmp_path)
     ids, _ = batch()

@@ -2,6 +2,7 @@
 gradient flow, a 2-process gloo run of ClipLoss against the single-process loss, EMA and clamp."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from miniproclip.losses import (ClipLoss, clamp_logit_scale_, distillation_loss, ema_update, instance_loss,
+from miniproclip.losses import (ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update,
+                                instance_loss, pairwise_distances,
                                 splice_micro_batch, structure_loss)
 
 
@@ -97,6 +99,49 @@ def test_structure_loss_identical_rows_have_finite_hand_gradient():
                 residual = d - math.dist(t[i], t[j])
                 expected[i] += np.clip(residual, -1.0, 1.0) * (x[i] - x[j]) / d
     torch.testing.assert_close(s.grad.double(), torch.from_numpy(expected), atol=1e-6, rtol=0)
+
+
+def rows_with_duplicates(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """(9, 7) rows, not unit length, with row 3 = row 0 and rows 5 = 6 = 8 (repeated captions)."""
+    x = torch.randn(9, 7, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2
+    x[3], x[6], x[8] = x[0], x[5], x[5]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_distances_equal_pdist_values_and_gradients(dtype):
+    x = rows_with_duplicates(dtype, seed=20)
+    upstream = torch.randn(9 * 8 // 2, generator=torch.Generator().manual_seed(21), dtype=dtype)
+    rows, cols = torch.triu_indices(9, 9, offset=1)  # pdist's pair order (0,1), (0,2), ..., (7,8)
+    ours_x, pdist_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = pairwise_distances(ours_x)
+    reference = F.pdist(pdist_x)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours[rows, cols], reference, atol=tol, rtol=0)
+    torch.testing.assert_close(ours, ours.T, atol=0, rtol=0)  # symmetric, exact zeros on the diagonal
+    assert ours[0, 3] == 0 and ours[5, 8] == 0 and ours.diagonal().eq(0).all()
+    (ours[rows, cols] * upstream).sum().backward()  # only the upper triangle carries gradient, as pdist's
+    (reference * upstream).sum().backward()
+    assert torch.isfinite(ours_x.grad).all()
+    torch.testing.assert_close(ours_x.grad, pdist_x.grad, atol=10 * tol, rtol=0)
+    # a gradient arriving on both triangles counts for the pair twice, as d_ij and d_ji are one distance
+    full_x, twice_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    pairwise_distances(full_x).sum().backward()
+    (2 * F.pdist(twice_x).sum()).backward()
+    torch.testing.assert_close(full_x.grad, twice_x.grad, atol=10 * tol, rtol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_structure_loss_equals_official_pdist_formula(reduction):
+    # the official code: F.smooth_l1_loss(F.pdist(s), F.pdist(u)); with repeated rows in both batches
+    s, u = rows_with_duplicates(torch.float32, seed=22), rows_with_duplicates(torch.float32, seed=23)
+    ours_s, official_s = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    ours = structure_loss(ours_s, u, reduction, beta=0.5)
+    official = F.smooth_l1_loss(F.pdist(official_s), F.pdist(u), beta=0.5, reduction=reduction)
+    torch.testing.assert_close(ours, official, atol=1e-5, rtol=1e-6)
+    ours.backward()
+    official.backward()
+    torch.testing.assert_close(ours_s.grad, official_s.grad, atol=1e-5, rtol=0)
 
 
 def test_distillation_loss_combines_weighted_parts():
@@ -215,13 +260,23 @@ def _ddp_worker(rank, world_size, init_method, image, text, tau, out_dir):
     try:
         rows = slice(rank * len(image) // world_size, (rank + 1) * len(image) // world_size)
         results = {}
-        for gather_with_grad, local_loss in DDP_CONFIGS:
-            v = image[rows].clone().requires_grad_(True)
-            s = text[rows].clone().requires_grad_(True)
-            scale = tau.clone().requires_grad_(True)
-            loss = ClipLoss(local_loss, gather_with_grad, rank, world_size)(v, s, scale)
-            loss.backward()
-            results[(gather_with_grad, local_loss)] = (loss.detach(), v.grad, s.grad, scale.grad)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for gather_with_grad, local_loss in DDP_CONFIGS:
+                v = image[rows].clone().requires_grad_(True)
+                s = text[rows].clone().requires_grad_(True)
+                scale = tau.clone().requires_grad_(True)
+                loss = ClipLoss(local_loss, gather_with_grad, rank, world_size)(v, s, scale)
+                loss.backward()
+                results[(gather_with_grad, local_loss)] = (loss.detach(), v.grad, s.grad, scale.grad)
+            # the bare gather: rank r's loss weighs the gathered rows by (r + 1) * image, so row i's gradient
+            # summed over ranks is (1 + 2) * image[i] whichever rank owns it
+            x = image[rows].clone().requires_grad_(True)
+            gathered = all_gather_with_grad(x)
+            (gathered * image * (rank + 1)).sum().backward()
+            results["gather"] = (gathered.detach(), x.grad)
+        results["warnings"] = [str(w.category.__name__) + ": " + str(w.message) for w in caught
+                               if issubclass(w.category, (FutureWarning, DeprecationWarning))]
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -238,6 +293,10 @@ def test_clip_loss_two_process_gloo_matches_single_process(tmp_path):
     full_loss = ClipLoss()(v, s, scale)
     full_loss.backward()
 
+    for r in ranks:
+        assert r["warnings"] == []  # torch.distributed.nn.all_gather warned on every call
+        torch.testing.assert_close(r["gather"][0], image, atol=0, rtol=0)  # all rows, in rank order
+    torch.testing.assert_close(torch.cat([r["gather"][1] for r in ranks]), 3 * image, atol=1e-6, rtol=0)
     for config in DDP_CONFIGS:
         gather_with_grad, local_loss = config
         losses, image_grads, text_grads, tau_grads = zip(*(r[config] for r in ranks))
@@ -273,6 +332,17 @@ def test_ema_update_hand_values():
     torch.testing.assert_close(teacher.proj.bias, torch.tensor([0.6]), atol=1e-6, rtol=0)
     assert teacher.count.item() == 7  # buffers copied
     assert student.proj.weight.tolist() == [[3.0, -2.0]]  # student untouched
+
+
+def test_ema_update_foreach_equals_per_tensor_lerp():
+    torch.manual_seed(30)
+    teacher = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3, bias=False))
+    student = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3, bias=False))
+    with torch.no_grad():
+        expected = [t.clone().lerp_(s, 1.0 - 0.97) for t, s in zip(teacher.parameters(), student.parameters())]
+    ema_update(teacher, student, momentum=0.97)
+    for param, want in zip(teacher.parameters(), expected):
+        assert torch.equal(param, want)  # same kernel arithmetic: bitwise equal to the per-tensor loop
 
 
 def test_ema_update_momentum_one_freezes_teacher():

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("transformers")
 
@@ -46,6 +48,8 @@ def test_stage1_lowers_its_loss_then_stage2_starts_from_it(world, tmp_path):
     records = losses(tmp_path / "s1")
     first, last = [records[s]["loss"] for s in (1, 2, 3)], [records[s]["loss"] for s in (28, 29, 30)]
     assert sum(last) < 0.5 * sum(first)
+    with Image.open(tmp_path / "s1" / "curves.png") as curves:  # drawn at the end of every run
+        assert curves.size[0] > 300 and len(curves.getcolors(1 << 16)) > 3  # not a blank canvas
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
     assert meta["stage"] == 1 and meta["step"] == 30 and all(k.startswith("text_head.") for k in weights)
     train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3")])
@@ -150,12 +154,13 @@ def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
     assert process.returncode == 0, err[-2000:]
     step = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "run")))[1]["step"]
     assert 2 <= step < 500 and "--resume latest" in out
+    assert f"curves: {tmp_path / 'run' / 'curves.png'}" in out
 
 
 def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
     """torchrun with 2 gloo ranks × batch 4 and --gather-with-grad == 1 process × batch 8 (stage 2, fp32)."""
     base = ["--stage", "2", "--init", str(tmp_path / "s1"), "--max-steps", "3", "--train-data", world["data"],
-            "--workers", "0", "--gather-with-grad", "--warmup", "1"]
+            "--workers", "0", "--gather-with-grad", "--reg-scope", "global", "--train-crop", "center", "--warmup", "1"]
     train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "2")])
     train.main(base + ["--output", str(tmp_path / "one"), "--batch-size", "8"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -163,11 +168,17 @@ def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
                              "29531", os.path.join(ROOT, "train.py"), *base, "--output", str(tmp_path / "two"),
                              "--batch-size", "4"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    for step in (1, 2, 3):
-        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5)
-    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "one")))[0]
-    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "two")))[0]
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"abs": 1e-5})
+
+
+def assert_same_runs(one_dir, two_dir, steps, loss_tol):
+    """Equal logged losses at every step and final weights within 1e-5."""
+    one, two = losses(one_dir), losses(two_dir)
+    for step in range(1, steps + 1):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], **loss_tol)
+    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(one_dir)))[0]
+    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(two_dir)))[0]
+    assert w_one.keys() == w_two.keys()
     for name in w_one:
         assert (w_one[name] - w_two[name]).abs().max() < 1e-5, name
 
@@ -218,3 +229,129 @@ def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
     assert filled("2", "--init", "scratch") == (1e-3, 1e-5)
     assert filled("2", "--init", "runs/s1") == (1e-4, 1e-5)  # a trained head keeps what it inherited
     assert filled("2", "--init", "runs/s1", "--lr", "0", "--lr-vision", "0") == (0.0, 0.0)  # 0 is not "unset"
+
+
+# ----------------------------------------------------------------------------- torchrun on 2 gloo ranks, fp16
+
+HARNESS = """
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+sys.path.insert(0, sys.argv[1])
+import train
+
+devices, rounds = set(), [0]
+
+def recording(collective):  # the device of every tensor handed to a collective
+    def wrapper(*args, **kwargs):
+        for arg in args:
+            for t in arg if isinstance(arg, (list, tuple)) else [arg]:
+                if isinstance(t, torch.Tensor):
+                    devices.add(str(t.device))
+        return collective(*args, **kwargs)
+    return wrapper
+
+for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "all_to_all"):
+    setattr(dist, name, recording(getattr(dist, name)))
+ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+
+def init(self, *args, **kwargs):  # count DDP's gradient all-reduce rounds (one per backward that syncs)
+    ddp_init(self, *args, **kwargs)
+    def hook(state, bucket):
+        rounds[0] += bucket.is_last()
+        return allreduce_hook(None, bucket)
+    self.register_comm_hook(None, hook)
+
+torch.nn.parallel.DistributedDataParallel.__init__ = init
+train.main(sys.argv[3:])
+with open(sys.argv[2] + "." + os.environ["RANK"] + ".json", "w") as f:
+    json.dump({"devices": sorted(devices), "all_reduce_rounds": rounds[0]}, f)
+"""
+
+
+def torchrun_recorded(tmp_path, port, argv):
+    """train.py on 2 gloo ranks, recording collectives; returns each rank's record."""
+    (tmp_path / "harness.py").write_text(HARNESS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), str(tmp_path / "harness.py"), ROOT, str(tmp_path / "record"), *argv],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)  # a hang fails
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"record.{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_ddp_accumulation_runs_with_one_gradient_all_reduce_per_step(world, tmp_path):
+    """Stage 2 with --accum-freq 2 on 2 ranks: finishes (today's code: 'Expected to have finished reduction'),
+    with one DDP all-reduce round per optimizer step, and every collective gets tensors on the run's device."""
+    train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "1")])
+    records = torchrun_recorded(tmp_path, 29533, [
+        "--stage", "2", "--init", str(tmp_path / "s1"), "--max-steps", "3", "--train-data", world["data"],
+        "--workers", "0", "--batch-size", "4", "--accum-freq", "2", "--output", str(tmp_path / "two")])
+    assert [r["all_reduce_rounds"] for r in records] == [3, 3]
+    assert all(r["devices"] == ["cpu"] for r in records)  # the training device here (CUDA: cuda:<LOCAL_RANK>)
+    assert sorted(losses(tmp_path / "two")) == [1, 2, 3]
+
+
+def test_stage1_gather_with_grad_with_unequal_long_captions_matches_one_process(world, tmp_path):
+    """2 ranks × 4 rows holding different numbers of long captions, --gather-with-grad == 1 process × 8 rows."""
+    from miniproclip.data import epoch_batches
+    data = write_tiny_pairs(tmp_path / "data", long_every=3)  # rows 0, 3, 6, ... have a long caption
+    long_counts = [[sum(i % 3 == 0 for i in batch) for batch in epoch_batches(24, 4, seed=0, epoch=0, rank=r,
+                                                                              world_size=2)] for r in (0, 1)]
+    assert long_counts[0] != long_counts[1]  # the case under test: ranks gather unequal long-caption sets
+    flags = ["--stage", "1", "--train-data", data, "--clip", world["clip"], "--llm", world["llm"], "--workers", "0",
+             "--warmup", "1", "--max-steps", "3", "--gather-with-grad"]
+    train.main(flags + ["--batch-size", "8", "--output", str(tmp_path / "one")])
+    records = torchrun_recorded(tmp_path, 29535, flags + ["--batch-size", "4", "--output", str(tmp_path / "two")])
+    assert all(r["devices"] == ["cpu"] for r in records)
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"rel": 1e-5})
+
+
+def test_fp16_overflow_skipped_by_the_scaler_is_not_a_bad_step(world, tmp_path, monkeypatch, capsys):
+    """A GradScaler starting at 2^100 overflows fp16 gradients for several steps: each step is skipped by the
+    scaler (the weights stay the initial ones), and none counts towards --max-bad-steps."""
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scaler(*a, init_scale=2.0 ** 100, **k))
+    train.main(["--stage", "1", *common(world, tmp_path / "fp16", "--max-steps", "3", "--max-bad-steps", "2",
+                                        "--precision", "amp", "--lr", "1e-2")])
+    assert "non-finite" not in capsys.readouterr().out
+    records = losses(tmp_path / "fp16")
+    assert sorted(records) == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records.values())  # finite losses
+    assert not any(torch.isfinite(torch.tensor(r["grad_norm"])) for r in records.values())  # every step overflowed
+    monkeypatch.undo()
+    train.main(["--stage", "1", *common(world, tmp_path / "frozen", "--max-steps", "1", "--lr", "0")])
+    overflowed = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "fp16")))[0]
+    initial = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "frozen")))[0]
+    assert overflowed.keys() == initial.keys() and all(torch.equal(overflowed[k], initial[k]) for k in initial)
+
+
+def test_a_bf16_run_resumes_with_fp16_amp(world, tmp_path):
+    """The bf16 run saved an empty (disabled) GradScaler state; an fp16 resume starts a fresh scaler."""
+    args = ["--stage", "1", *common(world, tmp_path / "run", "--save-every", "1")]
+    train.main(args + ["--max-steps", "2", "--precision", "amp_bf16"])
+    train.main(args + ["--max-steps", "4", "--precision", "amp", "--resume", "latest"])
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert ckpt.load_train_state(str(tmp_path / "run"))["scaler"]["scale"] > 0  # an enabled fp16 scaler now
+
+
+def test_stage2_training_transform_is_a_seeded_random_resized_crop(world):
+    """RandomResizedCrop(0.9-1.0): (3, 32, 32) like the eval transform, equal under equal seeds, crops in range."""
+    from PIL import Image
+    from miniproclip.image import ImageTransform, RandomResizedCropTransform, random_resized_crop_box
+    base = ImageTransform.from_folder(world["clip"])
+    transform = RandomResizedCropTransform(base=base)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    torch.manual_seed(5)
+    first = transform(image)
+    torch.manual_seed(5)
+    assert first.shape == base(image).shape and torch.equal(first, transform(image))
+    assert not torch.equal(first, transform(image))  # a new draw
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        left, top, width, height = random_resized_crop_box(480, 400, (0.9, 1.0), (3 / 4, 4 / 3), generator)
+        assert 0 <= left and left + width <= 480 and 0 <= top and top + height <= 400
+        assert 0.9 - 0.01 <= width * height / (480 * 400) <= 1.0 and 3 / 4 - 0.01 <= width / height <= 4 / 3 + 0.01
+    full = RandomResizedCropTransform(base=base, scale=(1.0, 1.0), ratio=(48 / 40, 48 / 40))  # the whole image
+    squeezed = image.resize(base.crop_size[::-1], resample=Image.Resampling.BICUBIC)
+    assert torch.allclose(full(image), ImageTransform(size=None, crop_size=None, mean=base.mean, std=base.std)(
+        squeezed), atol=1e-6)

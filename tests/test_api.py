@@ -1,0 +1,167 @@
+"""miniproclip.load_model on tiny random runs: its features are the trained ProCLIP's, its retrieval numbers eval.py's.
+
+The runs are train.py-style checkpoints written here (a random head and, stage 2, a perturbed image tower), as in
+test_eval.py. The reference features come from the ProCLIP module the checkpoint was written from, fed with
+LLMEmbedder embeddings (tolerance 1e-5: the same float32 math, batched differently); eval.py's metrics must be
+equal to 1e-6 (they are fractions of hits).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("transformers")
+
+import miniproclip
+from miniproclip.api import load_model
+from miniproclip.checkpoint import CheckpointError, save_checkpoint
+from miniproclip.clip import CLIP
+from miniproclip.embedder import EmbedSettings, LLMEmbedder
+from miniproclip.head import HeadConfig
+from miniproclip.image import ImageTransform, load_image
+from miniproclip.metrics import retrieval_metrics
+from miniproclip.model import ProCLIP
+from miniproclip.weights import ModelFolderError
+
+from fixtures import WORDS, write_tiny_clip, write_tiny_llm
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")  # "eval" would shadow the builtin
+eval_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_cli)
+
+N_IMAGES = 7
+
+
+def build_world(root: Path) -> dict:
+    """A tiny CLIP and LLM, 7 noisy images, one caption each (some past the runs' 8-token LLM window)."""
+    clip_dir, llm_dir = write_tiny_clip(str(root / "clip")), write_tiny_llm(str(root / "llm"))
+    images = []
+    for i in range(N_IMAGES):
+        rng = np.random.default_rng(i)
+        pixels = rng.integers(0, 128, (40, 48, 3), dtype=np.uint8) + rng.integers(0, 128, 3, dtype=np.uint8)
+        images.append(str(root / "images" / f"im{i}.png"))
+        os.makedirs(os.path.dirname(images[-1]), exist_ok=True)
+        Image.fromarray(pixels).save(images[-1])
+    texts = [f"a photo of the {WORDS[i]} on the grass with {WORDS[i + 1]}" for i in range(N_IMAGES)]
+    texts[2] = "two dogs"
+    (root / "set.jsonl").write_text("".join(json.dumps({"image": p, "captions": [t]}) + "\n"
+                                            for p, t in zip(images, texts)))
+    return {"root": root, "clip": clip_dir, "llm": llm_dir, "images": images, "texts": texts,
+            "dataset": str(root / "set.jsonl")}
+
+
+def write_run(run_dir, clip_dir: str, llm_dir: str, stage: int, seed: int, llm_dtype: str = "fp32") -> ProCLIP:
+    """A train.py-style run folder: meta + one checkpoint of a tiny ProCLIP with a random head (and, stage 2, a
+    perturbed image tower and temperature). Returns the ProCLIP that load_model should rebuild."""
+    torch.manual_seed(seed)
+    head = HeadConfig(32, 16, num_blocks=1, mlp_ratio=2)
+    model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
+    if stage == 2:
+        with torch.no_grad():
+            model.visual_projection.weight.add_(0.5 * torch.randn_like(model.visual_projection.weight))
+            model.logit_scale.fill_(3.0)
+        weights = model.state_dict()
+    else:
+        weights = {f"text_head.{k}": v for k, v in model.text_head.state_dict().items()}
+    args = {"clip": clip_dir, "llm": llm_dir, "max_length": 8, "instruction": "", "bidirectional": False,
+            "text_cache": str(Path(run_dir) / "text_cache.safetensors"), "llm_dtype": llm_dtype, "batch_tokens": 64}
+    save_checkpoint(str(run_dir), 7, weights, {}, {"stage": stage, "step": 7, "args": args, "head": head.__dict__})
+    return model.eval()
+
+
+def reference_features(model: ProCLIP, world: dict, llm_dtype=torch.float32):
+    """(image, text) features computed by hand: ProCLIP's encoders on ImageTransform pixels and LLMEmbedder output."""
+    transform = ImageTransform.from_folder(world["clip"])
+    embeddings, _ = LLMEmbedder(world["llm"], EmbedSettings(max_length=8), llm_dtype).embed(world["texts"])
+    with torch.no_grad():
+        pixels = torch.stack([transform(load_image(p)) for p in world["images"]])
+        return model.encode_image(pixels), model.encode_text(embeddings)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = build_world(tmp_path_factory.mktemp("api"))
+    world["stage2"] = write_run(world["root"] / "runs" / "stage2", world["clip"], world["llm"], 2, seed=2,
+                                llm_dtype="bf16")
+    world["stage1"] = write_run(world["root"] / "runs" / "stage1", world["clip"], world["llm"], 1, seed=1)
+    return world
+
+
+@pytest.mark.parametrize("stage", [2, 1])
+def test_features_are_the_trained_models_and_retrieval_equals_eval(world, tmp_path, stage):
+    run = world["root"] / "runs" / f"stage{stage}"
+    llm_dtype = torch.bfloat16 if stage == 2 else torch.float32  # the dtype of the run's text cache
+    model = miniproclip.load_model(run, device="cpu")
+    assert model.meta["stage"] == stage and model.name == str(run / "step_000007.safetensors")
+    images, texts = model.encode_image(world["images"]), model.encode_text(world["texts"])
+    ref_images, ref_texts = reference_features(world[f"stage{stage}"], world, llm_dtype)
+    assert images.shape == (N_IMAGES, 16) and texts.shape == (N_IMAGES, 16)
+    torch.testing.assert_close(images, ref_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(texts, ref_texts, atol=1e-5, rtol=0)
+    torch.testing.assert_close(images.norm(dim=-1), torch.ones(N_IMAGES))
+    assert model.logit_scale.item() == pytest.approx(3.0 if stage == 2 else world["stage1"].logit_scale.item())
+
+    report = eval_cli.main(["--task", "retrieval", "--model", str(run), "--dataset", world["dataset"], "--ks", "1,2,5",
+                            "--workers", "0", "--batch-size", "4", "--output", str(tmp_path / "r.json")])
+    ours = retrieval_metrics(images, texts, torch.arange(N_IMAGES), (1, 2, 5))
+    assert report["metrics"].keys() == ours.keys()
+    for name, value in ours.items():
+        assert report["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert any(0 < v < 1 for v in ours.values())  # a gallery where rankings matter
+
+
+def test_inputs_pil_or_paths_single_or_empty_and_dtype(world):
+    model = load_model(world["root"] / "runs" / "stage2", device="cpu", dtype=torch.float32)
+    by_path = model.encode_image(world["images"][:3])
+    by_pil = model.encode_image([Image.open(p) for p in world["images"][:3]])
+    torch.testing.assert_close(by_pil, by_path, atol=0, rtol=0)
+    torch.testing.assert_close(model.encode_image(world["images"][1]), by_path[1:2], atol=1e-6, rtol=0)
+    assert model.encode_image([]).shape == (0, 16) and model.encode_text([]).shape == (0, 16)
+    torch.testing.assert_close(model.encode_text(world["texts"][0]), model.encode_text(world["texts"][:2])[:1],
+                               atol=1e-6, rtol=0)
+    # fp32 compute runs the LLM in fp32 too; the run's own default is bf16 (its cache dtype)
+    assert model.embedder.model.embed_tokens.weight.dtype == torch.float32
+    assert load_model(world["root"] / "runs" / "stage2", device="cpu").llm_dtype == torch.bfloat16
+
+
+def test_one_line_errors(world, tmp_path):
+    root = world["root"]
+    with pytest.raises(ModelFolderError, match=r"does not exist; pass a train.py run folder, a step_NNNNNN"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match=r"holds neither a checkpoint \(step_\*.safetensors\) nor proclip.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(ModelFolderError, match=r"step_000007.json is not a checkpoint \(step_NNNNNN.safetensors\)"):
+        load_model(root / "runs" / "stage1" / "step_000007.json")
+    with pytest.raises(CheckpointError, match=r"is a pickle, which is never loaded as weights"):
+        load_model(root / "runs" / "stage1" / "step_000007.state.pt")
+    with pytest.raises(ModelFolderError, match="It is a plain CLIP folder: load it with CLIP.from_pretrained"):
+        load_model(world["clip"])
+    with pytest.raises(ValueError, match="dtype torch.int8 is not one of"):
+        load_model(root / "runs" / "stage1", dtype=torch.int8)
+    # a run whose CLIP and LLM folders have moved: one line naming the folder, and clip= / llm= mend it
+    moved_clip = shutil.copytree(world["clip"], tmp_path / "clip")
+    moved_llm = shutil.copytree(world["llm"], tmp_path / "llm")
+    write_run(tmp_path / "run", str(moved_clip), str(moved_llm), 2, seed=2, llm_dtype="bf16")
+    shutil.move(moved_clip, tmp_path / "clip_moved")
+    with pytest.raises(ModelFolderError, match=rf"the CLIP folder {moved_clip} of .*\(clip=DIR to load_model"):
+        load_model(tmp_path / "run")
+    shutil.move(moved_llm, tmp_path / "llm_moved")
+    with pytest.raises(ModelFolderError, match=rf"the LLM folder {moved_llm} of .*\(llm=DIR to load_model"):
+        load_model(tmp_path / "run", clip=tmp_path / "clip_moved")
+    model = load_model(tmp_path / "run", clip=tmp_path / "clip_moved", llm=tmp_path / "llm_moved", device="cpu")
+    reference = reference_features(world["stage2"], world, torch.bfloat16)
+    torch.testing.assert_close(model.encode_image(world["images"]), reference[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.encode_text(world["texts"]), reference[1], atol=1e-5, rtol=0)
+    # a checkpoint without train.py's meta
+    save_checkpoint(str(tmp_path / "bare"), 1, world["stage2"].state_dict(), {}, {"stage": 2})
+    with pytest.raises(ModelFolderError, match=r"its meta lacks 'args'; is it a train.py checkpoint\?"):
+        load_model(tmp_path / "bare")
