@@ -50,14 +50,14 @@ def captions(n: int, long_share: float, long_range: tuple[int, int], seed: int =
     return texts, is_long
 
 
-def tiny_llm_folder(root: str) -> str:
+def tiny_llm_folder(root: str, hidden: int = 64) -> str:
     """A 2-layer random Llama folder with a word-level tokenizer over WORDS (for --quick: no real LLM needed)."""
     vocab = {word: i for i, word in enumerate(["<unk>", "<s>", "</s>", ".", *sorted(set(WORDS)),
                                                *sorted({w.capitalize() for w in WORDS})])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(os.path.join(root, "tokenizer.json"))
-    config = {"model_type": "llama", "vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
+    config = {"model_type": "llama", "vocab_size": len(vocab), "hidden_size": hidden, "intermediate_size": 2 * hidden,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "eos_token_id": 2}
     with open(os.path.join(root, "config.json"), "w") as f:
         json.dump(config, f)

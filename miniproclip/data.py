@@ -21,19 +21,24 @@ import os
 import re
 import signal
 import tarfile
+from array import array
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .files import atomic_path
 from .image import ImageReadError, load_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar members that hold a sample's image, in order of preference
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: KEY (no dots).EXTENSION
 MAX_WARNINGS = 10  # malformed rows warned about one by one per read_rows call; the rest are only counted
 MAX_OPEN_SHARDS = 64  # tar files a worker process keeps open (least recently used closed first)
+INDEX_SUFFIX, INDEX_VERSION = ".index.npz", 1  # the sidecar next to each tar shard, and its format
+TAR_PREFIX = "tar://"  # Row.image of a shard's sample: "tar://<tar path>#<member>"
 
 
 class DataError(ValueError):
@@ -50,6 +55,84 @@ class Row:
     caption: str
     long_caption: str | None = None
     tar_member: tuple[str, int, int] | None = None  # (tar path, byte offset, byte size) of a shard's image
+
+
+class Rows:
+    """Rows stored compactly: every string of every row in one UTF-8 byte buffer, plus numpy offsets, so a row
+    costs its text bytes + 24 bytes (+ 20 where any row is a tar sample) instead of ~665 bytes of Python objects, and
+    DataLoader workers forked from the trainer share these few arrays instead of copying objects they touch.
+
+    `rows[i]` is a `Row`; `len`, iteration and `+` (another Rows or a list of Row) work as on a list.
+    """
+
+    def __init__(self, text: np.ndarray, ends: np.ndarray, shards: list[str], shard_ids: np.ndarray,
+                 members: np.ndarray):
+        self.text = text  # (bytes,) uint8: image, caption, long caption of row 0, then of row 1, ...
+        self.ends = ends  # (N, 3) int64: where each row's image, caption and long caption end in `text`
+        self.shards = shards  # tar paths that the rows' samples come from
+        self.shard_ids = shard_ids  # (N,) int32: index into `shards`, -1 for an image file; (0,) without shards
+        self.members = members  # (N, 2) int64: (byte offset, byte size) of a tar sample's image; (0, 2) without
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Row]) -> "Rows":
+        """Pack Rows one at a time (a reader's generator): memory grows by the packed size only."""
+        text, ends, shard_ids, members, shards = bytearray(), array("q"), array("i"), array("q"), {}
+        for row in rows:
+            image = row.image
+            if row.tar_member is not None:  # keep only the member name; the shard path is stored once
+                tar_path, offset, size = row.tar_member
+                image = image[len(TAR_PREFIX) + len(tar_path) + 1:]
+                shard_ids.append(shards.setdefault(tar_path, len(shards)))
+                members.extend((offset, size))
+            else:
+                shard_ids.append(-1)
+                members.extend((0, 0))
+            for field in (image, row.caption, row.long_caption or ""):  # no long caption: an empty field
+                text += field.encode("utf-8")
+                ends.append(len(text))
+        if not shards:  # image files only: no per-row shard arrays at all
+            shard_ids, members = array("i"), array("q")
+        return cls(np.frombuffer(text, np.uint8), np.frombuffer(ends, np.int64).reshape(-1, 3), list(shards),
+                   np.frombuffer(shard_ids, np.int32), np.frombuffer(members, np.int64).reshape(-1, 2))
+
+    @classmethod
+    def concat(cls, parts: list["Rows"]) -> "Rows":
+        """One Rows holding `parts` (Rows or lists of Row) one after the other."""
+        parts = [part if isinstance(part, Rows) else cls.from_rows(part) for part in parts] or [cls.from_rows([])]
+        shifts = np.cumsum([0] + [len(part.text) for part in parts])  # where each part's text starts
+        firsts = np.cumsum([0] + [len(part.shards) for part in parts])  # where each part's shard list starts
+        with_tar = firsts[-1] > 0
+        return cls(np.concatenate([part.text for part in parts]),
+                   np.concatenate([part.ends + shift for part, shift in zip(parts, shifts)]),
+                   [shard for part in parts for shard in part.shards],
+                   np.concatenate([part.shard_ids + first if len(part.shard_ids) else np.full(len(part), -1, np.int32)
+                                   for part, first in zip(parts, firsts)]).astype(np.int32) if with_tar else
+                   np.zeros(0, np.int32),
+                   np.concatenate([part.members if len(part.members) else np.zeros((len(part), 2), np.int64)
+                                   for part in parts]) if with_tar else np.zeros((0, 2), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __add__(self, other) -> "Rows":
+        return Rows.concat([self, other])
+
+    def __iter__(self) -> Iterator[Row]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: int) -> Row:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        index %= len(self)
+        start = self.ends[index - 1, 2] if index else 0
+        image, caption, long_caption = (self.text[a:b].tobytes().decode("utf-8")
+                                        for a, b in zip((start, *self.ends[index, :2]), self.ends[index]))
+        shard = self.shard_ids[index] if len(self.shard_ids) else -1
+        if shard < 0:
+            return Row(image, caption, long_caption or None)
+        tar_path, (offset, size) = self.shards[shard], self.members[index].tolist()
+        return Row(f"{TAR_PREFIX}{tar_path}#{image}", caption, long_caption or None, (tar_path, offset, size))
+
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -121,8 +204,8 @@ def _file_row(record: dict, image_key: str, caption_key: str, folder: str) -> Ro
                long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False))
 
 
-def _read_jsonl(path: str, skip: _Skipper) -> list[Row]:
-    folder, rows = os.path.dirname(os.path.abspath(path)), []
+def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
+    folder = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -131,16 +214,18 @@ def _read_jsonl(path: str, skip: _Skipper) -> list[Row]:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
-                rows.append(_file_row(record, "image", "caption", folder))
+                row = _file_row(record, "image", "caption", folder)
             except _Malformed as error:
                 skip(f"{path}:{line_number}", str(error))
+                continue
             except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
                 skip(f"{path}:{line_number}", f"invalid JSON ({error})")
-    return rows
+                continue
+            yield row
 
 
-def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: _Skipper) -> list[Row]:
-    folder, rows = os.path.dirname(os.path.abspath(path)), []
+def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: _Skipper) -> Iterator[Row]:
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
             reader = csv.DictReader(f, delimiter=separator)
@@ -154,12 +239,13 @@ def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip:
                     # DictReader files surplus fields under None and fills missing ones with None
                     if None in record or None in record.values():
                         raise _Malformed(f"expected {len(columns)} fields separated by {separator!r}")
-                    rows.append(_file_row(record, image_key, caption_key, folder))
+                    row = _file_row(record, image_key, caption_key, folder)
                 except _Malformed as error:
                     skip(f"{path}:{reader.line_num}", str(error))
+                    continue
+                yield row
     except (UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{path}: cannot parse as UTF-8 CSV ({error}): fix the file") from error
-    return rows
 
 
 def _tar_row(tar: tarfile.TarFile, path: str, key: str, members: dict[str, tarfile.TarInfo]) -> Row:
@@ -175,68 +261,106 @@ def _tar_row(tar: tarfile.TarFile, path: str, key: str, members: dict[str, tarfi
         raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
     if "txt" in members:
         record["caption"] = tar.extractfile(members["txt"]).read().decode("utf-8")
-    return Row(image=f"tar://{path}#{image.name}",
+    return Row(image=f"{TAR_PREFIX}{path}#{image.name}",
                caption=_clean_text(record.get("caption"), "caption", required=True),
                long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False),
                tar_member=(path, image.offset_data, image.size))
 
 
-def _read_tar(path: str, skip: _Skipper) -> list[Row]:
-    path, samples, rows = os.path.abspath(path), {}, []
+def _scan_tar(path: str) -> tuple["Rows", list[tuple[str, str]]]:
+    """Every sample of a shard as Rows, and (member, problem) for each malformed one (reported by the caller)."""
+    samples, problems = {}, []
+
+    def rows(tar):
+        for key, members in samples.items():
+            caption = members.get("txt") or members.get("json")  # name the caption member in messages
+            where = caption.name if caption else key
+            try:
+                yield _tar_row(tar, path, key, members)
+            except _Malformed as error:
+                problems.append((where, str(error)))
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                problems.append((where, f"unreadable caption ({error})"))
+
     try:
         with tarfile.open(path, mode="r:") as tar:  # uncompressed only: images are read back by seek
             for member in tar:
                 name = MEMBER_NAME.match(member.name)
                 if member.isfile() and name:
                     samples.setdefault(name[1], {})[name[2].lower()] = member  # key -> {extension: member}
-            for key, members in samples.items():
-                # name the caption member in messages when there is one
-                caption = members.get("txt") or members.get("json")
-                where = f"{path}:{caption.name if caption else key}"
-                try:
-                    rows.append(_tar_row(tar, path, key, members))
-                except _Malformed as error:
-                    skip(where, str(error))
-                except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-                    skip(where, f"unreadable caption ({error})")
+            return Rows.from_rows(rows(tar)), problems
     except tarfile.TarError as error:
         raise DataError(f"{path}: not a readable uncompressed tar file ({error})") from error
+
+
+def _shard_stamp(path: str) -> np.ndarray:
+    """What identifies a shard's version: (index format, byte size, modification time in ns)."""
+    stat = os.stat(path)
+    return np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+
+
+def _read_tar(path: str, skip: _Skipper, log) -> "Rows":
+    """A shard's rows from its sidecar index `SHARD.tar.index.npz`, or scanned (and the sidecar written) when the
+    sidecar is missing or the shard's size or modification time changed. Malformed samples are reported either way."""
+    path, sidecar = os.path.abspath(path), os.path.abspath(path) + INDEX_SUFFIX
+    stamp = _shard_stamp(path)
+    try:
+        with np.load(sidecar, allow_pickle=False) as index:  # arrays and strings only, never pickles
+            fresh = np.array_equal(index["stamp"], stamp)
+            if fresh:
+                rows = Rows(index["text"], index["ends"], [path], np.zeros(len(index["ends"]), np.int32),
+                            index["members"])
+                problems = list(zip(index["problem_members"].tolist(), index["problems"].tolist()))
+    except (OSError, ValueError, KeyError):  # no sidecar, or a torn or foreign one: scan
+        fresh = False
+    if not fresh:
+        rows, problems = _scan_tar(path)
+        try:
+            with atomic_path(sidecar) as tmp, open(tmp, "wb") as f:
+                np.savez(f, stamp=stamp, text=rows.text, ends=rows.ends, members=rows.members,
+                         problem_members=np.array([m for m, _ in problems], dtype=str),
+                         problems=np.array([p for _, p in problems], dtype=str))
+        except OSError as error:  # a read-only data folder: the shard is rescanned next time
+            log(f"warning: cannot write the tar index {sidecar} ({error}); the shard will be rescanned next time")
+    for member, problem in problems:
+        skip(f"{path}:{member}", problem)
     return rows
 
 
 def read_rows(source: str, *, csv_img_key: str = "filepath", csv_caption_key: str = "title",
-              csv_separator: str | None = None, strict: bool = False, log=print) -> list[Row]:
+              csv_separator: str | None = None, strict: bool = False, log=print) -> "Rows":
     """Every row of `source`: paths joined by "::", each a .jsonl, .csv, .tsv or .tar file or a brace pattern of
     them ("shards/{000..009}.tar"). JSONL lines are {"image": path, "caption": str, "long_caption": str (optional)};
     CSV/TSV files have a header with `csv_img_key`, `csv_caption_key` and optionally "long_caption" columns
     (`csv_separator` None: "," for .csv, tab for .tsv). Malformed rows are skipped with a warning through `log`,
-    or raise DataError "FILE:LINE: what is wrong" when `strict`; a file with no valid row raises DataError."""
-    skip, rows = _Skipper(strict, log), []
+    or raise DataError "FILE:LINE: what is wrong" when `strict`; a file with no valid row raises DataError.
+    Tar shards are indexed once: the index is kept next to each shard (`SHARD.tar.index.npz`) for the next run."""
+    skip, parts = _Skipper(strict, log), []
     for part in source.split("::"):
         for path in expand_braces(part):
             if not os.path.isfile(path):
                 raise DataError(f"{path} does not exist: check the data path {source!r}")
             extension, skipped_before = path.rsplit(".", 1)[-1].lower(), skip.count
             if extension == "jsonl":
-                file_rows = _read_jsonl(path, skip)
+                file_rows = Rows.from_rows(_read_jsonl(path, skip))
             elif extension in ("csv", "tsv"):
                 separator = csv_separator or ("\t" if extension == "tsv" else ",")
-                file_rows = _read_csv(path, csv_img_key, csv_caption_key, separator, skip)
+                file_rows = Rows.from_rows(_read_csv(path, csv_img_key, csv_caption_key, separator, skip))
             elif extension == "tar":
-                file_rows = _read_tar(path, skip)
+                file_rows = _read_tar(path, skip, log)
             else:
                 raise DataError(f"{path}: unknown data format .{extension}: use .jsonl, .csv, .tsv or .tar files")
-            if not file_rows:
+            if not len(file_rows):
                 raise DataError(f"{path}: no valid image-caption rows ({skip.count - skipped_before} malformed "
                                 f"skipped): see the format in miniproclip/data.py read_rows")
-            rows += file_rows
+            parts.append(file_rows)
     if skip.count:
         shown = f", the first {MAX_WARNINGS} shown above" if skip.count > MAX_WARNINGS else ""
         log(f"warning: skipped {skip.count} malformed rows in {source}{shown}")
-    return rows
+    return Rows.concat(parts)
 
 
-def caption_texts(rows: list[Row]) -> list[str]:
+def caption_texts(rows: Rows | list[Row]) -> list[str]:
     """Every distinct caption, short and long, in order of first appearance (the texts to embed with the LLM)."""
     return list(dict.fromkeys(text for row in rows for text in (row.caption, row.long_caption) if text is not None))
 

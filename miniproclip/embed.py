@@ -1,160 +1,331 @@
-"""The text-embedding cache: a frozen LLM embeds every caption once, training reads the vectors back.
+"""Vector caches keyed by caption: a frozen LLM embeds every caption once, training reads the vectors back.
 
 This is what makes an 8B embedder affordable and what the official ProCLIP/LLM2CLIP code does (it trains only
-on precomputed LLM features). Captions are sorted by token count and packed into batches under a token budget,
-so short captions are not padded to the length of long ones.
+on precomputed LLM features). The same code serves any frozen text encoder (`ensure_vector_cache`).
 
     python -m miniproclip.embed --llm DIR --texts captions.txt --output cache.safetensors
     torchrun --nproc_per_node 8 -m miniproclip.embed --llm DIR --texts rows.jsonl --text-key caption --output cache.safetensors
 
-The output holds `embeddings` (N, hidden) float32 in input order and `text_hashes` (N, 16) uint8 (a BLAKE2b
-digest of each text, so training can look captions up), plus metadata naming the LLM and its fingerprint.
+The output holds `embeddings` (N, hidden) in input order, stored as fp16 by default (`--store-dtype`; read back as
+float32), and `text_hashes` (N, 16) uint8 (a BLAKE2b digest of each text, so training can look captions up), plus
+metadata naming the LLM, its fingerprint and the embedding settings.
+
+Scale (CC3M + CC12M with long captions is ~26M texts; 4,096-d fp32 would be 400 GB): texts are embedded in chunks
+of `--chunk-texts`, and each finished chunk is written to `OUT.parts/` at once (under torchrun, rank r takes chunks
+r, r + W, ...). Running the same command again after a crash or `kill -9` skips the chunks already written. The
+chunks are then concatenated into OUT by copying bytes, so memory never holds N × hidden. Reading memmaps the file
+and finds captions by binary search in a sorted array of hash prefixes (16 bytes per row, not a dict of strings).
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .distributed import init_distributed, rank_and_world
 from .embedder import DTYPES, EmbedSettings, LLMEmbedder, default_batch_tokens, llm_fingerprint, text_hash
 from .files import atomic_path
 from .weights import ModelFolderError
 
+# --store-dtype -> (torch dtype, safetensors dtype code); see BENCHMARKS.md "Storage dtype" for the default
+STORE_DTYPES = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16")}
+STORE_CODES = {code: name for name, (_, code) in STORE_DTYPES.items()}
+DEFAULT_STORE_DTYPE = "fp16"
+CHUNK_TEXTS = 4096  # texts per resumable chunk: 4096 × 4,096-d fp32 = 64 MB in memory, ~10 s of an 8B LLM on a GPU
+COPY_BLOCK = 1 << 24  # bytes copied at a time when chunks are concatenated
 
-def read_texts(path: str, text_key: str | None = None) -> list[str]:
-    """`.txt`: one text per line; `.jsonl`: one JSON object per line, text under `text_key`."""
+
+# ----------------------------------------------------------------------------- texts
+
+def iter_texts(path: str, text_key: str | None = None) -> Iterator[str]:
+    """`.txt`: one text per line; `.jsonl`: one JSON object per line, text under `text_key`. Read lazily."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; --texts expects a .txt (one text per line) or .jsonl file")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not path.endswith(".jsonl"):
-        return lines
-    if text_key is None:
+    if path.endswith(".jsonl") and text_key is None:
         raise ValueError(f"{path}: a .jsonl file needs --text-key naming the text field")
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                texts.append(str(json.loads(line)[text_key]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: no text under key {text_key!r} ({type(err).__name__})") from None
-    return texts
+    with open(path, encoding="utf-8", newline="") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not path.endswith(".jsonl"):
+                yield line
+            elif line.strip():
+                try:
+                    yield str(json.loads(line)[text_key])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{number}: no text under key {text_key!r} "
+                                     f"({type(err).__name__})") from None
+
+
+def chunked(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` texts (the last one shorter)."""
+    chunk = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def hash_texts(texts: list[str]) -> np.ndarray:
+    """(N, 16) uint8: the BLAKE2b digest of each text, the key a cache finds it by."""
+    return np.frombuffer(b"".join(text_hash(t) for t in texts), dtype=np.uint8).reshape(len(texts), 16)
+
+
+# ----------------------------------------------------------------------------- safetensors by bytes
+
+def tensor_spans(path: str) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+    """{name: (dtype code, shape, byte offset in the file, byte size)} and the metadata of a safetensors file.
+    The format is an 8-byte header length, a JSON header with each tensor's data offsets, then the raw data."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    metadata = header.pop("__metadata__", None) or {}
+    return {name: (e["dtype"], e["shape"], 8 + header_len + e["data_offsets"][0],
+                   e["data_offsets"][1] - e["data_offsets"][0]) for name, e in header.items()}, metadata
+
+
+def concatenate_caches(sources: list[str], output: str, metadata: dict[str, str]) -> None:
+    """Write `output` (atomically) holding the rows of `sources` one after the other, by copying their bytes:
+    memory holds one block, whatever the size. All sources share one embedding width and storage dtype."""
+    spans = [tensor_spans(source)[0] for source in sources]
+    (code, (_, width), _, _), rows = spans[0]["embeddings"], sum(s["embeddings"][1][0] for s in spans)
+    assert all(s["embeddings"][0] == code and s["embeddings"][1][1] == width for s in spans), sources
+    sizes = {name: sum(s[name][3] for s in spans) for name in ("embeddings", "text_hashes")}
+    header = {"__metadata__": metadata,
+              "embeddings": {"dtype": code, "shape": [rows, width], "data_offsets": [0, sizes["embeddings"]]},
+              "text_hashes": {"dtype": "U8", "shape": [rows, 16],
+                              "data_offsets": [sizes["embeddings"], sizes["embeddings"] + sizes["text_hashes"]]}}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(output) as tmp, open(tmp, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for name in ("embeddings", "text_hashes"):  # each tensor's rows, source after source
+            for source, span in zip(sources, spans):
+                with open(source, "rb") as f:
+                    f.seek(span[name][2])
+                    left = span[name][3]
+                    while left:
+                        block = f.read(min(left, COPY_BLOCK))
+                        out.write(block)
+                        left -= len(block)
 
 
 def save_cache(path: str, embeddings: torch.Tensor, texts: list[str], metadata: dict[str, str]) -> None:
-    """Write embeddings + text hashes atomically (temp file, then rename): a crash never leaves a torn cache."""
-    hashes = torch.frombuffer(bytearray(b"".join(text_hash(t) for t in texts)), dtype=torch.uint8)
+    """Write embeddings (fp32, fp16 or bf16, kept as given) + text hashes atomically."""
+    hashes = torch.from_numpy(hash_texts(texts).copy())
     with atomic_path(path) as tmp:
-        save_file({"embeddings": embeddings.float().contiguous(), "text_hashes": hashes.view(len(texts), 16).clone()},
-                  tmp, metadata=metadata)
+        save_file({"embeddings": embeddings.contiguous(), "text_hashes": hashes}, tmp, metadata=metadata)
 
 
 def load_cache(path: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-    """(embeddings (N, hidden), text_hashes (N, 16), metadata) of a cache written by `save_cache`."""
+    """(embeddings (N, hidden) as stored, text_hashes (N, 16), metadata), read whole: for small caches and tests."""
+    from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         return f.get_tensor("embeddings"), f.get_tensor("text_hashes"), f.metadata() or {}
 
 
-class TextEmbeddingCache:
-    """Caption -> cached LLM embedding, read from a cache file without loading it whole (numpy memmap).
+# ----------------------------------------------------------------------------- reading
 
-    A safetensors file is an 8-byte header length, a JSON header with each tensor's byte offsets, then the raw
-    data; mapping the `embeddings` block lets a multi-GB cache serve random rows from the page cache.
+class TextEmbeddingCache:
+    """Text -> cached vector, read from a cache file without loading it (numpy memmap of the embeddings block).
+
+    Lookup: the first 8 bytes of each row's hash, as int64, sorted once (`sorted_keys`, with `order` mapping back
+    to rows: 12-16 bytes per row); a text's row is found by `np.searchsorted` and confirmed on the full 16 bytes.
     """
 
     def __init__(self, path: str):
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        entry = header["embeddings"]
-        assert entry["dtype"] == "F32", f"{path}: embeddings must be float32"
-        self.embeddings = np.memmap(path, dtype=np.float32, mode="r", offset=8 + header_len + entry["data_offsets"][0],
-                                    shape=tuple(entry["shape"]))
-        _, hashes, self.metadata = load_cache(path)
-        self.row_of = {bytes(h): i for i, h in enumerate(hashes.numpy())}
-        self.path, self.dim = path, entry["shape"][1]
+        spans, self.metadata = tensor_spans(path)
+        code, (rows, self.dim), offset, _ = spans["embeddings"]
+        self.store_dtype = STORE_CODES[code]
+        # numpy has no bfloat16: bf16 rows are mapped as raw 16-bit words and reinterpreted by torch on read
+        element = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[code]
+        self.embeddings = np.memmap(path, dtype=element, mode="r", offset=offset, shape=(rows, self.dim))
+        _, _, offset, _ = spans["text_hashes"]
+        self.hashes = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(rows, 16))
+        keys = np.ascontiguousarray(self.hashes[:, :8]).view(np.int64).ravel()  # (N,) hash prefixes
+        order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[order]
+        self.order = order.astype(np.int32) if rows < 2**31 else order
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def rows_of(self, texts: list[str]) -> np.ndarray:
+        """(B,) row of each text in the file, -1 where it is not cached."""
+        digests = hash_texts(texts)
+        keys = np.ascontiguousarray(digests[:, :8]).view(np.int64).ravel()
+        start = np.searchsorted(self.sorted_keys, keys)
+        rows = np.full(len(texts), -1, dtype=np.int64)
+        step = 0
+        while True:  # texts whose 8-byte prefixes collide sit next to each other: almost always one step
+            at = start + step
+            live = (rows < 0) & (at < len(self.sorted_keys))
+            live[live] = self.sorted_keys[at[live]] == keys[live]
+            if not live.any():
+                return rows
+            candidates = self.order[at[live]].astype(np.int64)
+            found = (self.hashes[candidates] == digests[live]).all(axis=1)  # the full 16 bytes agree
+            rows[np.flatnonzero(live)[found]] = candidates[found]
+            step += 1
 
     def missing(self, texts: list[str]) -> list[str]:
-        return [t for t in dict.fromkeys(texts) if text_hash(t) not in self.row_of]
+        """The distinct texts (first-appearance order) that the cache lacks."""
+        unique = list(dict.fromkeys(texts))
+        return [text for text, row in zip(unique, self.rows_of(unique)) if row < 0]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        """(B, hidden) float32 embeddings of `texts`; every text must be in the cache."""
-        rows = [self.row_of[text_hash(t)] for t in texts]
-        return torch.from_numpy(np.ascontiguousarray(self.embeddings[rows]))
+        """(B, hidden) float32 vectors of `texts`; every text must be in the cache."""
+        rows = self.rows_of(texts)
+        if (rows < 0).any():
+            raise KeyError(f"{self.path}: {int((rows < 0).sum())} texts are not in this cache, e.g. "
+                           f"{texts[int(np.argmax(rows < 0))]!r}")
+        vectors = torch.from_numpy(np.ascontiguousarray(self.embeddings[rows]))  # (B, hidden) as stored
+        return (vectors.view(torch.bfloat16) if self.store_dtype == "bf16" else vectors).float()
 
 
-def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,
-                      device: str = "cpu", batch_tokens: int = 8192, log=print) -> TextEmbeddingCache:
-    """Open the cache at `path`, embedding (and appending) whichever of `texts` it lacks; all ranks call this.
+# ----------------------------------------------------------------------------- writing
 
-    A cache made by another LLM or with other embedding settings is refused (its vectors would silently mean
-    something else), which is checked by the LLM's fingerprint and the settings stored in its metadata.
+def to_store_dtype(vectors: torch.Tensor, store_dtype: str, where: str) -> torch.Tensor:
+    """`vectors` in the storage dtype; fp16 overflow (|x| > 65504) is refused rather than stored as inf."""
+    stored = vectors.to(STORE_DTYPES[store_dtype][0])
+    if store_dtype == "fp16" and torch.isfinite(vectors).all() and not torch.isfinite(stored).all():
+        raise ValueError(f"{where}: vectors up to {vectors.abs().max().item():.3g} exceed fp16's range; "
+                         f"pass --store-dtype bf16 or fp32")
+    return stored.contiguous()
+
+
+def _chunk_is_done(part: str, hashes: np.ndarray, metadata: dict[str, str]) -> bool:
+    """A chunk file written by a previous run with these settings, for exactly these texts."""
+    if not os.path.isfile(part):
+        return False
+    spans, stored = tensor_spans(part)
+    if stored != metadata:
+        return False
+    with open(part, "rb") as f:
+        f.seek(spans["text_hashes"][2])
+        return f.read(spans["text_hashes"][3]) == hashes.tobytes()
+
+
+def embed_to_file(make_encode: Callable[[], Callable[[list[str]], torch.Tensor]], chunks: Iterable[list[str]],
+                  output: str, metadata: dict[str, str], store_dtype: str = DEFAULT_STORE_DTYPE,
+                  total: int | None = None, log=print) -> None:
+    """Encode every chunk of texts into `output` (rows in input order), resumably; all ranks call this.
+
+    `make_encode()` is called once, only when some chunk is not yet done, and returns `encode(texts) -> (B, D)`.
+    Rank r encodes chunks r, r + W, ... and writes each to `output.parts/chunk-NNNNNN.safetensors` at once; a
+    chunk file whose settings and text hashes match is kept from an earlier run. Rank 0 then concatenates them.
     """
-    expected = {"llm_fingerprint": llm_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
+    rank, world = rank_and_world()
+    parts = f"{output}.parts"
+    os.makedirs(parts, exist_ok=True)
+    metadata = {**metadata, "store_dtype": store_dtype}
+    encode, names, kept = None, [], 0
+    bar = tqdm(total=total, unit="text", desc="embed", disable=rank != 0, dynamic_ncols=True)
+    for index, texts in enumerate(chunks):
+        names.append(os.path.join(parts, f"chunk-{index:06d}.safetensors"))
+        bar.update(len(texts))
+        if index % world != rank:
+            continue
+        hashes = hash_texts(texts)
+        if _chunk_is_done(names[-1], hashes, metadata):
+            kept += 1
+            continue
+        encode = encode or make_encode()
+        vectors = to_store_dtype(encode(texts), store_dtype, output)
+        with atomic_path(names[-1]) as tmp:
+            save_file({"embeddings": vectors, "text_hashes": torch.from_numpy(hashes.copy())}, tmp, metadata=metadata)
+    bar.close()
+    if kept:
+        log(f"rank {rank}: kept {kept} chunks already written to {parts} by an earlier run")
+    if not names:
+        raise ValueError(f"{output}: no texts to embed")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        concatenate_caches(names, output, metadata)
+        shutil.rmtree(parts)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], Callable[[list[str]], torch.Tensor]],
+                        identity: dict[str, str], info: dict[str, str] | None = None,
+                        store_dtype: str = DEFAULT_STORE_DTYPE, chunk_texts: int = CHUNK_TEXTS,
+                        what: str = "text cache", flag: str = "--text-cache", log=print) -> TextEmbeddingCache:
+    """Open the cache at `path`, encoding (and appending) whichever of `texts` it lacks; all ranks call this.
+
+    `identity` says what the vectors mean (e.g. the encoder's fingerprint and settings): a cache whose stored
+    identity differs is refused, since its vectors would silently mean something else. `info` is stored too but
+    not compared (e.g. the encoder's path). Appending copies the old file's bytes; it never loads them.
+    """
     known = None
     if os.path.isfile(path):
         known = TextEmbeddingCache(path)
-        differing = [k for k, v in expected.items() if known.metadata.get(k) != v]
+        differing = [k for k, v in identity.items() if known.metadata.get(k) != v]
         if differing:
-            raise ValueError(f"{path}: text cache was built with another {differing[0].replace('_', ' ')} "
-                             f"({known.metadata.get('llm', '?')}); pass a new --text-cache or delete this file")
+            key = differing[0]
+            raise ValueError(f"{path}: {what} was built with another {key.replace('_', ' ')} "
+                             f"({known.metadata.get(key)}, now {identity[key]}); pass a new {flag} or delete this file")
         todo = known.missing(texts)
         if not todo:
             return known
+        store_dtype = known.store_dtype  # appended rows are stored like the old ones
     else:
         todo = list(dict.fromkeys(texts))
-    log(f"text cache: embedding {len(todo)} captions with {llm_dir} into {path}")
-    embedder = LLMEmbedder(llm_dir, settings, dtype, device)
-    fresh = f"{path}.new"
-    embed_to_file(embedder, todo, fresh, batch_tokens)
-    del embedder
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        new_embeddings, new_hashes, metadata = load_cache(fresh)
-        if known is not None:  # append the new rows after the old ones
-            old = torch.from_numpy(np.array(known.embeddings))
-            _, old_hashes, _ = load_cache(path)
-            new_embeddings, new_hashes = torch.cat([old, new_embeddings]), torch.cat([old_hashes, new_hashes])
-        with atomic_path(path) as tmp:
-            save_file({"embeddings": new_embeddings.contiguous(), "text_hashes": new_hashes.contiguous()}, tmp,
-                      metadata=metadata)
-        os.remove(fresh)
+    log(f"{what}: encoding {len(todo)} texts into {path}")
+    fresh, metadata = f"{path}.new", {**identity, **(info or {})}
+    embed_to_file(make_encode, chunked(todo, chunk_texts), fresh, metadata, store_dtype, len(todo), log)
+    if rank_and_world()[0] == 0:
+        if known is not None:  # the old rows, then the new ones
+            concatenate_caches([path, fresh], path, {**metadata, "store_dtype": store_dtype})
+            os.remove(fresh)
+        else:
+            os.replace(fresh, path)
     if dist.is_initialized():
         dist.barrier()
     return TextEmbeddingCache(path)
 
 
-def embed_to_file(embedder: LLMEmbedder, texts: list[str], output: str, batch_tokens: int) -> dict[str, str]:
-    """Embed `texts` into `output`; under torchrun each rank embeds every world_size-th text, rank 0 merges."""
-    rank, world = rank_and_world()
-    mine = list(range(rank, len(texts), world))
-    embeddings, truncated = embedder.embed([texts[i] for i in mine], batch_tokens, progress=rank == 0)
-    if truncated:
-        print(f"rank {rank}: {truncated} of {len(mine)} texts were cut to {embedder.settings.max_length} tokens")
-    metadata = {"llm": os.path.abspath(embedder.folder), "llm_fingerprint": llm_fingerprint(embedder.folder),
-                **{k: json.dumps(v) for k, v in embedder.settings.__dict__.items()}}
-    if world == 1:
-        save_cache(output, embeddings, texts, metadata)
-        return metadata
-    shard = f"{output}.rank{rank}"
-    save_file({"embeddings": embeddings.contiguous()}, shard)
-    dist.barrier()
-    if rank == 0:  # interleave the shards back into input order
-        merged = torch.empty(len(texts), embeddings.shape[1])
-        for r in range(world):
-            with safe_open(f"{output}.rank{r}", framework="pt") as f:
-                merged[r::world] = f.get_tensor("embeddings")
-            os.remove(f"{output}.rank{r}")
-        save_cache(output, merged, texts, metadata)
-    dist.barrier()
-    return metadata
+def llm_encoder(llm_dir: str, settings: EmbedSettings, dtype: torch.dtype, device: str, batch_tokens: int,
+                log=print) -> Callable[[], Callable[[list[str]], torch.Tensor]]:
+    """`make_encode` for an LLM folder: loads the LLM when first needed; encode(texts) -> (B, hidden) float32."""
+    def make_encode():
+        embedder = LLMEmbedder(llm_dir, settings, dtype, device)
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            vectors, truncated = embedder.embed(texts, batch_tokens)
+            if truncated:
+                log(f"{truncated} of {len(texts)} texts were cut to {settings.max_length} tokens")
+            return vectors
+        return encode
+    return make_encode
+
+
+def llm_identity(llm_dir: str, settings: EmbedSettings) -> dict[str, str]:
+    """What an LLM cache's vectors mean: the LLM's fingerprint and the embedding settings."""
+    return {"llm_fingerprint": llm_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
+
+
+def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,
+                      device: str = "cpu", batch_tokens: int = 8192, log=print,
+                      store_dtype: str = DEFAULT_STORE_DTYPE) -> TextEmbeddingCache:
+    """The LLM text cache at `path` holding every one of `texts` (see `ensure_vector_cache`); all ranks call this.
+    A cache made by another LLM or with other embedding settings is refused."""
+    return ensure_vector_cache(path, texts, llm_encoder(llm_dir, settings, dtype, device, batch_tokens, log),
+                               llm_identity(llm_dir, settings), {"llm": os.path.abspath(llm_dir)}, store_dtype,
+                               log=log)
 
 
 def main(argv=None):
@@ -170,19 +341,26 @@ def main(argv=None):
     parser.add_argument("--append-eos", action="store_true", help="end every text with the EOS token")
     parser.add_argument("--bidirectional", action="store_true", help="non-causal attention (LLM2Vec-style LLMs)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight and compute dtype")
+    parser.add_argument("--store-dtype", choices=STORE_DTYPES, default=DEFAULT_STORE_DTYPE,
+                        help="dtype of the stored vectors (fp16: half the bytes of fp32, cosine to fp32 > 0.99999)")
+    parser.add_argument("--chunk-texts", type=int, default=CHUNK_TEXTS,
+                        help="texts per chunk: the unit written to OUT.parts/ and resumed after a crash")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     _, _, args.device = init_distributed(args.device)  # under torchrun: one GPU per rank
+    start = time.time()
     try:
-        texts = read_texts(args.texts, args.text_key)
+        count = sum(1 for _ in iter_texts(args.texts, args.text_key))  # checks every line before any GPU time
         settings = EmbedSettings(args.max_length, args.instruction, args.append_eos, not args.bidirectional)
-        embedder = LLMEmbedder(args.llm, settings, DTYPES[args.dtype], args.device)
+        metadata = {**llm_identity(args.llm, settings), "llm": os.path.abspath(args.llm)}
+        make_encode = llm_encoder(args.llm, settings, DTYPES[args.dtype], args.device,
+                                  args.batch_tokens or default_batch_tokens(args.device))
+        embed_to_file(make_encode, chunked(iter_texts(args.texts, args.text_key), args.chunk_texts), args.output,
+                      metadata, args.store_dtype, count)
     except (ModelFolderError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    start = time.time()
-    embed_to_file(embedder, texts, args.output, args.batch_tokens or default_batch_tokens(args.device))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"embedded {len(texts)} texts with {args.llm} in {time.time() - start:.1f}s -> {args.output}")
+        print(f"embedded {count} texts with {args.llm} in {time.time() - start:.1f}s -> {args.output}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

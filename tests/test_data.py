@@ -93,7 +93,7 @@ def test_jsonl_paths_relative_to_file(tmp_path, monkeypatch):
         json.dumps({"image": str(tmp_path / "images" / "blue.jpg"), "caption": "blue", "long_caption": None})])
     monkeypatch.chdir(tmp_path / "images")  # relative paths must not depend on the working directory
     rows = read_rows(source)
-    assert rows == [Row(str(tmp_path / "images" / "red.png"), "red", "a red rectangle"),
+    assert list(rows) == [Row(str(tmp_path / "images" / "red.png"), "red", "a red rectangle"),
                     Row(str(tmp_path / "images" / "blue.jpg"), "blue", None)]
     dataset = ImageTextDataset(rows, TRANSFORM)
     red = dataset[0]
@@ -107,14 +107,14 @@ def test_csv_and_tsv(tmp_path):
     (tmp_path / "red.png").write_bytes(image_bytes(RED))
     csv_source = write_lines(tmp_path / "train.csv", [
         "filepath,title,long_caption", 'red.png,"a cat, sitting",', 'red.png,plain,"long, quoted"'])
-    assert read_rows(csv_source) == [Row(str(tmp_path / "red.png"), "a cat, sitting", None),
+    assert list(read_rows(csv_source)) == [Row(str(tmp_path / "red.png"), "a cat, sitting", None),
                                      Row(str(tmp_path / "red.png"), "plain", "long, quoted")]
     # tab by extension, custom keys, extra columns ignored
     tsv_source = write_lines(tmp_path / "train.tsv", ["id\timg\ttext", "1\tred.png\ta, b; c"])
     rows = read_rows(tsv_source, csv_img_key="img", csv_caption_key="text")
-    assert rows == [Row(str(tmp_path / "red.png"), "a, b; c", None)]
+    assert list(rows) == [Row(str(tmp_path / "red.png"), "a, b; c", None)]
     semicolon_source = write_lines(tmp_path / "semi.csv", ["filepath;title", "red.png;x, y"])
-    assert read_rows(semicolon_source, csv_separator=";") == [Row(str(tmp_path / "red.png"), "x, y", None)]
+    assert list(read_rows(semicolon_source, csv_separator=";")) == [Row(str(tmp_path / "red.png"), "x, y", None)]
     with pytest.raises(DataError) as error:
         read_rows(csv_source, csv_caption_key="caption")
     assert str(error.value) == (f"{csv_source}: no column 'caption' (header: ['filepath', 'title', 'long_caption'], "
@@ -349,3 +349,48 @@ def test_workers_give_the_same_batches(bad_image_rows):
         assert a["indices"] == b["indices"] and a["captions"] == b["captions"]
         assert a["bad_images"] == b["bad_images"] and a["long_captions"] == b["long_captions"]
         assert (a["pixels"] is None and b["pixels"] is None) or torch.equal(a["pixels"], b["pixels"])
+
+
+def test_tar_index_sidecar_is_reused_and_rebuilt_when_the_shard_changes(tmp_path, shards, monkeypatch):
+    pattern, _ = shards
+    shard = tmp_path / "shard-000.tar"
+    write_tar(tmp_path / "bad.tar", {"0.png": image_bytes(RED), "1.png": image_bytes(RED), "1.txt": b"ok"})
+    source = f"{pattern}::{tmp_path / 'bad.tar'}"
+    first_log, second_log = [], []
+    first = list(read_rows(source, log=first_log.append))
+    assert sorted(p.name for p in tmp_path.glob("*.index.npz")) == ["bad.tar.index.npz", "shard-000.tar.index.npz",
+                                                                    "shard-001.tar.index.npz"]
+    scans = []
+    monkeypatch.setattr(data, "_scan_tar", lambda path: scans.append(path) or (_ for _ in ()).throw(AssertionError))
+    assert list(read_rows(source, log=second_log.append)) == first and scans == []  # no shard rescanned
+    assert second_log == first_log == [f"warning: skipping {tmp_path / 'bad.tar'}:0: no caption member "
+                                       f"(0.txt or 0.json)", f"warning: skipped 1 malformed rows in {source}"]
+    with pytest.raises(DataError, match="bad.tar:0: no caption member"):  # strict sees the recorded problem
+        read_rows(source, strict=True)
+    monkeypatch.undo()
+    write_tar(shard, {"000009.png": image_bytes(GREEN), "000009.txt": b"rewritten shard"})  # new size and mtime
+    rows = list(read_rows(pattern))
+    assert [row.caption for row in rows] == ["rewritten shard", "vert \u00e9meraude", "blue"]
+    tar_path, offset, size = rows[0].tar_member
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        assert f.read(size) == image_bytes(GREEN)
+    (tmp_path / "shard-001.tar.index.npz").write_bytes(b"torn")  # an unreadable sidecar is rebuilt, not trusted
+    assert [row.caption for row in read_rows(pattern)] == [row.caption for row in rows]
+
+
+def test_compact_rows_cost_their_text_bytes_plus_24_and_concatenate(tmp_path, shards):
+    lines = [json.dumps({"image": f"images/{i:08d}.jpg", "caption": f"caption number {i} " * 3,
+                         **({"long_caption": "a long one " * 20} if i % 3 == 0 else {})}) for i in range(2000)]
+    rows = read_rows(write_lines(tmp_path / "rows.jsonl", lines))
+    text_bytes = sum(len(s.encode()) for row in rows for s in (row.image, row.caption, row.long_caption or ""))
+    stored = rows.text.nbytes + rows.ends.nbytes + rows.shard_ids.nbytes + rows.members.nbytes
+    assert stored == text_bytes + 24 * len(rows) and stored < 1.5 * text_bytes
+    pattern, _ = shards
+    tar_rows = read_rows(pattern)
+    joined = rows + tar_rows + [Row("/x.png", "x")]  # Rows + Rows + list, as train.py adds val rows
+    assert len(joined) == 2005 and list(joined) == list(rows) + list(tar_rows) + [Row("/x.png", "x")]
+    assert joined[-1] == Row("/x.png", "x") and joined[2000] == tar_rows[0] and joined[2000].tar_member is not None
+    assert caption_texts(joined)[:2] == [rows[0].caption, rows[0].long_caption]
+    with pytest.raises(IndexError):
+        joined[2005]
