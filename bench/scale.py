@@ -28,7 +28,6 @@ import tarfile
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import common  # bench/common.py; also puts the repository on sys.path

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from miniproclip.embedder import EmbedSettings, LLMEmbedder
-from miniproclip.llm import DecoderLM, mean_pool
+from miniproclip.llm import mean_pool
 
 TEXTS = {
     "english": "A large red circle on a dark background, next to two small striped blue squares.",
