@@ -339,7 +339,8 @@ def setup(args, rank, world, log) -> Run:
     dataset = ImageTextDataset(rows, train_transform(args))
     if args.stage == 2:
         check_images(args, dataset)
-    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32), enabled=args.precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
+                              enabled=args.precision != "fp32")
     teacher, llm, taught = stage_teachers(args, model, rows, cache, dataset.transform, device, autocast, log)
     # optimizer: AdamW, the head at --lr and the image tower at --lr-vision; GradScaler for fp16
     lr_of = lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr)

@@ -34,6 +34,7 @@ from .tokenizer import CLIPTokenizer
 TEXT_BATCH = 256  # captions per teacher forward when filling the text cache
 IMAGE_BATCH = 64  # images per teacher forward when filling the image cache
 MAP_CHUNK = 1 << 20  # texts hashed at a time when rows are mapped to cache rows
+BESIDE_FLAG = "--text-cache (the teacher caches sit beside it)"  # where a refused cache's error points
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -154,7 +155,7 @@ def stage1_vectors(llm_cache: TextEmbeddingCache, rows, clip_dir: str, device: t
     texts = caption_texts(rows)
     teacher = ensure_vector_cache(path, texts, clip_text_encoder(clip_dir, tokenizer, device, autocast), identity,
                                   {"clip": os.path.abspath(clip_dir)}, "fp32", what="teacher text cache",
-                                  flag="--text-cache (teacher caches sit beside it)", log=log)
+                                  flag=BESIDE_FLAG, log=log)
     del texts
     release_memory(device)
     llm_rows, teacher_rows = map_rows([llm_cache, teacher], caption_columns(rows))
@@ -195,10 +196,9 @@ def image_teacher_vectors(teacher: nn.Module, rows, transform, beside: str, devi
                 "transform": json.dumps(transform.__dict__, sort_keys=True, default=str)}
     path = cache_path(beside, "clip_image", identity)
     images = list(dict.fromkeys(row.image for row in rows))
-    cache = ensure_vector_cache(path, images, image_teacher_encoder(teacher, rows, transform, device, autocast,
-                                                                    workers),
-                                identity, None, "fp32", what="teacher image cache", flag="--text-cache (teacher caches sit beside it)",
-                                log=log)
+    encoder = image_teacher_encoder(teacher, rows, transform, device, autocast, workers)
+    cache = ensure_vector_cache(path, images, encoder, identity, None, "fp32", what="teacher image cache",
+                                flag=BESIDE_FLAG, log=log)
     del images
     return RowVectors.map(cache, [(row.image for row in rows)])
 
