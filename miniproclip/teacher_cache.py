@@ -7,7 +7,7 @@ shown a fixed crop (--train-crop center), gives every image the same features al
 image reference in `clip_image_<digest>.safetensors`. The digest in each name covers what the vectors mean (the
 teacher's fingerprint and the tokenizer or the image transform), so another teacher gets another file. Both caches
 are `embed.ensure_vector_cache` files (streamed in chunks, resumable, memmapped); they store fp32, so a step
-reads exactly the values the live teacher computed on the same inputs.
+reads the live teacher's values (up to fp32 rounding: the cache fill batches the inputs differently).
 
 At setup every data row is mapped once to its cache rows (`RowVectors`): a step gathers vectors by index, with no
 hashing or tokenising, and copies them from pinned memory. The models used to fill a cache are released after it.
