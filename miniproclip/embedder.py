@@ -25,8 +25,9 @@ def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def llm_fingerprint(folder: str) -> str:
-    """Identifies an LLM by its config and weight file sizes, so a cache from another LLM is detected."""
+def folder_fingerprint(folder: str) -> str:
+    """Identifies a model folder (an LLM, a CLIP) by its config and weight file sizes, so that a cache made by
+    another model is detected."""
     digest = hashlib.sha256(json.dumps(read_config(folder), sort_keys=True).encode())
     for path in weight_files(folder):
         digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode())
