@@ -336,7 +336,7 @@ def setup(args, rank, world, log) -> Run:
     model.vision_model.encoder.grad_checkpointing = args.grad_checkpointing
     # data, the LLM cache and the teacher caches (each filled on first use, its model released after), the model
     rows, val_rows, cache = read_data(args, log)
-    dataset = ImageTextDataset(rows, train_transform(args))
+    dataset = ImageTextDataset(rows, train_transform(args), seed=args.seed)
     if args.stage == 2:
         check_images(args, dataset)
     autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
@@ -398,7 +398,7 @@ def train(args, run: Run, log):
                desc=f"stage {args.stage}")
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     # record: the last logged numbers; timer: (time, step) of the last log, for samples_per_s
-    record, last_save, timer = {}, cursor.step, (time.time(), cursor.step)
+    record, timer = {}, (time.time(), cursor.step)
     for batch in training_batches(args, run, log):
         # schedule: linear warmup, then cosine decay to 0, set on every step
         for group in run.optimizer.param_groups:
@@ -410,7 +410,8 @@ def train(args, run: Run, log):
         # optimizer step: clip the unscaled gradient; skip a non-finite step (fp16 overflow is the scaler's to skip)
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip_norm or float("inf"))
-        if non_finite_step(run, loss, grad_norm):  # the one host sync of a step (GradScaler.step has its own)
+        bad, stopping = step_verdict(run, loss, grad_norm, stop)  # the one host sync (GradScaler.step has its own)
+        if bad:
             cursor.bad_steps += 1
             log(f"step {cursor.step}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}, step skipped")
         else:
@@ -422,7 +423,7 @@ def train(args, run: Run, log):
         cursor.step += 1
         bar.update(1)
         # log: metrics.jsonl every --log-every steps (and the numbers of every saved or evaluated step)
-        done = cursor.step >= run.total_steps or stop.received
+        done = cursor.step >= run.total_steps or stopping
         saving = done or cursor.step % args.save_every == 0
         evaluating = args.eval_every and run.val_rows and cursor.step % args.eval_every == 0 and run.rank == 0
         if cursor.step % args.log_every == 0 or saving or evaluating:
@@ -432,7 +433,7 @@ def train(args, run: Run, log):
         if evaluating:
             record.update(validate(args, run))
             log(f"step {cursor.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val/")))
-        if run.rank == 0 and cursor.step % args.log_every == 0:
+        if run.rank == 0 and (cursor.step % args.log_every == 0 or saving or evaluating):
             append_metrics(args, record)
         if cursor.bad_steps >= args.max_bad_steps:
             raise TrainingError(f"{cursor.bad_steps} consecutive non-finite steps; stopping. The last good "
@@ -440,12 +441,9 @@ def train(args, run: Run, log):
         # save: every --save-every steps, at the end, and on SIGTERM/SIGINT
         if saving:
             save(args, run, record)
-            last_save = cursor.step
         if done:
             break
     bar.close()
-    if last_save != cursor.step:  # the data ran out of usable batches before the last step
-        save(args, run, record)
     finish_message(args, run, stop, record, log)
 
 
@@ -459,6 +457,7 @@ def training_batches(args, run: Run, log):
         # a coin per row and epoch, so the choice does not depend on how rows are split over ranks or resumes
         coins = torch.Generator().manual_seed(args.seed * 1_000_003 + cursor.epoch)
         pick_long = (torch.rand(len(run.rows), generator=coins) < 0.5).numpy()
+        run.dataset.epoch = cursor.epoch  # this epoch's random crops (seeded per sample)
         for batch in make_loader(run.dataset, batches, args.workers, start_batch=cursor.batch_in_epoch):
             cursor.batch_in_epoch += 1  # the data cursor: where a resumed run continues
             if run.world > 1:  # dropped bad images can leave ranks with unequal batches: all use the smallest
@@ -473,14 +472,19 @@ def training_batches(args, run: Run, log):
         cursor.batch_in_epoch = 0
 
 
-def non_finite_step(run: Run, loss, grad_norm) -> bool:
-    """A non-finite loss, or non-finite gradients that no GradScaler handles (fp16 overflow is the scaler's to
-    skip, not a bad step). Under torchrun the verdict is shared, so every rank skips (and stops) together."""
+def step_verdict(run: Run, loss, grad_norm, stop: "StopSignal") -> tuple[bool, bool]:
+    """(skip this step, stop after it). Skip on a non-finite loss, or non-finite gradients that no GradScaler
+    handles (fp16 overflow is the scaler's to skip, not a bad step). Under torchrun both verdicts are shared, so
+    every rank skips, saves and stops together: a signal that reached one rank stops all of them after this step
+    (ranks that went different ways would wait forever in different collectives)."""
     bad = ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) & (not run.scaler.is_enabled()))
-    if run.world > 1:  # a loss can be non-finite on one rank only
-        bad = bad.to(torch.int32)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bool(bad)
+    verdict = torch.stack([bad, torch.tensor(stop.received is not None, device=bad.device)]).to(torch.int32)
+    if run.world > 1:  # a loss can be non-finite, or a signal arrive, on one rank only
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    bad, stopping = verdict.tolist()
+    if stopping and stop.received is None:
+        stop.received = "a signal on another rank"
+    return bool(bad), bool(stopping)
 
 
 def count_bad_images(paths, cursor: Cursor, log):

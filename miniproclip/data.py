@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import tarfile
+import zipfile
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -311,12 +312,13 @@ def _read_tar(path: str, skip: _Skipper, log) -> "Rows":
                 rows = Rows(index["text"], index["ends"], [path], np.zeros(len(index["ends"]), np.int32),
                             index["members"])
                 problems = list(zip(index["problem_members"].tolist(), index["problems"].tolist()))
-    except (OSError, ValueError, KeyError):  # no sidecar, or a torn or foreign one: scan
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none, torn or foreign: scan
         fresh = False
     if not fresh:
         rows, problems = _scan_tar(path)
         try:
-            with atomic_path(sidecar) as tmp, open(tmp, "wb") as f:
+            # every rank indexes the shards: each writes its own temporary file, the last rename wins
+            with atomic_path(sidecar, per_process=True) as tmp, open(tmp, "wb") as f:
                 np.savez(f, stamp=stamp, text=rows.text, ends=rows.ends, members=rows.members,
                          problem_members=np.array([m for m, _ in problems], dtype=str),
                          problems=np.array([p for _, p in problems], dtype=str))
@@ -369,8 +371,11 @@ class ImageTextDataset(Dataset):
     """Map-style dataset over Rows. Item i: {"index", "pixels" (3, H, W) or None, "caption", "long_caption"}, plus
     "bad_image": path when the image cannot be read. transform=None: images are not read at all (stage 1)."""
 
-    def __init__(self, rows: list[Row], transform=None):
+    def __init__(self, rows: list[Row], transform=None, seed: int = 0):
         self.rows, self.transform = rows, transform
+        # a random transform draws from a generator seeded by (seed, epoch, index): the same crops whatever the
+        # number of workers or ranks, and after a resume; the trainer sets `epoch` before each epoch's loader
+        self.seed, self.epoch = seed, 0
         self._shards = OrderedDict()  # tar path -> open file of this process, least recently used first
         self._shards_pid = os.getpid()  # the process the open files belong to
 
@@ -390,21 +395,22 @@ class ImageTextDataset(Dataset):
         shard.seek(offset)
         return shard.read(size)
 
-    def _load_pixels(self, row: Row) -> torch.Tensor:
+    def _load_pixels(self, row: Row, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
         if row.tar_member is None:
-            return self.transform(load_image(row.image))
+            return self.transform(load_image(row.image), generator)
         try:
             data = self._read_tar_member(*row.tar_member)
         except OSError as error:
             raise ImageReadError(f"cannot read {row.image}: {error}") from error
-        return self.transform(load_image(io.BytesIO(data)))  # a short read (truncated tar) fails to decode
+        return self.transform(load_image(io.BytesIO(data)), generator)  # a short read (truncated tar) fails to decode
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         sample = {"index": index, "pixels": None, "caption": row.caption, "long_caption": row.long_caption}
         if self.transform is not None:
             try:
-                sample["pixels"] = self._load_pixels(row)  # (3, H, W)
+                sample["pixels"] = self._load_pixels(row, index)  # (3, H, W)
             except ImageReadError:
                 sample["bad_image"] = row.image
         return sample

@@ -22,11 +22,15 @@ def fsync_path(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
-    """`with atomic_path(p) as tmp: write(tmp)` makes `p` appear whole only once the block has succeeded."""
+def atomic_path(path: str, per_process: bool = False):
+    """`with atomic_path(p) as tmp: write(tmp)` makes `p` appear whole only once the block has succeeded.
+
+    `per_process=True` where several processes (torchrun ranks) may write the same file at once, each with the
+    same content: every process then writes its own temporary file, and the last rename wins.
+    """
     path = str(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + TMP
+    tmp = path + TMP + (str(os.getpid()) if per_process else "")
     try:
         yield tmp
         fsync_path(tmp)

@@ -112,8 +112,9 @@ class ImageTransform:
             convert_rgb=config.get("do_convert_rgb", True),
         )
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (3, H, W) float32 pixels for the vision tower."""
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 pixels for the vision tower. Deterministic: `generator` is unused (it
+        is accepted so the data set can hand every training transform its per-sample generator)."""
         if self.convert_rgb:
             image = to_rgb(image)
         if image.mode != "RGB":
@@ -168,21 +169,21 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 class RandomResizedCropTransform:
     """Training transform: a random crop of 90-100% of the image's area, resized to the model's input size.
 
-    Draws from torch's global RNG (seeded per data-loader worker, as torchvision's transforms do), or from
-    `generator` when given.
+    Draws from the `generator` of the call (the data set passes one seeded by (seed, epoch, sample), so crops do
+    not depend on workers, ranks or resumes), else from the field `generator`, else from torch's global RNG.
     """
     base: ImageTransform  # its crop_size is the output size; its rescale and normalization are applied after
     scale: tuple[float, float] = (0.9, 1.0)  # area fraction (official ProCLIP / open_clip stage-2 setting)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (torchvision's default)
     generator: torch.Generator | None = None
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """PIL image -> (3, H, W) float32 pixels, H, W = base.crop_size (or base.size when square)."""
         if self.base.convert_rgb:
             image = to_rgb(image)
         out_height, out_width = self.base.crop_size or (self.base.size, self.base.size)
         left, top, width, height = random_resized_crop_box(image.width, image.height, self.scale, self.ratio,
-                                                           self.generator)
+                                                           generator or self.generator)
         image = image.resize((out_width, out_height), resample=Image.Resampling(self.base.resample),
                              box=(left, top, left + width, top + height))  # crop and resize in one PIL call
         return dataclasses.replace(self.base, size=None, crop_size=None)(image)  # rescale + normalize only

@@ -355,3 +355,52 @@ def test_stage2_training_transform_is_a_seeded_random_resized_crop(world):
     squeezed = image.resize(base.crop_size[::-1], resample=Image.Resampling.BICUBIC)
     assert torch.allclose(full(image), ImageTransform(size=None, crop_size=None, mean=base.mean, std=base.std)(
         squeezed), atol=1e-6)
+
+
+def test_random_crops_are_seeded_per_sample_whatever_the_workers(world):
+    """A sample's crop depends on (seed, epoch, index) only: the same with 0 or 2 workers and when read again
+    (as after a resume), another in the next epoch or under another seed."""
+    from miniproclip.data import ImageTextDataset, make_loader, read_rows
+    from miniproclip.image import ImageTransform, RandomResizedCropTransform
+    rows = read_rows(world["data"])
+    transform = RandomResizedCropTransform(base=ImageTransform.from_folder(world["clip"]))
+    dataset = ImageTextDataset(rows, transform, seed=3)
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    in_process = torch.cat([b["pixels"] for b in make_loader(dataset, batches, 0)])
+    in_workers = torch.cat([b["pixels"] for b in make_loader(dataset, batches, 2)])
+    assert torch.equal(in_process, in_workers) and torch.equal(dataset[5]["pixels"], in_process[5])
+    dataset.epoch = 1
+    assert not torch.equal(dataset[5]["pixels"], in_process[5])  # a new crop each epoch
+    assert not torch.equal(ImageTextDataset(rows, transform, seed=4)[5]["pixels"], in_process[5])
+
+
+def rank_process(marker: str, rank: int) -> int:
+    """The pid of the torchrun worker of `rank` whose command line contains `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            environ = b"\0" + open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker.encode() in cmdline and f"\0RANK={rank}\0".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no rank-{rank} worker running {marker}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_a_shared_save(world, tmp_path):
+    """SIGTERM reaching rank 1 only: both ranks finish the step, save together and exit 0 (the signal is part
+    of the step's shared verdict; before, rank 1 waited in save()'s barrier while rank 0 went on to the next
+    step's collectives, a hang)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    out = tmp_path / "two"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_port", "29537", os.path.join(ROOT, "train.py"), "--stage", "1",
+                                "--max-steps", "5000", "--save-every", "100000",
+                                *common(world, out, "--batch-size", "4")],
+                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_lines(out / "metrics.jsonl", 3, process)
+    os.kill(rank_process(str(out), 1), signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=180)  # a hang fails here
+    assert process.returncode == 0, stderr[-3000:]
+    step = ckpt.load_weights(ckpt.resolve_checkpoint(str(out)))[1]["step"]
+    assert 3 <= step < 5000 and "--resume latest" in stdout
