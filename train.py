@@ -146,7 +146,34 @@ def parse_args(argv=None):
                         "a GradScaler")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes in stage 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the flags given on this command line: a resumed run takes every other setting from its checkpoint
+    for action in p._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    args.given_flags = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+PER_LAUNCH = {"resume", "device", "workers", "given_flags"}  # settings of a launch, never taken from a checkpoint
+FIXED_ON_RESUME = ("train_data", "batch_size")  # the data cursor counts batches of these: a change is refused
+
+
+def inherit_run_settings(args, resume_path: str, resumed_meta: dict, world: int):
+    """`--resume`: every flag not given again comes from the run being resumed (its data, models, losses,
+    schedule, ...), so the command a stopped run prints continues the same run."""
+    saved = resumed_meta["args"]
+    for key in FIXED_ON_RESUME:
+        if key in args.given_flags and saved.get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise TrainingError(f"{resume_path} was trained with {flag} {saved.get(key)}; a resumed run keeps it "
+                                f"(its data position counts those batches): leave {flag} out, or start a new run "
+                                f"with --init {resume_path}")
+    if resumed_meta.get("world_size", world) != world:
+        raise TrainingError(f"{resume_path} was trained on {resumed_meta['world_size']} rank(s), not {world}: its "
+                            f"data position counts per-rank batches; resume it with the same number of processes")
+    for key, value in saved.items():
+        if key in vars(args) and key not in args.given_flags and key not in PER_LAUNCH:
+            setattr(args, key, value)
 
 
 def fill_defaults(args, resumed_meta, init_meta, log):
@@ -242,7 +269,7 @@ def main(argv=None):
 # setup: flags -> checkpoints, models, data, text cache, optimizer, and the resumed state (applied here only)
 
 
-def find_checkpoints(args):
+def find_checkpoints(args, world: int):
     """(resume path, its meta, init path, its meta); a bad checkpoint fails here, before any work."""
     if args.stage == 2 and not (args.init or args.resume):
         raise TrainingError("--stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
@@ -254,6 +281,8 @@ def find_checkpoints(args):
     if resumed_meta and resumed_meta.get("stage") != args.stage:
         raise TrainingError(f"{resume_path} is a stage-{resumed_meta.get('stage')} checkpoint: resume it with "
                             f"--stage {resumed_meta.get('stage')}, or start stage {args.stage} from it with --init")
+    if resumed_meta:  # before --init is resolved: a resumed stage-2 run rebuilds its teacher from its own --init
+        inherit_run_settings(args, resume_path, resumed_meta, world)
     # `--init scratch`: stage 2 with a fresh head, i.e. direct contrastive alignment (LLM2CLIP-style ablation)
     init_path = ckpt.resolve_checkpoint(args.init) if args.init and args.init != "scratch" else None
     return resume_path, resumed_meta, init_path, ckpt.load_meta(init_path) if init_path else None
@@ -318,7 +347,7 @@ def check_images(args, dataset):
 def setup(args, rank, world, log) -> Run:
     """Everything before the first step; a resumed run's weights, optimizer, scaler, RNG and cursor are applied
     here and nowhere else."""
-    resume_path, resumed_meta, init_path, init_meta = find_checkpoints(args)
+    resume_path, resumed_meta, init_path, init_meta = find_checkpoints(args, world)
     train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
     fill_defaults(args, resumed_meta, init_meta, log)
     if rank == 0:
@@ -560,7 +589,8 @@ def save(args, run: Run, record: dict):
                    else dict(model.state_dict()))
         if args.stage == 2 and args.ema_momentum < 1:  # an EMA teacher is state too
             weights.update({f"teacher.{k}": v for k, v in run.teacher.state_dict().items()})
-        meta = {"stage": args.stage, "step": run.cursor.step, "args": vars(args), "head": run.head.__dict__,
+        meta = {"stage": args.stage, "step": run.cursor.step, "args": vars(args), "world_size": run.world,
+                "head": run.head.__dict__,
                 "metrics": record, "bad_image_paths": run.cursor.bad_image_paths}
         # what a resumed run needs to continue as if never stopped (torch.load(weights_only=True)-safe types)
         train_state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),

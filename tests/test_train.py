@@ -138,7 +138,8 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(world, tmp_path
     process.wait()
     resumed_from = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "killed")))[1]["step"]
     assert 0 < resumed_from < 24, "the process finished before the kill: the test did not test a kill"
-    train.main(args + common(world, tmp_path / "killed") + ["--resume", "latest"])
+    # the command a stopped run prints: data, models, batch size and schedule come from the checkpoint
+    train.main(["--stage", "1", "--output", str(tmp_path / "killed"), "--resume", "latest", "--workers", "0"])
     with open(tmp_path / "killed" / "metrics.jsonl") as f:
         after = [r for r in map(json.loads, f)][-(24 - resumed_from):]
     assert [r["step"] for r in after] == list(range(resumed_from + 1, 25))
@@ -404,3 +405,15 @@ def test_sigterm_to_one_rank_stops_every_rank_after_a_shared_save(world, tmp_pat
     assert process.returncode == 0, stderr[-3000:]
     step = ckpt.load_weights(ckpt.resolve_checkpoint(str(out)))[1]["step"]
     assert 3 <= step < 5000 and "--resume latest" in stdout
+
+
+def test_resume_refuses_another_batch_size_or_data(world, tmp_path):
+    train.main(["--stage", "1", *common(world, tmp_path / "run", "--max-steps", "2")])
+    resume = ["--stage", "1", "--output", str(tmp_path / "run"), "--resume", "latest", "--workers", "0"]
+    with pytest.raises(SystemExit, match=r"^error: .*trained with --batch-size 8; a resumed run keeps it"):
+        train.main(resume + ["--batch-size", "16"])
+    other = write_tiny_pairs(tmp_path / "other", n=8, seed=5)
+    with pytest.raises(SystemExit, match=r"^error: .*trained with --train-data .*leave --train-data out"):
+        train.main(resume + ["--train-data", other])
+    train.main(resume + ["--max-steps", "3"])  # a longer schedule is a choice the user may make
+    assert ckpt.load_meta(ckpt.resolve_checkpoint(str(tmp_path / "run")))["step"] == 3
