@@ -239,8 +239,8 @@ def splice_micro_batch(cached: list[torch.Tensor], index: int, fresh: torch.Tens
     micro-batch `index` taken from `fresh` (recomputed with grad) and the others from `cached` (no-grad features
     from a first pass over all micro-batches). Backward of the loss on each spliced batch, summed over the
     micro-batches, gives the full-batch gradient of the encoders' parameters, so the negatives cover the whole
-    batch. The loss's direct gradient to logit_scale is counted once per micro-batch (accum_freq times the
-    full-batch one), exactly as in open_clip.
+    batch. The loss's direct gradient to logit_scale would be counted once per micro-batch (accum_freq times the
+    full-batch one, as in open_clip); stages.py avoids that by letting it through in the last micro-batch only.
     """
     return torch.cat(cached[:index] + [fresh] + cached[index + 1:], dim=0)
 
