@@ -98,7 +98,8 @@ class CaptionTokenizer:
     def __init__(self, folder: str, settings: EmbedSettings = EmbedSettings()):
         tokenizer_path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(tokenizer_path):
-            raise ModelFolderError(f"{folder}: no tokenizer.json; expected a Hugging Face LLM folder with its tokenizer")
+            raise ModelFolderError(f"{folder}: no tokenizer.json; expected a Hugging Face LLM folder with its "
+                                   "tokenizer")
         self.tokenizer = Tokenizer.from_file(tokenizer_path)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from miniproclip.data import DataError  # noqa: E402
 from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, llm_fingerprint  # noqa: E402
 from miniproclip.lora import lora_state_dict  # noqa: E402
-from miniproclip.stage0 import (CaptionContrastive, LoRASettings, load_stage0_llm, nearest_neighbour_accuracy,  # noqa: E402
-                                pick_pairs, read_groups, write_merged_llm)
+from miniproclip.stage0 import (CaptionContrastive, LoRASettings, load_stage0_llm,  # noqa: E402
+                                nearest_neighbour_accuracy, pick_pairs, read_groups, write_merged_llm)
 from miniproclip.stages import accumulated_backward  # noqa: E402
 
 from fixtures import write_tiny_llm  # noqa: E402
@@ -162,3 +162,13 @@ def test_sharded_export_and_nearest_neighbour_accuracy(tiny_llm, tmp_path):
     x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [0.2, 1]])
     assert nearest_neighbour_accuracy(x, [0, 0, 1, 1]) == 1.0
     assert nearest_neighbour_accuracy(x, [0, 1, 0, 1]) == 0.0
+
+
+def test_toy_paraphrase_groups_hold_out_scenes_and_templates():
+    from miniproclip.toy.groups import TRAIN_TEMPLATES, paraphrase_groups
+    train = paraphrase_groups(50, seed=0, templates=TRAIN_TEMPLATES)
+    test = paraphrase_groups(20, seed=1, templates=range(8, 12), languages=("de",),
+                             exclude={g["scene"] for g in train})
+    assert not {g["scene"] for g in train} & {g["scene"] for g in test}
+    assert all(len(set(g["texts"])) == 8 for g in train) and all(len(set(g["texts"])) == 5 for g in test)
+    assert not {t for g in train for t in g["texts"]} & {t for g in test for t in g["texts"]}
