@@ -65,7 +65,9 @@ class EmbedSettings:
     append_eos: bool = False  # end each caption with the EOS token (some LLM2Vec-style embedders expect it)
     causal: bool = True  # False for bidirectional embedders (LLM2Vec / LLM2CLIP's Llama-3 embedder)
     suffix: str = ""  # appended to each caption and pooled with it (llm2vec-llama3: "<|eot_id|>")
-    pool_bos: bool = True  # with no instruction: pool the tokens the tokenizer adds before the text (Llama's BOS)
+    # with no instruction: pool the tokens the tokenizer adds before the text (Llama's BOS); leaving them out
+    # measured no better on paraphrase retrieval (README, "Stage 0"), so the default keeps them
+    pool_bos: bool = True
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "EmbedSettings":
