@@ -83,7 +83,7 @@ def train_stage0(llm: str, output: str, groups: list[list[str]], settings: Embed
     return write_merged_llm(model, llm, os.path.join(output, "llm"), lora)
 
 
-def run_paraphrase_demo(llm: str, output: str, steps: int = 60, batch_size: int = 32, lr: float = 1e-3,
+def run_paraphrase_demo(llm: str, output: str, steps: int = 60, batch_size: int = 16, lr: float = 2e-3,
                         temperature: float = 0.05, train_groups: int = 512, test_groups: int = 100,
                         causal: bool = True, log=print) -> dict:
     """Raw vs stage-0 held-out nearest-neighbour paraphrase accuracy; writes groups, the merged LLM and
@@ -113,8 +113,8 @@ def main(argv=None):
     parser.add_argument("--llm", required=True, help="HF LLM folder (e.g. SmolLM2 from scripts/convert_smollm2.py)")
     parser.add_argument("--output", required=True, help="folder for the groups, the merged llm/ and results.json")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=32, help="groups per step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16, help="groups per step")
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--bidirectional", action="store_true", help="train and embed with bidirectional attention")
     args = parser.parse_args(argv)
