@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -203,6 +204,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.causal = causal  # False: bidirectional attention over real tokens (LLM2Vec-style embedders)
+        self.grad_checkpointing = False  # True: keep only layer inputs, recompute each layer in backward
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, causal) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -255,7 +257,10 @@ class DecoderLM(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = self.attention_mask(attention_mask, T, input_ids.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
     @classmethod
