@@ -204,8 +204,9 @@ def _file_row(record: dict, image_key: str, caption_key: str, folder: str) -> Ro
                long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False))
 
 
-def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
-    folder = os.path.dirname(os.path.abspath(path))
+def jsonl_records(path: str, skip: _Skipper, parse) -> Iterator:
+    """`parse(record)` of each JSON-object line of `path`; a malformed line (bad JSON, not an object, or `parse`
+    raising _Malformed) goes to `skip` with its file:line."""
     with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -214,14 +215,19 @@ def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
-                row = _file_row(record, "image", "caption", folder)
+                parsed = parse(record)
             except _Malformed as error:
                 skip(f"{path}:{line_number}", str(error))
                 continue
             except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
                 skip(f"{path}:{line_number}", f"invalid JSON ({error})")
                 continue
-            yield row
+            yield parsed
+
+
+def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
+    folder = os.path.dirname(os.path.abspath(path))
+    return jsonl_records(path, skip, lambda record: _file_row(record, "image", "caption", folder))
 
 
 def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: _Skipper) -> Iterator[Row]:

@@ -76,6 +76,15 @@ class EmbedSettings:
             raise ValueError(f"unknown embedding preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    @classmethod
+    def from_flags(cls, preset: str = "default", max_length: int = 512, instruction: str = "",
+                   append_eos: bool = False, bidirectional: bool = False) -> "EmbedSettings":
+        """The command-line flags (train.py, the embed CLI; a checkpoint's saved args): the preset's fields, with
+        --max-length always and --instruction, --append-eos, --bidirectional where given overriding them."""
+        given = {"instruction": instruction or None, "append_eos": append_eos or None,
+                 "causal": False if bidirectional else None}  # None: not given, the preset's value stands
+        return cls.preset(preset, max_length=max_length, **{k: v for k, v in given.items() if v is not None})
+
 
 # llm2vec's `LLM2Vec.encode` for Llama-3 instruct models (llm2vec/llm2vec.py `prepare_for_tokenization`, `tokenize`,
 # `get_pooling`), the path LLM2CLIP's and ProCLIP's caption features come from: BOS + user header + caption +

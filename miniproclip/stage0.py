@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import MAX_WARNINGS, DataError, _clean_text, _Malformed, _Skipper, expand_braces, read_rows
+from .data import MAX_WARNINGS, DataError, _clean_text, _Malformed, _Skipper, expand_braces, jsonl_records, read_rows
 from .embedder import CaptionTokenizer, EmbedSettings, llm_fingerprint, pad_batch
 from .files import TMP
 from .llm import DecoderLM, mean_pool
@@ -42,31 +42,18 @@ MAX_SHARD_BYTES = 5 * 2**30  # shard size of the merged folder, as transformers'
 # -----------------------------------------------------------------------------
 # data: groups of texts that mean the same thing
 
-def _read_groups_jsonl(path: str, skip: _Skipper) -> list[list[str]]:
-    groups = []
-    with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
-                if "texts" in record:
-                    if not isinstance(record["texts"], list):
-                        raise _Malformed(f'"texts" must be a list, got {type(record["texts"]).__name__}')
-                    texts = [_clean_text(t, "texts", required=True) for t in record["texts"]]
-                else:  # an image-caption row: the caption and its long version
-                    texts = [_clean_text(record.get(k), k, required=True) for k in ("caption", "long_caption")]
-                texts = list(dict.fromkeys(texts))  # a repeated text is no second view
-                if len(texts) < 2:
-                    raise _Malformed("a group needs two different texts")
-                groups.append(texts)
-            except _Malformed as error:
-                skip(f"{path}:{line_number}", str(error))
-            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-                skip(f"{path}:{line_number}", f"invalid JSON ({error})")
-    return groups
+def _group(record: dict) -> list[str]:
+    """The texts of one JSONL record: {"texts": [...]}, or an image-caption row's caption and long caption."""
+    if "texts" in record:
+        if not isinstance(record["texts"], list):
+            raise _Malformed(f'"texts" must be a list, got {type(record["texts"]).__name__}')
+        texts = [_clean_text(t, "texts", required=True) for t in record["texts"]]
+    else:  # an image-caption row: the caption and its long version
+        texts = [_clean_text(record.get(k), k, required=True) for k in ("caption", "long_caption")]
+    texts = list(dict.fromkeys(texts))  # a repeated text is no second view
+    if len(texts) < 2:
+        raise _Malformed("a group needs two different texts")
+    return texts
 
 
 def read_groups(source: str, strict: bool = False, log=print) -> list[list[str]]:
@@ -81,7 +68,7 @@ def read_groups(source: str, strict: bool = False, log=print) -> list[list[str]]
                 raise DataError(f"{path} does not exist: check the data path {source!r}")
             skipped_before = skip.count
             if path.lower().endswith(".jsonl"):
-                file_groups = _read_groups_jsonl(path, skip)
+                file_groups = list(jsonl_records(path, skip, _group))
             else:
                 rows = read_rows(path, strict=strict, log=log)
                 file_groups = [[r.caption, r.long_caption] for r in rows if r.long_caption]
