@@ -17,7 +17,6 @@ data, text cache, optimizer, resumed state), then `train()`, the loop. The model
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,19 +28,23 @@ from tqdm import tqdm
 from miniproclip import checkpoint as ckpt
 from miniproclip.clip import CLIP
 from miniproclip.curves import write_curves
-from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
-from miniproclip.distributed import init_distributed
+from miniproclip.data import DataError, ImageTextDataset, caption_texts, count_bad_images, epoch_batches, make_loader, \
+    read_rows
+from miniproclip.distributed import StopSignal, init_distributed
 from miniproclip.embed import ensure_text_cache
-from miniproclip.embedder import EmbedSettings, default_batch_tokens
+from miniproclip import stage0
+from miniproclip.api import embed_settings
+from miniproclip.embedder import PRESETS, default_batch_tokens
 from miniproclip.errors import TrainingError
 from miniproclip.evaluation import Encoders, RetrievalSet, inference, run_retrieval
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform, RandomResizedCropTransform
 from miniproclip.llm import LLMConfig
+from miniproclip.lora import lora_state_dict
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.optim import cosine_lr_factor, param_groups
-from miniproclip.stages import LossSettings, Stage1, Stage2, accumulated_backward
+from miniproclip.stages import LossSettings, Stage1, Stage2, accumulated_backward, split
 from miniproclip.tokenizer import CLIPTokenizer
 from miniproclip.weights import ModelFolderError
 
@@ -54,8 +57,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train ProCLIP: stage 1 (distil CLIP's text encoder into LLM+head), "
                                             "stage 2 (contrastive tuning of the image encoder with L_reg).")
     # run
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True,
-                   help="1: representation inheritance, 2: contrastive tuning")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+                   help="0: LLM embedder (LoRA, optional), 1: representation inheritance, 2: contrastive tuning")
     p.add_argument("--init", default=None, help="stage 2: a stage-1 (or stage-2) run folder or checkpoint to start "
                                                 "from; 'scratch' = a fresh head (direct alignment, no stage 1)")
     p.add_argument("--resume", default=None,
@@ -76,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="LLM tokens per caption")
     p.add_argument("--instruction", default="", help="LLM instruction prefix, excluded from the mean pool")
     p.add_argument("--bidirectional", action="store_true", help="LLM with bidirectional attention (LLM2Vec-style)")
+    p.add_argument("--embed-preset", choices=PRESETS, default="default",
+                   help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
     p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
                    help="LLM weights when filling the cache (bf16: ~2x faster on CPU too, cosine to fp32 >= 0.999)")
     p.add_argument("--text-cache", default=None,
@@ -146,6 +151,7 @@ def parse_args(argv=None):
                         "a GradScaler")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes in stage 1)")
+    stage0.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -282,7 +288,7 @@ def read_data(args, log):
             "csv_separator": args.csv_separator}
     rows = read_rows(args.train_data, strict=args.strict_data, log=log, **keys)
     val_rows = read_rows(args.val_data, log=log, **keys) if args.val_data and args.eval_every else []
-    settings = EmbedSettings(max_length=args.max_length, instruction=args.instruction, causal=not args.bidirectional)
+    settings = embed_settings(vars(args))
     cache = ensure_text_cache(args.text_cache, args.llm, caption_texts(rows + val_rows), settings,
                               torch.bfloat16 if args.llm_dtype == "bf16" else torch.float32, args.device,
                               args.batch_tokens, log)
@@ -323,11 +329,14 @@ def setup(args, rank, world, log) -> Run:
     here and nowhere else."""
     resume_path, resumed_meta, init_path, init_meta = find_checkpoints(args)
     train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
-    fill_defaults(args, resumed_meta, init_meta, log)
+    (stage0.fill_defaults(args, resumed_meta, log) if args.stage == 0 else
+     fill_defaults(args, resumed_meta, init_meta, log))
     if rank == 0:
         ckpt.check_writable(args.output)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if args.stage == 0:  # the LLM with LoRA adapters and groups of texts (stage0.py): no CLIP, no caches
+        return setup_stage0(args, device, rank, world, resume_path, train_state, log)
     # models: fp32 master weights (autocast does the low-precision math), the trainable part and the teacher
     clip = CLIP.from_pretrained(args.clip)
     model, head = build_model(args, clip, init_meta or resumed_meta, init_path or resume_path, log)
@@ -347,33 +356,55 @@ def setup(args, rank, world, log) -> Run:
     lr_of = lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr)
     optimizer = torch.optim.AdamW(param_groups(model, args.wd, lr_of), lr=args.lr, betas=(args.beta1, args.beta2),
                                   eps=args.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
     # a resumed run: weights (and an EMA teacher), optimizer, scaler, RNG and data cursor
-    cursor = Cursor()
     if resume_path:
         teacher_weights = ckpt.load_trained_weights(model, resume_path)[0]
         if teacher_weights:
             teacher.load_state_dict(teacher_weights)
-        optimizer.load_state_dict(train_state["optimizer"])
-        if train_state["scaler"]:  # empty when saved without fp16 (e.g. resuming a bf16 run with --precision amp)
-            scaler.load_state_dict(train_state["scaler"])
-        ckpt.set_rng_state(train_state["rng"])
-        cursor = Cursor(**train_state["cursor"])
-        log(f"resumed from {resume_path} at step {cursor.step}")
+    scaler, cursor = restore(args, optimizer, device, resume_path, train_state, log)
     # DDP and torch.compile wrap the model for the forward passes only
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
     if args.compile:  # stage 1's row count varies with the long captions: dynamic shapes, no recompiles
         forward = torch.compile(forward, dynamic=True if args.stage == 1 else None)
     stage = build_stage(args, forward, model, teacher, cache, device, rank, world)
-    steps_per_epoch = len(epoch_batches(len(rows), args.batch_size, seed=args.seed, epoch=0, rank=rank,
-                                        world_size=world))
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
         f"{world} rank(s), precision {args.precision}, output {args.output}")
     return Run(model=model, teacher=teacher, stage=stage, optimizer=optimizer, scaler=scaler, no_sync=no_sync,
                dataset=dataset, rows=rows, val_rows=val_rows, cache=cache, head=head, device=device, rank=rank,
-               world=world, total_steps=args.max_steps or args.epochs * steps_per_epoch, cursor=cursor)
+               world=world, total_steps=total_steps(args, len(rows), rank, world), cursor=cursor)
+
+
+def restore(args, optimizer, device, resume_path, train_state, log):
+    """(GradScaler, Cursor): fresh, or a resumed run's optimizer, scaler, RNG and data cursor applied."""
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")  # fp16 only; a no-op otherwise
+    if not resume_path:
+        return scaler, Cursor()
+    optimizer.load_state_dict(train_state["optimizer"])
+    if train_state["scaler"]:  # empty when saved without fp16 (e.g. resuming a bf16 run with --precision amp)
+        scaler.load_state_dict(train_state["scaler"])
+    ckpt.set_rng_state(train_state["rng"])
+    log(f"resumed from {resume_path} at step {train_state['cursor']['step']}")
+    return scaler, Cursor(**train_state["cursor"])
+
+
+def total_steps(args, rows, rank, world):
+    steps_per_epoch = len(epoch_batches(rows, args.batch_size, seed=args.seed, epoch=0, rank=rank, world_size=world))
+    return args.max_steps or args.epochs * steps_per_epoch
+
+
+def setup_stage0(args, device, rank, world, resume_path, train_state, log) -> Run:
+    """Stage 0: the LoRA-wrapped LLM (its adapters resumed), AdamW on the adapters, the CaptionContrastive stage."""
+    settings = embed_settings(vars(args))
+    model, groups = stage0.setup_model(args, settings, device, resume_path, log)
+    optimizer = torch.optim.AdamW(param_groups(model, args.wd, lambda name: ("lora", args.lr)), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=args.eps)
+    scaler, cursor = restore(args, optimizer, device, resume_path, train_state, log)
+    stage, no_sync = stage0.build_stage(args, model, groups, settings, cursor, device, rank, world)
+    return Run(model=model, teacher=None, stage=stage, optimizer=optimizer, scaler=scaler, no_sync=no_sync,
+               dataset=stage0.GroupDataset(groups), rows=groups, val_rows=[], cache=None, head=None, device=device,
+               rank=rank, world=world, total_steps=total_steps(args, len(groups), rank, world), cursor=cursor)
 
 
 def build_stage(args, forward, model, teacher, cache, device, rank, world):
@@ -486,25 +517,6 @@ def non_finite_step(run: Run, loss, grad_norm) -> bool:
     return bool(bad)
 
 
-def count_bad_images(paths, cursor: Cursor, log):
-    """Unreadable images are dropped from the batch, counted, and the first 10 named."""
-    for path in paths:
-        cursor.bad_images += 1
-        if cursor.bad_images <= 10:
-            cursor.bad_image_paths.append(path)
-            log(f"skipped unreadable image {path}" + (" (further ones are only counted)"
-                                                      if cursor.bad_images == 10 else ""))
-
-
-def split(batch, parts):
-    """A collated batch -> `parts` micro-batches of (nearly) equal size."""
-    n = len(batch["captions"])
-    # micro-batch j holds rows [round(j·n/parts), round((j+1)·n/parts)); the bad-image list stays with the batch
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [{k: v[a:b] for k, v in batch.items() if v is not None and k != "bad_images"}
-            for a, b in zip(bounds, bounds[1:])]
-
-
 def step_record(args, run: Run, loss, parts, grad_norm, timer) -> dict:
     """The numbers of the step just taken (host syncs: called on log, eval and save steps only)."""
     since, since_step = timer
@@ -538,28 +550,16 @@ def validate(args, run: Run):
     return {f"val/{k}": v for k, v in report["metrics"].items()}
 
 
-class StopSignal:
-    """SIGTERM/SIGINT: finish the current step, save, and exit cleanly (cluster preemption)."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-
 def save(args, run: Run, record: dict):
     """Rank 0 writes weights (head only in stage 1), optimizer, RNG and data cursor; the others wait."""
     if run.rank == 0:
         model = run.model
         # stage 1 saves the head only (the image tower is CLIP's, unchanged); stage 2 the whole model
         weights = ({f"text_head.{k}": v for k, v in model.text_head.state_dict().items()} if args.stage == 1
-                   else dict(model.state_dict()))
+                   else lora_state_dict(model) if args.stage == 0 else dict(model.state_dict()))
         if args.stage == 2 and args.ema_momentum < 1:  # an EMA teacher is state too
             weights.update({f"teacher.{k}": v for k, v in run.teacher.state_dict().items()})
-        meta = {"stage": args.stage, "step": run.cursor.step, "args": vars(args), "head": run.head.__dict__,
+        meta = {"stage": args.stage, "step": run.cursor.step, "args": vars(args), "head": run.head and vars(run.head),
                 "metrics": record, "bad_image_paths": run.cursor.bad_image_paths}
         # what a resumed run needs to continue as if never stopped (torch.load(weights_only=True)-safe types)
         train_state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
@@ -581,7 +581,8 @@ def finish_message(args, run: Run, stop: StopSignal, record: dict, log):
         log(f"{stop.received}: saved step {run.cursor.step} to {args.output}; continue with "
             f"`python train.py --stage {args.stage} --output {args.output} --resume latest`")
     elif run.rank == 0:
-        next_command = (f"python train.py --stage 2 --init {args.output}" if args.stage == 1
+        next_command = (stage0.finish(args, run.model, log) if args.stage == 0 else
+                        f"python train.py --stage 2 --init {args.output}" if args.stage == 1
                         else f"python eval.py --task retrieval --model {args.output}")
         log(f"stage {args.stage} done: {run.cursor.step} steps, final loss {record.get('loss', float('nan')):.4f}, "
             f"checkpoints in {args.output}\nnext: {next_command}")

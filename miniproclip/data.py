@@ -431,6 +431,16 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def count_bad_images(paths, cursor, log):
+    """Unreadable images are dropped from the batch, counted, and the first 10 named."""
+    for path in paths:
+        cursor.bad_images += 1
+        if cursor.bad_images <= 10:
+            cursor.bad_image_paths.append(path)
+            log(f"skipped unreadable image {path}" + (" (further ones are only counted)"
+                                                      if cursor.bad_images == 10 else ""))
+
+
 def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
                   world_size: int = 1) -> list[list[int]]:
     """This rank's row indices for each step of one epoch. A permutation seeded by (seed, epoch) is cut into global

@@ -15,10 +15,12 @@ its long version or translation) are positives, the other groups' texts in the b
   `model.safetensors` with the HF key names), usable as `--llm` everywhere and by transformers.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,10 +32,12 @@ from safetensors.torch import save_file
 
 from .data import MAX_WARNINGS, DataError, _clean_text, _Malformed, _Skipper, expand_braces, jsonl_records, read_rows
 from .embedder import CaptionTokenizer, EmbedSettings, llm_fingerprint, pad_batch
+from .errors import TrainingError
 from .files import TMP
 from .llm import DecoderLM, mean_pool
 from .losses import ClipLoss
-from .lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
+from .checkpoint import load_weights
+from .lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from .weights import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
 
 MAX_SHARD_BYTES = 5 * 2**30  # shard size of the merged folder, as transformers' save_pretrained
@@ -122,17 +126,21 @@ class CaptionContrastive:
     """
 
     def __init__(self, model: nn.Module, tokenize: CaptionTokenizer, temperature: float = 0.02,
-                 gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, device: str = "cpu"):
+                 gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                 autocast=contextlib.nullcontext()):
         if temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {temperature}")
         self.model, self.tokenize, self.temperature, self.device = model, tokenize, temperature, device
+        self.autocast = autocast  # bf16/fp16 autocast of the LLM's forward; pooling and loss stay fp32
         self.clip_loss = ClipLoss(gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
 
     def features(self, pairs: list[tuple[str, str]], student_only: bool = False) -> dict[str, torch.Tensor]:
         """{"a": (B, C), "b": (B, C)}: L2-normalised pooled embeddings of each pair's two texts (one forward)."""
         ids, _ = self.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
         input_ids, attention, pool = (t.to(self.device) for t in pad_batch(ids, len(self.tokenize.prefix)))
-        pooled = F.normalize(mean_pool(self.model(input_ids, attention), pool), dim=-1)  # (2B, C) fp32
+        with self.autocast:
+            hidden = self.model(input_ids, attention)  # (2B, T, C)
+        pooled = F.normalize(mean_pool(hidden, pool), dim=-1)  # (2B, C) fp32
         return {"a": pooled[:len(pairs)], "b": pooled[len(pairs):]}
 
     def loss(self, features: dict[str, torch.Tensor], last: bool = True) -> tuple[torch.Tensor, dict]:
@@ -220,3 +228,109 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: str, metadata: dict, 
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(folder, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# `python train.py --stage 0`: its flags, defaults, model and stage (train.py's loop runs it like stages 1-2)
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("stage 0 (caption-contrastive LoRA fine-tuning of the LLM, LLM2CLIP)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (LLM2CLIP: 16)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha/r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help="comma-separated projections that get adapters (q = q_proj, ...)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="InfoNCE temperature (default: 0.02, LLM2CLIP's scale 50; 0.05 on the toy groups)")
+
+
+def lora_settings(args) -> LoRASettings:
+    targets = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in args.lora_targets.split(",") if t)
+    return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+
+
+def fill_defaults(args, resumed_meta: dict | None, log) -> None:
+    """Stage 0's LLM, data and rates. Without --train-data: the toy world's paraphrase groups and SmolLM2 (CPU
+    defaults lr 2e-3, temperature 0.05); otherwise LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch)."""
+    if resumed_meta and args.llm is None:
+        args.llm = resumed_meta["args"]["llm"]
+    toy = args.train_data is None
+    if toy:
+        from .toy.groups import toy_stage0_data
+        args.train_data, args.llm = toy_stage0_data(args.toy_dir, args.llm, log)
+    if args.llm is None:
+        raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune")
+    if args.init:
+        raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
+    args.epochs = args.epochs or 1
+    args.lr = args.lr if args.lr is not None else (2e-3 if toy else 2e-4)
+    args.temperature = args.temperature or (0.05 if toy else 0.02)
+    args.workers = 0  # the texts are in memory: no loader processes
+    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.output = args.output or os.path.join("runs", f"stage0-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class GroupDataset(torch.utils.data.Dataset):
+    """Group indices for train.py's loader (data.collate's fields); the texts are drawn in `Stage0.prepare`."""
+
+    def __init__(self, groups: list[list[str]]):
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index, "pixels": None, "caption": self.groups[index][0], "long_caption": None}
+
+
+class Stage0(CaptionContrastive):
+    """CaptionContrastive in the training loop's stage interface: a batch of groups -> two texts of each."""
+    teacher_truncated = 0  # no teacher in stage 0 (a field of the loop's log records)
+
+    def __init__(self, groups: list[list[str]], seed: int, cursor, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups, self.seed, self.cursor = groups, seed, cursor  # the cursor's epoch keys the draw
+
+    def prepare(self, batch: dict, pick_long) -> dict:
+        pairs = pick_pairs(self.groups, batch["indices"], self.seed, self.cursor.epoch)
+        return {"captions": batch["captions"], "pairs": pairs}  # "captions": the loop counts and splits by them
+
+    def features(self, micro_batch: dict, student_only: bool = False) -> dict[str, torch.Tensor]:
+        return super().features(micro_batch["pairs"], student_only)
+
+    def after_step(self) -> None:
+        pass  # only the adapters change, by the optimizer
+
+
+def setup_model(args, settings: EmbedSettings, device: torch.device, resume_path: str | None, log):
+    """(the LLM with LoRA adapters, the groups). The frozen base is bf16 on CUDA (--llm-dtype), fp32 on CPU, where
+    bf16 measured ~4x slower; a resumed run's adapters come from its checkpoint (which holds only them)."""
+    groups = read_groups(args.train_data, strict=args.strict_data, log=log)
+    dtype = torch.bfloat16 if args.llm_dtype == "bf16" and device.type == "cuda" else torch.float32
+    model = load_stage0_llm(args.llm, settings, lora_settings(args), dtype, str(device), args.grad_checkpointing)
+    if resume_path:
+        load_lora_state_dict(model, load_weights(resume_path)[0])
+    log(f"stage 0: {len(groups)} groups from {args.train_data}, LLM {args.llm} ({dtype}), LoRA r {args.lora_rank} "
+        f"on {args.lora_targets}")
+    return model, groups
+
+
+def build_stage(args, model, groups, settings, cursor, device, rank, world):
+    """The stage object and DDP's no_sync for the loop; DDP and torch.compile wrap the forward passes only."""
+    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
+    forward = torch.compile(forward, dynamic=True) if args.compile else forward  # text lengths vary
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "amp_bf16" else torch.float16,
+                              enabled=args.precision != "fp32")
+    stage = Stage0(groups, args.seed, cursor, forward, CaptionTokenizer(args.llm, settings), args.temperature,
+                   args.gather_with_grad, rank, world, device, autocast)
+    return stage, no_sync
+
+
+def finish(args, model: nn.Module, log) -> str:
+    """Merge the adapters into `model` and write RUN/llm (a Hugging Face folder); returns the next command."""
+    folder = write_merged_llm(model, args.llm, os.path.join(args.output, "llm"), lora_settings(args))
+    log(f"merged LLM (adapters folded into the weights): {folder}")
+    flags = [f"--embed-preset {args.embed_preset}"] * (args.embed_preset != "default") + \
+        ["--bidirectional"] * args.bidirectional + [f"--instruction {args.instruction!r}"] * bool(args.instruction)
+    return " ".join(["python train.py --stage 1 --llm", folder, *flags])  # embedded as stage 0 trained it

