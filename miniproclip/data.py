@@ -470,6 +470,8 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0) -> DataLoader:
     """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process)."""
+    # its own generator: a loader draws its workers' base seed when iterated, which would shift the global RNG
+    # (dropout) by one draw at each epoch start and at a resume, so a resumed run would not repeat the losses
     return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_leave_stop_signals_to_the_trainer)
+                      worker_init_fn=_leave_stop_signals_to_the_trainer, generator=torch.Generator())

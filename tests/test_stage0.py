@@ -3,6 +3,9 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,3 +175,117 @@ def test_toy_paraphrase_groups_hold_out_scenes_and_templates():
     assert not {g["scene"] for g in train} & {g["scene"] for g in test}
     assert all(len(set(g["texts"])) == 8 for g in train) and all(len(set(g["texts"])) == 5 for g in test)
     assert not {t for g in train for t in g["texts"]} & {t for g in test for t in g["texts"]}
+
+
+# -----------------------------------------------------------------------------
+# `python train.py --stage 0`: the training loop of stages 1-2 running stage 0
+
+import train  # noqa: E402
+from miniproclip import checkpoint as ckpt  # noqa: E402
+from miniproclip.lora import load_lora_state_dict  # noqa: E402
+from test_train import assert_same_runs, losses, run_cli, wait_for_lines  # noqa: E402
+
+WORDS = ["red", "blue", "green", "circle", "square", "dog", "cat", "star"]
+
+
+@pytest.fixture(scope="module")
+def groups_file(tmp_path_factory):
+    """16 groups of the tiny tokenizer's words: a text, its reversal and a shuffled copy mean the same here."""
+    rng, rows = torch.Generator().manual_seed(0), []
+    for _ in range(16):
+        words = [WORDS[i] for i in torch.randperm(len(WORDS), generator=rng)[:3]]
+        rows.append({"texts": [" ".join(words), " ".join(words[::-1]), " ".join(words[1:] + words[:1])]})
+    path = tmp_path_factory.mktemp("groups") / "groups.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def stage0_args(llm, groups, out, *extra):
+    return ["--stage", "0", "--llm", llm, "--train-data", groups, "--output", str(out), "--batch-size", "4",
+            "--warmup", "1", "--lr", "1e-2", "--lora-rank", "4", "--lora-alpha", "8", *extra]
+
+
+def test_train_stage0_checkpoints_the_adapters_only_and_writes_the_merged_llm(tiny_llm, groups_file, tmp_path):
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "run", "--max-steps", "4", "--save-every", "2",
+                           "--lora-dropout", "0"))
+    weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "run")))
+    settings = EmbedSettings()
+    model = load_stage0_llm(tiny_llm, settings, LoRASettings(rank=4, alpha=8, dropout=0.0))
+    assert meta["stage"] == 0 and meta["step"] == 4 and weights.keys() == lora_state_dict(model).keys()
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    # only the adapters trained: every tensor the merge leaves alone equals the base's, bit for bit
+    merged, base = load_file(f"{tmp_path}/run/llm/model.safetensors"), load_file(f"{tiny_llm}/model.safetensors")
+    assert merged.keys() == base.keys()
+    for key in merged:
+        adapted = any(f".{t}." in key for t in LoRASettings().targets)
+        assert torch.equal(merged[key], base[key]) != adapted, key
+    # RUN/llm is the base with the last checkpoint's adapters folded in: the same pooled embeddings
+    load_lora_state_dict(model, weights)
+    texts = ["red dog star", "the blue circle", "green cat square red"]
+    with torch.no_grad():
+        expected = CaptionContrastive(model.eval(), CaptionTokenizer(tiny_llm, settings)).features(
+            [(t, t) for t in texts])["a"]
+    ours, _ = LLMEmbedder(f"{tmp_path}/run/llm", settings).embed(texts)
+    torch.testing.assert_close(F.normalize(ours, dim=-1), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_train_stage0_accumulation_equals_the_full_batch(tiny_llm, groups_file, tmp_path):
+    flags = ["--max-steps", "3", "--lora-dropout", "0"]
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "full", *flags))
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "accum", *flags, "--accum-freq", "2"))
+    assert_same_runs(tmp_path / "full", tmp_path / "accum", steps=3, loss_tol={"rel": 1e-5})
+
+
+def test_train_stage0_two_gloo_ranks_equal_one_process(tiny_llm, groups_file, tmp_path):
+    """torchrun with 2 gloo ranks × 2 groups and --gather-with-grad == 1 process × 4 groups."""
+    flags = ["--max-steps", "3", "--lora-dropout", "0", "--gather-with-grad"]
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "one", *flags))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29541", train.__file__, *stage0_args(tiny_llm, groups_file, tmp_path / "two", *flags),
+                             "--batch-size", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"rel": 1e-5})
+
+
+def test_train_stage0_resumes_after_kill_9_with_the_same_losses(tiny_llm, groups_file, tmp_path):
+    args = stage0_args(tiny_llm, groups_file, tmp_path / "killed", "--max-steps", "40", "--save-every", "1")
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "straight", "--max-steps", "40"))  # dropout on
+    straight = losses(tmp_path / "straight")
+    process = run_cli(args)
+    wait_for_lines(tmp_path / "killed" / "metrics.jsonl", 5, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "killed")))[1]["step"]
+    assert 0 < resumed_from < 40, "the process finished before the kill: the test did not test a kill"
+    train.main(args + ["--resume", "latest"])
+    with open(tmp_path / "killed" / "metrics.jsonl") as f:
+        after = list(map(json.loads, f))[-(40 - resumed_from):]
+    assert [r["step"] for r in after] == list(range(resumed_from + 1, 41))
+    for r in after:
+        assert r["loss"] == pytest.approx(straight[r["step"]]["loss"], rel=1e-6, abs=1e-7)
+    assert os.path.isfile(tmp_path / "killed" / "llm" / "model.safetensors")
+
+
+def test_stage1_takes_the_merged_llm_and_refuses_the_base_cache(tiny_llm, groups_file, tmp_path):
+    from fixtures import write_tiny_clip, write_tiny_pairs
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "s0", "--max-steps", "2"))
+    clip, data = write_tiny_clip(tmp_path / "clip"), write_tiny_pairs(tmp_path / "data")
+    stage1 = ["--stage", "1", "--clip", clip, "--train-data", data, "--workers", "0", "--batch-size", "8",
+              "--max-steps", "1"]
+    train.main(stage1 + ["--llm", tiny_llm, "--output", str(tmp_path / "base")])  # fills the base's cache
+    with pytest.raises(SystemExit, match="built with another llm fingerprint"):
+        train.main(stage1 + ["--llm", str(tmp_path / "s0" / "llm"), "--output", str(tmp_path / "refused")])
+    train.main(stage1 + ["--llm", str(tmp_path / "s0" / "llm"), "--output", str(tmp_path / "tuned"),
+                         "--text-cache", str(tmp_path / "tuned_cache.safetensors")])
+    assert losses(tmp_path / "tuned")[1]["loss"] != pytest.approx(losses(tmp_path / "base")[1]["loss"], rel=1e-4)
+
+
+def test_embed_preset_is_saved_with_the_run_and_read_back():
+    from miniproclip.api import embed_settings
+    args = vars(train.parse_args(["--stage", "1", "--embed-preset", "llm2vec-llama3", "--max-length", "64"]))
+    assert embed_settings(args) == EmbedSettings.preset("llm2vec-llama3", max_length=64)
+    assert embed_settings({**args, "embed_preset": "default", "bidirectional": True}) == EmbedSettings(
+        max_length=64, causal=False)
+    del args["embed_preset"]  # a checkpoint saved before the flag existed
+    assert embed_settings(args) == EmbedSettings(max_length=64)

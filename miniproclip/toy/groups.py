@@ -9,6 +9,7 @@ templates the training never saw, so the accuracy measures meaning, not memorise
 stage 0 (LoRA, CaptionContrastive, AdamW with warmup + cosine), the merged HF folder, and its accuracy.
 
     python -m miniproclip.toy.groups --llm SMOLLM2_DIR --output runs/stage0_toy
+    python -m miniproclip.toy.groups --llm SMOLLM2_DIR --evaluate RUN/llm  # after `train.py --stage 0`
 """
 
 import argparse
@@ -53,13 +54,17 @@ def paraphrase_groups(count: int, seed: int, templates, languages=(), exclude=fr
     return groups
 
 
-def write_toy_groups(output: str, train_groups: int = 512, test_groups: int = 100) -> tuple[list, list]:
-    """The demo's training groups (templates 0-7) and held-out groups (other scenes, templates 8-11), written to
-    `output`/{train,test}_groups.jsonl as stage-0 data rows; returns both lists."""
-    os.makedirs(output, exist_ok=True)
+def toy_groups(train_groups: int = 512, test_groups: int = 100) -> tuple[list, list]:
+    """The demo's training groups (templates 0-7) and held-out groups (other scenes, templates 8-11)."""
     train = paraphrase_groups(train_groups, seed=0, templates=TRAIN_TEMPLATES)
-    test = paraphrase_groups(test_groups, seed=1, templates=range(8, len(EN_TEMPLATES)),
-                             exclude={g["scene"] for g in train})
+    return train, paraphrase_groups(test_groups, seed=1, templates=range(8, len(EN_TEMPLATES)),
+                                    exclude={g["scene"] for g in train})
+
+
+def write_toy_groups(output: str, train_groups: int = 512, test_groups: int = 100) -> tuple[list, list]:
+    """`toy_groups` written to `output`/{train,test}_groups.jsonl as stage-0 data rows; returns both lists."""
+    os.makedirs(output, exist_ok=True)
+    train, test = toy_groups(train_groups, test_groups)
     for name, rows in (("train", train), ("test", test)):
         with open(os.path.join(output, f"{name}_groups.jsonl"), "w") as f:
             f.writelines(json.dumps({"texts": g["texts"]}) + "\n" for g in rows)
@@ -131,13 +136,24 @@ def run_paraphrase_demo(llm: str, output: str, steps: int = 60, batch_size: int 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm", required=True, help="HF LLM folder (e.g. SmolLM2 from scripts/convert_smollm2.py)")
-    parser.add_argument("--output", required=True, help="folder for the groups, the merged llm/ and results.json")
+    parser.add_argument("--output", help="folder for the groups, the merged llm/ and results.json")
+    parser.add_argument("--evaluate", nargs="+", metavar="LLM_DIR",
+                        help="no training: held-out accuracy of --llm and these folders (e.g. RUN/llm of `train.py "
+                             "--stage 0`) on the held-out groups")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16, help="groups per step")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--bidirectional", action="store_true", help="train and embed with bidirectional attention")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        test = toy_groups()[1]
+        for folder in [args.llm, *args.evaluate]:
+            accuracy = held_out_accuracy(folder, EmbedSettings(causal=not args.bidirectional), test)
+            print(f"{folder}: held-out paraphrase nearest-neighbour accuracy {accuracy:.3f}")
+        return
+    if not args.output:
+        parser.error("--output is needed unless --evaluate is given")
     run_paraphrase_demo(args.llm, args.output, args.steps, args.batch_size, args.lr, args.temperature,
                         causal=not args.bidirectional)
 
