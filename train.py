@@ -1,6 +1,7 @@
-"""Train ProCLIP (arXiv 2510.18795) in its two stages.
+"""Train ProCLIP (arXiv 2510.18795) in its two stages, and optionally its LLM embedder first (stage 0).
 
 On one CPU, on the built-in toy world (built into ./toyworld on first use, a few minutes):
+    python train.py --stage 0 --batch-size 8 --max-steps 30 --warmup 3  # LoRA on SmolLM2 -> RUN/llm (stage0.py)
     python train.py --stage 1
     python train.py --stage 2 --init runs/<stage-1 run>
 On one GPU, on your data (JSONL/CSV rows or webdataset tar shards; the LLM embeddings are cached on first use):
@@ -207,7 +208,7 @@ class Cursor:
 @dataclass
 class Run:
     """Everything setup builds and the loop uses."""
-    model: ProCLIP  # the trainable model, unwrapped (checkpoints, EMA, evaluation use it)
+    model: ProCLIP  # the trainable model, unwrapped (checkpoints, EMA, evaluation); stage 0: the LoRA-wrapped LLM
     teacher: torch.nn.Module  # stage 1: CLIP's text tower; stage 2: the frozen/EMA image tower
     stage: Stage1 | Stage2  # features and loss of a micro-batch
     optimizer: torch.optim.Optimizer

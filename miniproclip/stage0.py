@@ -12,7 +12,9 @@ its long version or translation) are positives, the other groups' texts in the b
   half with scale 50 (τ = 0.02, LLM2CLIP's config); gathering across ranks is `losses.ClipLoss`'s;
 - LoRA (lora.py) on the frozen LLM, r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up, down by default;
 - output: the adapters merged into the weights and written as a complete HF folder (config, tokenizer files,
-  `model.safetensors` with the HF key names), usable as `--llm` everywhere and by transformers.
+  `model.safetensors` with the HF key names), usable as `--llm` everywhere and by transformers;
+- `python train.py --stage 0`: its flags, defaults, model and the `Stage0` object that train.py's loop runs like
+  stages 1-2 (the last section; checkpoints hold the adapters only).
 """
 
 import contextlib

@@ -227,6 +227,15 @@ def test_train_stage0_checkpoints_the_adapters_only_and_writes_the_merged_llm(ti
             [(t, t) for t in texts])["a"]
     ours, _ = LLMEmbedder(f"{tmp_path}/run/llm", settings).embed(texts)
     torch.testing.assert_close(F.normalize(ours, dim=-1), expected, atol=1e-5, rtol=1e-4)
+    # the embed CLI takes it too, with the preset flags; the cache names the tuned LLM, not the base
+    from miniproclip.embed import load_cache, main as embed_main
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    embed_main(["--llm", f"{tmp_path}/run/llm", "--texts", str(tmp_path / "t.txt"), "--output", str(tmp_path / "c"),
+                "--dtype", "fp32", "--store-dtype", "fp32", "--embed-preset", "default", "--bidirectional"])
+    cached, _, meta = load_cache(str(tmp_path / "c"))
+    bidirectional, _ = LLMEmbedder(f"{tmp_path}/run/llm", EmbedSettings(causal=False)).embed(texts)
+    assert (cached - bidirectional).abs().max() < 1e-5 and json.loads(meta["causal"]) is False
+    assert meta["llm_fingerprint"] == llm_fingerprint(f"{tmp_path}/run/llm") != llm_fingerprint(tiny_llm)
 
 
 def test_train_stage0_accumulation_equals_the_full_batch(tiny_llm, groups_file, tmp_path):
