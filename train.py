@@ -494,7 +494,7 @@ def training_batches(args, run: Run, log):
         # a coin per row and epoch, so the choice does not depend on how rows are split over ranks or resumes
         coins = torch.Generator().manual_seed(args.seed * 1_000_003 + cursor.epoch)
         pick_long = (torch.rand(len(run.rows), generator=coins) < 0.5).tolist()
-        for batch in make_loader(run.dataset, batches, args.workers, start_batch=cursor.batch_in_epoch):
+        for batch in make_loader(run.dataset, batches, args.workers, cursor.batch_in_epoch, seed=coins.initial_seed()):
             cursor.batch_in_epoch += 1  # the data cursor: where a resumed run continues
             if run.world > 1:  # dropped bad images can leave ranks with unequal batches: all use the smallest
                 size = torch.tensor(len(batch["captions"]), device=run.device)  # collectives take device tensors

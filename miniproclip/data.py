@@ -468,10 +468,14 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0) -> DataLoader:
-    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process)."""
-    # its own generator: a loader draws its workers' base seed when iterated, which would shift the global RNG
-    # (dropout) by one draw at each epoch start and at a resume, so a resumed run would not repeat the losses
+def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0,
+                seed: int | None = None) -> DataLoader:
+    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process).
+
+    With `seed`, the workers' base seed (their torch RNG, e.g. random crops) is drawn from a generator seeded by it
+    instead of from the global RNG, which the loader would otherwise advance by one draw when iterated: at each
+    epoch start, and at a resume, where it shifts what the global RNG gives dropout after it."""
     return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_leave_stop_signals_to_the_trainer, generator=torch.Generator())
+                      worker_init_fn=_leave_stop_signals_to_the_trainer,
+                      generator=None if seed is None else torch.Generator().manual_seed(seed))
