@@ -45,8 +45,8 @@ from miniproclip.lora import lora_state_dict
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.optim import cosine_lr_factor, param_groups
-from miniproclip.stages import LossSettings, Stage1, Stage2, accumulated_backward, split
-from miniproclip.tokenizer import CLIPTokenizer
+from miniproclip.stages import AUTOCAST, LossSettings, Stage1, Stage2, TextSide, accumulated_backward, split
+from miniproclip.teacher_cache import stage_teachers
 from miniproclip.weights import ModelFolderError
 
 VISION = ("vision_model.", "visual_projection.")  # the image tower's parameters get --lr-vision
@@ -209,7 +209,7 @@ class Cursor:
 class Run:
     """Everything setup builds and the loop uses."""
     model: ProCLIP  # the trainable model, unwrapped (checkpoints, EMA, evaluation); stage 0: the LoRA-wrapped LLM
-    teacher: torch.nn.Module  # stage 1: CLIP's text tower; stage 2: the frozen/EMA image tower
+    teacher: torch.nn.Module | None  # stage 2's live image teacher (frozen or EMA); None where cached
     stage: Stage1 | Stage2  # features and loss of a micro-batch
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 (--precision amp) only; a no-op otherwise
@@ -296,17 +296,14 @@ def read_data(args, log):
     return rows, val_rows, cache
 
 
-def freeze_and_teacher(args, model, clip):
-    """Set what trains; return the frozen teacher. Stage 1: the head only, taught by CLIP's text tower.
-    Stage 2: everything, against a frozen copy of the initial image tower (--lock-image-layers freezes more)."""
-    if args.stage == 1:  # the model's image tower is unused; CLIP's text tower is the teacher
+def set_trainable(args, model):
+    """Stage 1: the head only. Stage 2: everything (--lock-image-layers freezes the stem and the first N layers)."""
+    if args.stage == 1:
         model.requires_grad_(False).text_head.requires_grad_(True)
-        return clip.requires_grad_(False).eval()
-    if args.lock_image_layers is not None:
+    elif args.lock_image_layers is not None:
         vision = model.vision_model
         for module in [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:args.lock_image_layers]]:
             module.requires_grad_(False)
-    return model.image_teacher()  # a frozen deep copy of the image tower as initialised (L_reg's v̂)
 
 
 def train_transform(args):
@@ -344,15 +341,17 @@ def setup(args, rank, world, log) -> Run:
     if init_path:  # a stage-1 checkpoint gives the head, a stage-2 one everything
         meta = ckpt.load_trained_weights(model, init_path)[1]
         log(f"init: stage-{meta['stage']} weights from {init_path} (step {meta['step']})")
-    teacher = freeze_and_teacher(args, model, clip).to(device)
-    del clip  # stage 1 keeps it as the teacher; stage 2 needs only its image tower, copied into the model
+    del clip  # the model copied its image tower; stage 1's text teacher is loaded again only to fill its cache
+    set_trainable(args, model)
     model.vision_model.encoder.grad_checkpointing = args.grad_checkpointing
-    model.to(device)
-    # data and the LLM embedding cache (filled on first use)
+    # data, the LLM cache and the teacher caches (each filled on first use, its model released after), the model
     rows, val_rows, cache = read_data(args, log)
     dataset = ImageTextDataset(rows, train_transform(args))
     if args.stage == 2:
         check_images(args, dataset)
+    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
+                              enabled=args.precision != "fp32")
+    teacher, llm, taught = stage_teachers(args, model, rows, cache, dataset.transform, device, autocast, log)
     # optimizer: AdamW, the head at --lr and the image tower at --lr-vision; GradScaler for fp16
     lr_of = lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr)
     optimizer = torch.optim.AdamW(param_groups(model, args.wd, lr_of), lr=args.lr, betas=(args.beta1, args.beta2),
@@ -363,12 +362,13 @@ def setup(args, rank, world, log) -> Run:
         if teacher_weights:
             teacher.load_state_dict(teacher_weights)
     scaler, cursor = restore(args, optimizer, device, resume_path, train_state, log)
-    # DDP and torch.compile wrap the model for the forward passes only
-    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # DDP and torch.compile wrap the trained part for the forward passes only (stage 1: the text side alone)
+    forward = TextSide(model) if args.stage == 1 else model
+    forward = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 else forward
     no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
     if args.compile:  # stage 1's row count varies with the long captions: dynamic shapes, no recompiles
         forward = torch.compile(forward, dynamic=True if args.stage == 1 else None)
-    stage = build_stage(args, forward, model, teacher, cache, device, rank, world)
+    stage = build_stage(args, forward, model, teacher, llm, taught, device, autocast, rank, world)
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
         f"{world} rank(s), precision {args.precision}, output {args.output}")
@@ -408,19 +408,16 @@ def setup_stage0(args, device, rank, world, resume_path, train_state, log) -> Ru
                rank=rank, world=world, total_steps=total_steps(args, len(groups), rank, world), cursor=cursor)
 
 
-def build_stage(args, forward, model, teacher, cache, device, rank, world):
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "amp_bf16" else torch.float16,
-                              enabled=args.precision != "fp32")
+def build_stage(args, forward, model, teacher, llm, taught, device, autocast, rank, world):
     settings = LossSettings(ins_weight=args.ins_weight, struct_weight=args.struct_weight, reg_weight=args.reg_weight,
                             reduction=args.reduction, gather_with_grad=args.gather_with_grad,
                             local_loss=args.local_loss, reg_scope=args.reg_scope)
     if args.stage == 1:
-        return Stage1(forward=forward, teacher=teacher, tokenizer=CLIPTokenizer.from_folder(args.clip), cache=cache,
-                      device=device, autocast=autocast, settings=settings,
+        return Stage1(forward=forward, llm=llm, teacher=taught, device=device, autocast=autocast, settings=settings,
                       skip_truncated_long=args.skip_truncated_long)
-    return Stage2(forward=forward, model=model, teacher=teacher, cache=cache, device=device, autocast=autocast,
-                  settings=settings, clip_loss=ClipLoss(args.local_loss, args.gather_with_grad, rank, world),
-                  ema_momentum=args.ema_momentum)
+    return Stage2(forward=forward, model=model, teacher=teacher, llm=llm, teacher_vectors=taught, device=device,
+                  autocast=autocast, settings=settings, ema_momentum=args.ema_momentum,
+                  clip_loss=ClipLoss(args.local_loss, args.gather_with_grad, rank, world))
 
 
 # -----------------------------------------------------------------------------
@@ -493,7 +490,7 @@ def training_batches(args, run: Run, log):
                                 world_size=run.world)
         # a coin per row and epoch, so the choice does not depend on how rows are split over ranks or resumes
         coins = torch.Generator().manual_seed(args.seed * 1_000_003 + cursor.epoch)
-        pick_long = (torch.rand(len(run.rows), generator=coins) < 0.5).tolist()
+        pick_long = (torch.rand(len(run.rows), generator=coins) < 0.5).numpy()
         for batch in make_loader(run.dataset, batches, args.workers, cursor.batch_in_epoch, seed=coins.initial_seed()):
             cursor.batch_in_epoch += 1  # the data cursor: where a resumed run continues
             if run.world > 1:  # dropped bad images can leave ranks with unequal batches: all use the smallest

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .distributed import init_distributed, rank_and_world
-from .embedder import DTYPES, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, llm_fingerprint, text_hash
+from .embedder import DTYPES, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
+    text_hash
 from .files import atomic_path
 from .weights import ModelFolderError
 
@@ -164,10 +165,13 @@ class TextEmbeddingCache:
 
     def rows_of(self, texts: list[str]) -> np.ndarray:
         """(B,) row of each text in the file, -1 where it is not cached."""
-        digests = hash_texts(texts)
+        return self.rows_of_digests(hash_texts(texts))
+
+    def rows_of_digests(self, digests: np.ndarray) -> np.ndarray:
+        """(B,) row of each (B, 16) text digest (`hash_texts`) in the file, -1 where it is not cached."""
         keys = np.ascontiguousarray(digests[:, :8]).view(np.int64).ravel()
         start = np.searchsorted(self.sorted_keys, keys)
-        rows = np.full(len(texts), -1, dtype=np.int64)
+        rows = np.full(len(digests), -1, dtype=np.int64)
         step = 0
         while True:  # texts whose 8-byte prefixes collide sit next to each other: almost always one step
             at = start + step
@@ -191,8 +195,13 @@ class TextEmbeddingCache:
         if (rows < 0).any():
             raise KeyError(f"{self.path}: {int((rows < 0).sum())} texts are not in this cache, e.g. "
                            f"{texts[int(np.argmax(rows < 0))]!r}")
+        return self.stored(rows).float()
+
+    def stored(self, rows: np.ndarray) -> torch.Tensor:
+        """(B, hidden) vectors of file rows `rows`, in the storage dtype (one memmap gather; `.float()` them, e.g.
+        after the copy to the GPU, which then moves half the bytes of fp16 or bf16 rows)."""
         vectors = torch.from_numpy(np.ascontiguousarray(self.embeddings[rows]))  # (B, hidden) as stored
-        return (vectors.view(torch.bfloat16) if self.store_dtype == "bf16" else vectors).float()
+        return vectors.view(torch.bfloat16) if self.store_dtype == "bf16" else vectors
 
 
 # ----------------------------------------------------------------------------- writing
@@ -315,7 +324,7 @@ def llm_encoder(llm_dir: str, settings: EmbedSettings, dtype: torch.dtype, devic
 
 def llm_identity(llm_dir: str, settings: EmbedSettings) -> dict[str, str]:
     """What an LLM cache's vectors mean: the LLM's fingerprint and the embedding settings."""
-    return {"llm_fingerprint": llm_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
+    return {"llm_fingerprint": folder_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
 
 
 def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,

@@ -26,8 +26,9 @@ def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def llm_fingerprint(folder: str) -> str:
-    """Identifies an LLM's weights, so a cache made by another LLM (or another fine-tune of it) is detected.
+def folder_fingerprint(folder: str) -> str:
+    """Identifies a model folder's weights (an LLM, a CLIP), so a cache made by another model (or another
+    fine-tune of it) is detected.
 
     Hashes config.json and, per weight file, its name, size, safetensors header and a strided sample of its data.
     Config and sizes alone do not tell a fine-tune from its base: a merged LoRA has the same config, keys, dtypes

@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint import load_weights
 from .data import MAX_WARNINGS, DataError, _clean_text, _Malformed, _Skipper, expand_braces, jsonl_records, read_rows
-from .embedder import CaptionTokenizer, EmbedSettings, llm_fingerprint, pad_batch
+from .embedder import CaptionTokenizer, EmbedSettings, folder_fingerprint, pad_batch
 from .errors import TrainingError
 from .files import TMP
 from .llm import DecoderLM, mean_pool
-from .losses import ClipLoss
-from .checkpoint import load_weights
 from .lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from .losses import ClipLoss
+from .stages import AUTOCAST
 from .weights import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
 
 MAX_SHARD_BYTES = 5 * 2**30  # shard size of the merged folder, as transformers' save_pretrained
@@ -187,9 +188,9 @@ def write_merged_llm(model: DecoderLM, base: str, output: str, lora: LoRASetting
     """Merge the adapters into `model` (in place) and write `output`: a complete HF folder (the base's config,
     tokenizer and other small files; the weights in the base's dtype and key names, sharded above
     `max_shard_bytes`). The safetensors metadata names the base's fingerprint and the adapters' digest, so
-    `llm_fingerprint` tells the folder from its base. Written beside `output` and renamed into place."""
+    `folder_fingerprint` tells the folder from its base. Written beside `output` and renamed into place."""
     metadata = {"format": "pt", "miniproclip_stage0": json.dumps(
-        {"base_fingerprint": llm_fingerprint(base), "adapters": adapter_digest(model, lora)})}
+        {"base_fingerprint": folder_fingerprint(base), "adapters": adapter_digest(model, lora)})}
     merge_lora(model)
     prefix, dtype, extra_keys = _stored_layout(base)
     tensors = {prefix + k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
@@ -322,7 +323,7 @@ def build_stage(args, model, groups, settings, cursor, device, rank, world):
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
     forward = torch.compile(forward, dynamic=True) if args.compile else forward  # text lengths vary
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "amp_bf16" else torch.float16,
+    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
                               enabled=args.precision != "fp32")
     stage = Stage0(groups, args.seed, cursor, forward, CaptionTokenizer(args.llm, settings), args.temperature,
                    args.gather_with_grad, rank, world, device, autocast)

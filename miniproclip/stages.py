@@ -20,17 +20,28 @@ micro-batches' cached features, so negatives and pairwise distances still cover 
 gradient equals the full-batch one. The temperature gets its gradient in the last micro-batch only (open_clip
 counts it once per micro-batch, i.e. accum_freq times too much).
 
-Each stage's frozen-teacher features come from one method, `teacher_features`, the place a feature cache plugs in.
+Each stage's frozen-teacher features come from one method, `teacher_features`: stage 1 reads CLIP's text features
+from their cache, stage 2 reads its frozen teacher's image features from theirs where the crop is deterministic.
 """
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from .losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, instance_loss, \
     splice_micro_batch, structure_loss
+from .model import ProCLIP
+
+if TYPE_CHECKING:  # teacher_cache.py imports this module
+    from .teacher_cache import RowVectors
+
+
+AUTOCAST = {"amp_bf16": torch.bfloat16, "amp": torch.float16}  # --precision -> autocast dtype (fp32: none)
 
 
 @dataclass(kw_only=True)
@@ -144,40 +155,58 @@ def accumulated_backward(micro_batches: list, features_fn, loss_fn, no_sync=cont
 # -----------------------------------------------------------------------------
 # the stages: what a micro-batch's features are, and the loss over them
 
-class Stage1:
-    """Representation inheritance: the head learns to map cached LLM embeddings onto CLIP's text features."""
+class TextSide(nn.Module):
+    """ProCLIP's text side alone, the part stage 1 trains: DDP and torch.compile wrap this, so the image tower
+    need not be on the device. It shares the model's head (same parameter names, `text_head.*`)."""
 
-    def __init__(self, *, forward, teacher, tokenizer, cache, device, autocast, settings, skip_truncated_long):
-        self.forward, self.teacher, self.tokenizer, self.cache = forward, teacher, tokenizer, cache
+    def __init__(self, model: ProCLIP):
+        super().__init__()
+        self.text_head = model.text_head
+
+    def forward(self, llm_embeddings: torch.Tensor) -> torch.Tensor:
+        return ProCLIP.encode_text(self, llm_embeddings)  # encode_text reads self.text_head only
+
+
+class Stage1:
+    """Representation inheritance: the head learns to map cached LLM embeddings onto CLIP's text features.
+
+    Both come from caches (teacher_cache.py), mapped to data rows at setup: a step gathers them by row index and
+    runs the head alone. The teacher's vectors carry a last column, 1 where the teacher saw the caption cut.
+    """
+
+    def __init__(self, *, forward, llm: "RowVectors", teacher: "RowVectors", device, autocast, settings,
+                 skip_truncated_long):
+        self.forward, self.llm, self.teacher = forward, llm, teacher
         self.device, self.autocast, self.settings = device, autocast, settings
         self.skip_truncated_long = skip_truncated_long
         self.teacher_truncated = 0  # captions the 77-token teacher saw cut (logged)
 
-    def prepare(self, batch: dict, pick_long: list[bool]) -> dict:
+    def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
         return batch  # both caption sets are used
 
-    def captions(self, micro_batch: dict) -> tuple[list[str], list[str]]:
-        short, long_ = micro_batch["captions"], [c for c in micro_batch["long_captions"] if c]
+    def teacher_features(self, index: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """CLIP's cached text features (CPU, (B + L, D + 1): the cut flag last) of the rows' short captions, then
+        of their L long ones, and which long ones enter the loss."""
+        short, long_ = self.teacher.rows[index, 0], self.teacher.rows[index, 1]
+        taught = self.teacher.cache.stored(np.concatenate([short, long_[long_ >= 0]]))
+        keep_long = np.ones(len(taught) - len(index), dtype=bool)
         if self.skip_truncated_long:  # a cut caption's target describes its first 77 tokens only
-            long_ = [c for c, cut in zip(long_, self.tokenizer(long_).truncated.tolist()) if not cut]
-        return short, long_
-
-    @torch.no_grad()
-    def teacher_features(self, texts: list[str]) -> torch.Tensor:
-        """CLIP's text features of `texts`, each cut to its 77-token window: (N, D), L2-normalised."""
-        tokens = self.tokenizer(texts)
-        self.teacher_truncated += tokens.num_truncated
-        with self.autocast:
-            return self.teacher.encode_text(tokens.input_ids.to(self.device), normalize=True)
+            keep_long = taught[len(index):, -1].numpy() == 0
+        return taught, keep_long
 
     def features(self, micro_batch: dict, student_only: bool) -> dict:
-        short, long_ = self.captions(micro_batch)
+        index = np.asarray(micro_batch["indices"])  # the micro-batch's data rows
+        taught, keep_long = self.teacher_features(index)
+        short, long_ = self.llm.rows[index, 0], self.llm.rows[index, 1]
+        llm_rows = np.concatenate([short, long_[long_ >= 0][keep_long]])  # (B + kept L,) LLM cache rows
         with self.autocast:
-            _, student = self.forward(llm_embeddings=self.cache(short + long_).to(self.device, non_blocking=True))
-        f = {"student_short": student[:len(short)], "student_long": student[len(short):]}
+            student = self.forward(self.llm.to_device(llm_rows, self.device))
+        f = {"student_short": student[:len(index)], "student_long": student[len(index):]}
         if not student_only:
-            taught = self.teacher_features(short + long_)
-            f["teacher_short"], f["teacher_long"] = taught[:len(short)], taught[len(short):]
+            taught = taught[torch.from_numpy(np.concatenate([np.ones(len(index), dtype=bool), keep_long]))]
+            self.teacher_truncated += int(taught[:, -1].sum())
+            taught = self.teacher.upload(taught[:, :-1], self.device)  # (B + kept L, D) float32, L2-normalised
+            f["teacher_short"], f["teacher_long"] = taught[:len(index)], taught[len(index):]
         return f
 
     def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
@@ -188,33 +217,43 @@ class Stage1:
 
 
 class Stage2:
-    """Contrastive tuning: the image tower and temperature learn against LLM+head, with L_reg to the teacher."""
+    """Contrastive tuning: the image tower and temperature learn against LLM+head, with L_reg to the teacher.
 
-    def __init__(self, *, forward, model, teacher, cache, device, autocast, settings, clip_loss, ema_momentum):
-        self.forward, self.model, self.teacher, self.cache = forward, model, teacher, cache
+    A frozen teacher shown a fixed crop reads its features from a cache (`teacher_vectors`); otherwise (EMA, or
+    random crops) it runs live on the micro-batch's pixels.
+    """
+
+    def __init__(self, *, forward, model, teacher, llm: "RowVectors", teacher_vectors: "RowVectors | None", device,
+                 autocast, settings, clip_loss, ema_momentum):
+        self.forward, self.model, self.teacher = forward, model, teacher
+        self.llm, self.teacher_vectors = llm, teacher_vectors
         self.device, self.autocast, self.settings, self.clip_loss = device, autocast, settings, clip_loss
         self.ema_momentum = ema_momentum
         self.teacher_truncated = 0  # stage 2 has no text teacher
 
-    def prepare(self, batch: dict, pick_long: list[bool]) -> dict:
-        """Per sample, the short or the long caption at random (the official loader)."""
-        batch["text"] = [lc if (lc and pick_long[i]) else c
-                         for i, c, lc in zip(batch["indices"], batch["captions"], batch["long_captions"])]
+    def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
+        """Per sample, the short or the long caption at random (the official loader): its LLM cache row."""
+        index = np.asarray(batch["indices"], dtype=np.int64)
+        short, long_ = self.llm.rows[index, 0], self.llm.rows[index, 1]
+        batch["text_rows"] = np.where((long_ >= 0) & pick_long[index], long_, short)  # (B,)
         return batch
 
     @torch.no_grad()
-    def teacher_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def teacher_features(self, micro_batch: dict, pixels: torch.Tensor) -> torch.Tensor:
         """The frozen (or EMA) image tower's features v̂: (B, D), L2-normalised."""
+        if self.teacher_vectors is not None:  # frozen teacher, deterministic crop: computed once, read back
+            index = np.asarray(micro_batch["indices"], dtype=np.int64)
+            return self.teacher_vectors.to_device(self.teacher_vectors.rows[index, 0], self.device)
         with self.autocast:
             return self.teacher.encode_image(pixels)
 
     def features(self, micro_batch: dict, student_only: bool) -> dict:
         pixels = micro_batch["pixels"].to(self.device, non_blocking=True)
         with self.autocast:
-            image, text = self.forward(pixels, self.cache(micro_batch["text"]).to(self.device, non_blocking=True))
+            image, text = self.forward(pixels, self.llm.to_device(micro_batch["text_rows"], self.device))
         f = {"image": image, "text": text}
         if not student_only:
-            f["teacher_image"] = self.teacher_features(pixels)
+            f["teacher_image"] = self.teacher_features(micro_batch, pixels)
         return f
 
     def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:

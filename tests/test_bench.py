@@ -61,12 +61,17 @@ def test_embed_quick():
 
 
 def test_train_step_quick():
-    rows = table_rows(run("train_step.py"))
-    assert [row[0] for row in rows] == ["eager", "grad-checkpointing"]
-    eager, checkpointed = rows
+    eager, checkpointed, _, *teacher_rows = table_rows(run("train_step.py"))  # two tables; `_`: the second's header
+    assert [eager[0], checkpointed[0]] == ["eager", "grad-checkpointing"]
     assert float(eager[1]) > 0 and float(eager[2]) > 0 and float(eager[3]) > float(eager[4]) > 0  # ms, /s, MiB
     # checkpointing recomputes the forward in backward: it counts more FLOPs than the eager step
     assert float(checkpointed[6]) > float(eager[6]) > 0
+    # the teacher-cache table: both stages before (live teacher) and after (caches), with a ratio to the live step
+    assert [row[0] for row in teacher_rows] == ["stage 1, live teacher", "stage 1, caches",
+                                                "stage 1, head alone (inputs on the device)",
+                                                "stage 2, live frozen teacher", "stage 2, cached teacher"]
+    for row in teacher_rows:
+        assert float(row[1]) > 0 and float(row[2].split()[0]) > 0
 
 
 def test_attention_quick():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from miniproclip.data import DataError  # noqa: E402
-from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, llm_fingerprint  # noqa: E402
+from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, folder_fingerprint  # noqa: E402
 from miniproclip.lora import lora_state_dict  # noqa: E402
 from miniproclip.stage0 import (CaptionContrastive, LoRASettings, load_stage0_llm,  # noqa: E402
                                 nearest_neighbour_accuracy, pick_pairs, read_groups, write_merged_llm)
@@ -145,14 +145,14 @@ def test_merged_folder_loads_in_transformers_and_as_llm(tiny_llm, tmp_path):
         with torch.no_grad():
             hidden = reference(input_ids=torch.tensor([row])).last_hidden_state[0]
         torch.testing.assert_close(embedding, hidden.mean(0), atol=1e-5, rtol=1e-4)
-    assert llm_fingerprint(output) != llm_fingerprint(tiny_llm)  # the adapters' digest in the metadata
+    assert folder_fingerprint(output) != folder_fingerprint(tiny_llm)  # the adapters' digest in the metadata
     # merged by another tool: same config, keys, dtypes, metadata and file size as the base; the sample tells
     external = tmp_path / "external"
     os.makedirs(external)
     shutil.copy(f"{tiny_llm}/config.json", external)
     save_file(load_file(f"{output}/model.safetensors"), external / "model.safetensors", metadata={"format": "pt"})
     assert os.path.getsize(external / "model.safetensors") == os.path.getsize(f"{tiny_llm}/model.safetensors")
-    assert llm_fingerprint(str(external)) != llm_fingerprint(tiny_llm)
+    assert folder_fingerprint(str(external)) != folder_fingerprint(tiny_llm)
 
 
 def test_sharded_export_and_nearest_neighbour_accuracy(tiny_llm, tmp_path):
@@ -235,7 +235,7 @@ def test_train_stage0_checkpoints_the_adapters_only_and_writes_the_merged_llm(ti
     cached, _, meta = load_cache(str(tmp_path / "c"))
     bidirectional, _ = LLMEmbedder(f"{tmp_path}/run/llm", EmbedSettings(causal=False)).embed(texts)
     assert (cached - bidirectional).abs().max() < 1e-5 and json.loads(meta["causal"]) is False
-    assert meta["llm_fingerprint"] == llm_fingerprint(f"{tmp_path}/run/llm") != llm_fingerprint(tiny_llm)
+    assert meta["llm_fingerprint"] == folder_fingerprint(f"{tmp_path}/run/llm") != folder_fingerprint(tiny_llm)
 
 
 def test_train_stage0_accumulation_equals_the_full_batch(tiny_llm, groups_file, tmp_path):

@@ -1,0 +1,117 @@
+"""Teacher caches (teacher_cache.py): stage-1/2 features read back equal the live teacher's, and each stage keeps only
+what it trains on the device, in the dtype it runs in."""
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import train
+from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
+from miniproclip.clip import CLIP
+from miniproclip.data import collate
+from miniproclip.stages import stage1_loss, stage2_loss
+from miniproclip.tokenizer import CLIPTokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    return {"clip": write_tiny_clip(d / "clip"), "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data")}
+
+
+def setup_run(world, out, *extra, device="cpu"):
+    args = train.parse_args(["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"],
+                             "--output", str(out), "--workers", "0", "--batch-size", "8", "--device", device, *extra])
+    return train.setup(args, 0, 1, lambda *a, **k: None)
+
+
+def first_batch(run, n=8):
+    """A collated batch of rows 0..n-1, as the loader gives it (with its stage's captions chosen)."""
+    batch = collate([run.dataset[i] for i in range(n)])
+    return run.stage.prepare(batch, np.arange(len(run.rows)) % 3 == 0)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_stage1_cached_losses_equal_the_live_teacher(world, tmp_path, skip):
+    """Stage-1 features and loss from the caches == CLIP tokenised and run per step, LLM looked up by text
+    (fp32 on CPU: ≤1e-5; the teacher cache stores fp32, the gathered LLM rows are the looked-up ones bit for bit)."""
+    run = setup_run(world, tmp_path / "run", "--stage", "1", *(["--skip-truncated-long"] if skip else []))
+    batch = first_batch(run)
+    with torch.no_grad():
+        cached = run.stage.features(batch, student_only=False)
+    # the live reference: today's per-step tokenisation, hashing and teacher forward
+    tokenizer, clip = CLIPTokenizer.from_folder(world["clip"]), CLIP.from_pretrained(world["clip"])
+    long_ = [c for c in batch["long_captions"] if c]
+    cut = tokenizer(long_).truncated.tolist()
+    assert any(cut)  # the fixture's long captions exceed 77 tokens: the flag is exercised
+    long_ = [c for c, was_cut in zip(long_, cut) if not (skip and was_cut)]
+    texts = batch["captions"] + long_
+    with torch.no_grad():
+        teacher = clip.encode_text(tokenizer(texts).input_ids, normalize=True)
+        student = run.model.encode_text(run.cache(texts))
+    n = len(batch["captions"])
+    live = {"student_short": student[:n], "student_long": student[n:], "teacher_short": teacher[:n],
+            "teacher_long": teacher[n:]}
+    for key in live:
+        assert cached[key].shape == live[key].shape and torch.allclose(cached[key], live[key], rtol=0, atol=1e-5), key
+    assert run.stage.teacher_truncated == tokenizer(texts).num_truncated
+    (loss, parts), (ref, ref_parts) = stage1_loss(cached, run.stage.settings), stage1_loss(live, run.stage.settings)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and loss.item() > 0
+    assert parts["struct"].item() == pytest.approx(ref_parts["struct"].item(), rel=1e-5, abs=1e-7)
+
+
+def test_stage2_cached_teacher_equals_the_live_one(world, tmp_path):
+    """A frozen teacher with centre crops is read from the image cache: the same features and losses as running it."""
+    cached = setup_run(world, tmp_path / "cached", "--stage", "2", "--init", "scratch", "--train-crop", "center")
+    assert cached.teacher is None and cached.stage.teacher_vectors is not None  # no teacher tower at all
+    batch = first_batch(cached)
+    image_cache = cached.stage.teacher_vectors.cache.path
+    assert os.path.dirname(image_cache) == os.path.dirname(cached.cache.path)  # beside the LLM cache
+    with torch.no_grad():
+        features = cached.stage.features(batch, student_only=False)
+        live = cached.model.image_teacher().encode_image(batch["pixels"])  # the initial tower, run on the pixels
+    assert (features["teacher_image"] - live).abs().max() < 1e-5
+    # the LLM rows follow the short/long choice: the text side equals a lookup by text
+    chosen = [lc if lc and i % 3 == 0 else c for i, c, lc in zip(batch["indices"], batch["captions"],
+                                                                   batch["long_captions"])]
+    with torch.no_grad():
+        assert torch.equal(features["text"], cached.model.encode_text(cached.cache(chosen)))
+    loss, _ = stage2_loss(features, cached.stage.settings, cached.stage.clip_loss, cached.model.logit_scale)
+    ref, _ = stage2_loss({**features, "teacher_image": live}, cached.stage.settings, cached.stage.clip_loss,
+                         cached.model.logit_scale)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    # a second run reuses the file: nothing is encoded again
+    again = setup_run(world, tmp_path / "again", "--stage", "2", "--init", "scratch", "--train-crop", "center")
+    assert again.stage.teacher_vectors.cache.path == image_cache
+    assert np.array_equal(again.stage.teacher_vectors.rows, cached.stage.teacher_vectors.rows)
+
+
+@pytest.mark.parametrize("extra, dtype", [(["--train-crop", "random"], torch.bfloat16),
+                                          (["--train-crop", "center", "--ema-momentum", "0.99"], torch.float32)])
+def test_live_stage2_teacher_dtype(world, tmp_path, extra, dtype):
+    """A live frozen teacher is cast once to bf16 under amp_bf16; an EMA teacher stays fp32 (its updates need it)."""
+    run = setup_run(world, tmp_path / "run", "--stage", "2", "--init", "scratch", "--precision", "amp_bf16", *extra)
+    assert run.stage.teacher_vectors is None
+    assert {p.dtype for p in run.teacher.parameters()} == {dtype}
+    assert {p.dtype for p in run.model.parameters()} == {torch.float32}  # fp32 master weights
+
+
+def test_each_stage_keeps_only_what_it_uses_on_the_device(world, tmp_path, monkeypatch):
+    """Setup on the `meta` device (the caches filled before on CPU): what is on it is what training uses there."""
+    setup_run(world, tmp_path / "fill1", "--stage", "1")
+    setup_run(world, tmp_path / "fill2", "--stage", "2", "--init", "scratch", "--train-crop", "center")
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())  # none for `meta`
+    run = setup_run(world, tmp_path / "s1", "--stage", "1", device="meta")
+    on_device = {name for name, p in run.model.named_parameters() if p.device.type == "meta"}
+    assert on_device == {name for name, _ in run.model.named_parameters() if name.startswith("text_head.")}
+    assert run.teacher is None  # the CLIP towers were only loaded to fill the cache (here not even that)
+    assert {name for name, _ in run.stage.forward.named_parameters()} == on_device
+    run = setup_run(world, tmp_path / "s2", "--stage", "2", "--init", "scratch", "--train-crop", "center",
+                    device="meta")
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in run.model.parameters())
+    assert run.teacher is None  # the frozen teacher's features come from the cache
