@@ -276,6 +276,15 @@ def test_train_stage0_resumes_after_kill_9_with_the_same_losses(tiny_llm, groups
     assert os.path.isfile(tmp_path / "killed" / "llm" / "model.safetensors")
 
 
+def test_train_stage0_non_finite_steps_are_skipped_then_stop(tiny_llm, groups_file, tmp_path, monkeypatch, capsys):
+    loss = CaptionContrastive.loss
+    monkeypatch.setattr(CaptionContrastive, "loss", lambda self, f, last=True: (loss(self, f, last)[0] * float("nan"),
+                                                                               {}))
+    with pytest.raises(SystemExit, match="3 consecutive non-finite steps"):
+        train.main(stage0_args(tiny_llm, groups_file, tmp_path / "nan", "--max-steps", "10", "--max-bad-steps", "3"))
+    assert capsys.readouterr().out.count("non-finite loss nan") == 3 and not os.path.exists(tmp_path / "nan" / "llm")
+
+
 def test_stage1_takes_the_merged_llm_and_refuses_the_base_cache(tiny_llm, groups_file, tmp_path):
     from fixtures import write_tiny_clip, write_tiny_pairs
     train.main(stage0_args(tiny_llm, groups_file, tmp_path / "s0", "--max-steps", "2"))
