@@ -263,7 +263,10 @@ def find_checkpoints(args):
                             f"--stage {resumed_meta.get('stage')}, or start stage {args.stage} from it with --init")
     # `--init scratch`: stage 2 with a fresh head, i.e. direct contrastive alignment (LLM2CLIP-style ablation)
     init_path = ckpt.resolve_checkpoint(args.init) if args.init and args.init != "scratch" else None
-    return resume_path, resumed_meta, init_path, ckpt.load_meta(init_path) if init_path else None
+    init_meta = ckpt.load_meta(init_path) if init_path else None
+    if init_meta and init_meta.get("stage") == 0:  # LoRA weights of an LLM, not a ProCLIP model
+        raise TrainingError(f"{init_path} is a stage-0 checkpoint: pass its run's merged LLM as --llm RUN/llm")
+    return resume_path, resumed_meta, init_path, init_meta
 
 
 def build_model(args, clip, meta, source, log):

@@ -291,6 +291,8 @@ def test_stage1_takes_the_merged_llm_and_refuses_the_base_cache(tiny_llm, groups
     clip, data = write_tiny_clip(tmp_path / "clip"), write_tiny_pairs(tmp_path / "data")
     stage1 = ["--stage", "1", "--clip", clip, "--train-data", data, "--workers", "0", "--batch-size", "8",
               "--max-steps", "1"]
+    with pytest.raises(SystemExit, match="is a stage-0 checkpoint: pass its run's merged LLM as --llm RUN/llm"):
+        train.main(["--stage", "2", "--init", str(tmp_path / "s0"), "--clip", clip, "--train-data", data])
     train.main(stage1 + ["--llm", tiny_llm, "--output", str(tmp_path / "base")])  # fills the base's cache
     with pytest.raises(SystemExit, match="built with another llm fingerprint"):
         train.main(stage1 + ["--llm", str(tmp_path / "s0" / "llm"), "--output", str(tmp_path / "refused")])
