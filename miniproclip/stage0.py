@@ -267,7 +267,7 @@ def fill_defaults(args, resumed_meta: dict | None, log) -> None:
         raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
     args.epochs = args.epochs or 1
     args.lr = args.lr if args.lr is not None else (2e-3 if toy else 2e-4)
-    args.temperature = args.temperature or (0.05 if toy else 0.02)
+    args.temperature = args.temperature if args.temperature is not None else (0.05 if toy else 0.02)
     args.workers = 0  # the texts are in memory: no loader processes
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
     args.output = args.output or os.path.join("runs", f"stage0-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -310,7 +310,12 @@ def setup_model(args, settings: EmbedSettings, device: torch.device, resume_path
     bf16 measured ~4x slower; a resumed run's adapters come from its checkpoint (which holds only them)."""
     groups = read_groups(args.train_data, strict=args.strict_data, log=log)
     dtype = torch.bfloat16 if args.llm_dtype == "bf16" and device.type == "cuda" else torch.float32
-    model = load_stage0_llm(args.llm, settings, lora_settings(args), dtype, str(device), args.grad_checkpointing)
+    lora = lora_settings(args)
+    model = load_stage0_llm(args.llm, settings, lora, dtype, str(device), args.grad_checkpointing)
+    adapted = {name.split(".")[-2] for name in lora_state_dict(model)}  # "layers.0.self_attn.q_proj.lora_A" -> q_proj
+    missing = set(lora.targets) - adapted
+    if missing:  # a typo would silently leave those layers untrained
+        raise TrainingError(f"--lora-targets: {args.llm} has no {', '.join(sorted(missing))} layers")
     if resume_path:
         load_lora_state_dict(model, load_weights(resume_path)[0])
     log(f"stage 0: {len(groups)} groups from {args.train_data}, LLM {args.llm} ({dtype}), LoRA r {args.lora_rank} "

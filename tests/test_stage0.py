@@ -285,6 +285,13 @@ def test_train_stage0_non_finite_steps_are_skipped_then_stop(tiny_llm, groups_fi
     assert capsys.readouterr().out.count("non-finite loss nan") == 3 and not os.path.exists(tmp_path / "nan" / "llm")
 
 
+@pytest.mark.parametrize("flags, message", [(["--temperature", "0"], "--temperature must be positive, got 0.0"),
+                                            (["--lora-targets", "q,kk"], "has no kk_proj layers")])
+def test_train_stage0_bad_flags_are_one_line_errors(tiny_llm, groups_file, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(stage0_args(tiny_llm, groups_file, tmp_path / "bad", "--max-steps", "1", *flags))
+
+
 def test_stage1_takes_the_merged_llm_and_refuses_the_base_cache(tiny_llm, groups_file, tmp_path):
     from fixtures import write_tiny_clip, write_tiny_pairs
     train.main(stage0_args(tiny_llm, groups_file, tmp_path / "s0", "--max-steps", "2"))
