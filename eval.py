@@ -78,8 +78,9 @@ def toy_path(args, *parts) -> str:
     path = os.path.join(args.toy_dir, *parts)
     if not os.path.exists(path):
         given = f"--dataset {args.dataset} is neither a file nor a toy-world name: " if args.dataset else ""
-        raise evaluation.BenchmarkError(f"{given}{path} not found; build the toy world with `python train.py --stage 1`, "
-                                   f"or pass --dataset (and --toy-dir if the toy world lives elsewhere)")
+        raise evaluation.BenchmarkError(f"{given}{path} not found; build the toy world with `python train.py "
+                                        f"--stage 1`, or pass --dataset (and --toy-dir if the toy world lives "
+                                        f"elsewhere)")
     return path
 
 
@@ -116,7 +117,8 @@ def fill_defaults(args):
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
-            raise evaluation.BenchmarkError(f"--output {args.output}: cannot create {folder} ({err.strerror})") from None
+            raise evaluation.BenchmarkError(f"--output {args.output}: cannot create {folder} "
+                                            f"({err.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise evaluation.BenchmarkError(f"--output {args.output}: {folder} is not writable; choose another path")
 
@@ -130,14 +132,16 @@ def evaluate(args):
     if args.task == "retrieval":
         dataset = evaluation.read_retrieval_set(args.dataset, args.images, args.split, args.language)
         print(f"retrieval: {len(dataset.images)} images, {len(dataset.texts)} captions from {args.dataset}")
-        report, gallery = evaluation.run_retrieval(encoders, dataset, args.batch_size, args.workers, args.device, args.ks)
+        report, gallery = evaluation.run_retrieval(encoders, dataset, args.batch_size, args.workers, args.device,
+                                                   args.ks)
     else:
         dataset = evaluation.read_image_folder(args.dataset, args.classnames)
         templates = load_templates(args.templates)
         print(f"zeroshot: {len(dataset.images)} images of {len(dataset.classnames)} classes from {args.dataset}, "
               f"{len(templates)} templates")
         heldout = evaluation.read_lines(args.heldout_classes) if args.heldout_classes else None
-        report = evaluation.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device, heldout)
+        report = evaluation.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device,
+                                         heldout)
         gallery = None
     report = {"task": args.task, "dataset": args.dataset, "model": encoders.name, **report}
     if args.language:

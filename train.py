@@ -1,13 +1,14 @@
-"""Train ProCLIP (arXiv 2510.18795) in its two stages.
+"""Train ProCLIP (arXiv 2510.18795) in its two stages, and optionally its LLM embedder first (stage 0).
 
 On one CPU, on the built-in toy world (built into ./toyworld on first use, a few minutes):
+    python train.py --stage 0 --batch-size 8 --max-steps 30 --warmup 3  # LoRA on SmolLM2 -> RUN/llm (stage0.py)
     python train.py --stage 1
     python train.py --stage 2 --init runs/<stage-1 run>
 On one GPU, on your data (JSONL/CSV rows or webdataset tar shards; the LLM embeddings are cached on first use):
     python train.py --stage 1 --train-data pairs.jsonl --clip CLIP_DIR --llm LLM_DIR --batch-size 1024
     python train.py --stage 2 --init runs/stage1 --train-data 'shards/{00000..00999}.tar' --batch-size 512 \\
         --grad-checkpointing
-On N GPUs (DDP; --gather-with-grad makes InfoNCE and the stage-1 terms see the global batch):
+On N GPUs (DDP; --gather-with-grad gives every rank the gradient of the global-batch losses):
     torchrun --nproc_per_node 8 train.py --stage 2 --init runs/stage1 --train-data ... --gather-with-grad
 Interrupted runs continue with `--resume latest --output RUN`. This file is orchestration: setup (flags -> models,
 data, text cache, optimizer, resumed state), then `train()`, the loop. The model math lives in miniproclip/
@@ -17,7 +18,6 @@ data, text cache, optimizer, resumed state), then `train()`, the loop. The model
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,19 +29,23 @@ from tqdm import tqdm
 from miniproclip import checkpoint as ckpt
 from miniproclip.clip import CLIP
 from miniproclip.curves import write_curves
-from miniproclip.data import DataError, ImageTextDataset, caption_texts, epoch_batches, make_loader, read_rows
-from miniproclip.distributed import init_distributed
+from miniproclip.data import DataError, ImageTextDataset, caption_texts, count_bad_images, epoch_batches, make_loader, \
+    read_rows
+from miniproclip.distributed import StopSignal, init_distributed
 from miniproclip.embed import ensure_text_cache
-from miniproclip.embedder import EmbedSettings, default_batch_tokens
+from miniproclip import stage0
+from miniproclip.api import embed_settings
+from miniproclip.embedder import PRESETS, default_batch_tokens
 from miniproclip.errors import TrainingError
 from miniproclip.evaluation import Encoders, RetrievalSet, inference, run_retrieval
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform, RandomResizedCropTransform
 from miniproclip.llm import LLMConfig
+from miniproclip.lora import lora_state_dict
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.optim import cosine_lr_factor, param_groups
-from miniproclip.stages import AUTOCAST, LossSettings, Stage1, Stage2, TextSide, accumulated_backward
+from miniproclip.stages import AUTOCAST, LossSettings, Stage1, Stage2, TextSide, accumulated_backward, split
 from miniproclip.teacher_cache import stage_teachers
 from miniproclip.weights import ModelFolderError
 
@@ -54,8 +58,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train ProCLIP: stage 1 (distil CLIP's text encoder into LLM+head), "
                                             "stage 2 (contrastive tuning of the image encoder with L_reg).")
     # run
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True,
-                   help="1: representation inheritance, 2: contrastive tuning")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+                   help="0: LLM embedder (LoRA, optional), 1: representation inheritance, 2: contrastive tuning")
     p.add_argument("--init", default=None, help="stage 2: a stage-1 (or stage-2) run folder or checkpoint to start "
                                                 "from; 'scratch' = a fresh head (direct alignment, no stage 1)")
     p.add_argument("--resume", default=None,
@@ -76,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="LLM tokens per caption")
     p.add_argument("--instruction", default="", help="LLM instruction prefix, excluded from the mean pool")
     p.add_argument("--bidirectional", action="store_true", help="LLM with bidirectional attention (LLM2Vec-style)")
+    p.add_argument("--embed-preset", choices=PRESETS, default="default",
+                   help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
     p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
                    help="LLM weights when filling the cache (bf16: ~2x faster on CPU too, cosine to fp32 >= 0.999)")
     p.add_argument("--text-cache", default=None,
@@ -136,7 +142,9 @@ def parse_args(argv=None):
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum",
                    help="reduction of L_ins/L_struct (official: sum)")
     p.add_argument("--gather-with-grad", action="store_true",
-                   help="InfoNCE and the stage-1 terms over the global batch under torchrun")
+                   help="under torchrun, gather features with their gradient: every rank's rows get the global "
+                        "batch's InfoNCE gradient (without it InfoNCE still sees all ranks' features as negatives, "
+                        "but only through the local rows), and stage 1's L_ins/L_struct span the global batch")
     p.add_argument("--local-loss", action="store_true", help="InfoNCE of local rows against all (open_clip)")
     # speed
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -146,34 +154,13 @@ def parse_args(argv=None):
                         "a GradScaler")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes in stage 1)")
+    stage0.add_arguments(p)
     args = p.parse_args(argv)
     # the flags given on this command line: a resumed run takes every other setting from its checkpoint
     for action in p._actions:
         action.default, action.required = argparse.SUPPRESS, False
     args.given_flags = sorted(vars(p.parse_args(argv)))
     return args
-
-
-PER_LAUNCH = {"resume", "device", "workers", "given_flags"}  # settings of a launch, never taken from a checkpoint
-FIXED_ON_RESUME = ("train_data", "batch_size")  # the data cursor counts batches of these: a change is refused
-
-
-def inherit_run_settings(args, resume_path: str, resumed_meta: dict, world: int):
-    """`--resume`: every flag not given again comes from the run being resumed (its data, models, losses,
-    schedule, ...), so the command a stopped run prints continues the same run."""
-    saved = resumed_meta["args"]
-    for key in FIXED_ON_RESUME:
-        if key in args.given_flags and saved.get(key) != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise TrainingError(f"{resume_path} was trained with {flag} {saved.get(key)}; a resumed run keeps it "
-                                f"(its data position counts those batches): leave {flag} out, or start a new run "
-                                f"with --init {resume_path}")
-    if resumed_meta.get("world_size", world) != world:
-        raise TrainingError(f"{resume_path} was trained on {resumed_meta['world_size']} rank(s), not {world}: its "
-                            f"data position counts per-rank batches; resume it with the same number of processes")
-    for key, value in saved.items():
-        if key in vars(args) and key not in args.given_flags and key not in PER_LAUNCH:
-            setattr(args, key, value)
 
 
 def fill_defaults(args, resumed_meta, init_meta, log):
@@ -228,7 +215,7 @@ class Cursor:
 @dataclass
 class Run:
     """Everything setup builds and the loop uses."""
-    model: ProCLIP  # the trainable model, unwrapped (checkpoints, EMA, evaluation use it)
+    model: ProCLIP  # the trainable model, unwrapped (checkpoints, EMA, evaluation); stage 0: the LoRA-wrapped LLM
     teacher: torch.nn.Module | None  # stage 2's live image teacher (frozen or EMA); None where cached
     stage: Stage1 | Stage2  # features and loss of a micro-batch
     optimizer: torch.optim.Optimizer
@@ -269,26 +256,7 @@ def main(argv=None):
 # setup: flags -> checkpoints, models, data, text cache, optimizer, and the resumed state (applied here only)
 
 
-def find_checkpoints(args, world: int):
-    """(resume path, its meta, init path, its meta); a bad checkpoint fails here, before any work."""
-    if args.stage == 2 and not (args.init or args.resume):
-        raise TrainingError("--stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
-    if args.resume == "latest" and not args.output:
-        raise TrainingError("--resume latest needs --output RUN naming the run to continue")
-    resume_path = ckpt.resolve_checkpoint(args.output if args.resume == "latest" else args.resume) if args.resume \
-        else None
-    resumed_meta = ckpt.load_meta(resume_path) if resume_path else None
-    if resumed_meta and resumed_meta.get("stage") != args.stage:
-        raise TrainingError(f"{resume_path} is a stage-{resumed_meta.get('stage')} checkpoint: resume it with "
-                            f"--stage {resumed_meta.get('stage')}, or start stage {args.stage} from it with --init")
-    if resumed_meta:  # before --init is resolved: a resumed stage-2 run rebuilds its teacher from its own --init
-        inherit_run_settings(args, resume_path, resumed_meta, world)
-    # `--init scratch`: stage 2 with a fresh head, i.e. direct contrastive alignment (LLM2CLIP-style ablation)
-    init_path = ckpt.resolve_checkpoint(args.init) if args.init and args.init != "scratch" else None
-    return resume_path, resumed_meta, init_path, ckpt.load_meta(init_path) if init_path else None
-
-
-def build_model(args, clip, meta, source, log):
+def build_model(args, clip, meta, source):
     """ProCLIP from the CLIP's image tower and a head shaped by the checkpoint `meta` (or by the flags)."""
     # the head maps the LLM's width (d) to CLIP's joint space (D); a checkpoint fixes both
     projection_dim = clip.config.projection_dim
@@ -311,7 +279,7 @@ def read_data(args, log):
             "csv_separator": args.csv_separator}
     rows = read_rows(args.train_data, strict=args.strict_data, log=log, **keys)
     val_rows = read_rows(args.val_data, log=log, **keys) if args.val_data and args.eval_every else []
-    settings = EmbedSettings(max_length=args.max_length, instruction=args.instruction, causal=not args.bidirectional)
+    settings = embed_settings(vars(args))
     cache = ensure_text_cache(args.text_cache, args.llm, caption_texts(rows + val_rows), settings,
                               torch.bfloat16 if args.llm_dtype == "bf16" else torch.float32, args.device,
                               args.batch_tokens, log)
@@ -347,16 +315,19 @@ def check_images(args, dataset):
 def setup(args, rank, world, log) -> Run:
     """Everything before the first step; a resumed run's weights, optimizer, scaler, RNG and cursor are applied
     here and nowhere else."""
-    resume_path, resumed_meta, init_path, init_meta = find_checkpoints(args, world)
+    resume_path, resumed_meta, init_path, init_meta = ckpt.find_checkpoints(args, world)
     train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
-    fill_defaults(args, resumed_meta, init_meta, log)
+    (stage0.fill_defaults(args, resumed_meta, log) if args.stage == 0 else
+     fill_defaults(args, resumed_meta, init_meta, log))
     if rank == 0:
         ckpt.check_writable(args.output)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if args.stage == 0:  # the LLM with LoRA adapters and groups of texts (stage0.py): no CLIP, no caches
+        return setup_stage0(args, device, rank, world, resume_path, train_state, log)
     # models: fp32 master weights (autocast does the low-precision math), the trainable part and the teacher
     clip = CLIP.from_pretrained(args.clip)
-    model, head = build_model(args, clip, init_meta or resumed_meta, init_path or resume_path, log)
+    model, head = build_model(args, clip, init_meta or resumed_meta, init_path or resume_path)
     if init_path:  # a stage-1 checkpoint gives the head, a stage-2 one everything
         meta = ckpt.load_trained_weights(model, init_path)[1]
         log(f"init: stage-{meta['stage']} weights from {init_path} (step {meta['step']})")
@@ -375,19 +346,12 @@ def setup(args, rank, world, log) -> Run:
     lr_of = lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr)
     optimizer = torch.optim.AdamW(param_groups(model, args.wd, lr_of), lr=args.lr, betas=(args.beta1, args.beta2),
                                   eps=args.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
     # a resumed run: weights (and an EMA teacher), optimizer, scaler, RNG and data cursor
-    cursor = Cursor()
     if resume_path:
         teacher_weights = ckpt.load_trained_weights(model, resume_path)[0]
         if teacher_weights:
             teacher.load_state_dict(teacher_weights)
-        optimizer.load_state_dict(train_state["optimizer"])
-        if train_state["scaler"]:  # empty when saved without fp16 (e.g. resuming a bf16 run with --precision amp)
-            scaler.load_state_dict(train_state["scaler"])
-        ckpt.set_rng_state(train_state["rng"])
-        cursor = Cursor(**train_state["cursor"])
-        log(f"resumed from {resume_path} at step {cursor.step}")
+    scaler, cursor = restore(args, optimizer, device, resume_path, train_state, log)
     # DDP and torch.compile wrap the trained part for the forward passes only (stage 1: the text side alone)
     forward = TextSide(model) if args.stage == 1 else model
     forward = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 else forward
@@ -395,14 +359,43 @@ def setup(args, rank, world, log) -> Run:
     if args.compile:  # stage 1's row count varies with the long captions: dynamic shapes, no recompiles
         forward = torch.compile(forward, dynamic=True if args.stage == 1 else None)
     stage = build_stage(args, forward, model, teacher, llm, taught, device, autocast, rank, world)
-    steps_per_epoch = len(epoch_batches(len(rows), args.batch_size, seed=args.seed, epoch=0, rank=rank,
-                                        world_size=world))
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
         f"{world} rank(s), precision {args.precision}, output {args.output}")
     return Run(model=model, teacher=teacher, stage=stage, optimizer=optimizer, scaler=scaler, no_sync=no_sync,
                dataset=dataset, rows=rows, val_rows=val_rows, cache=cache, head=head, device=device, rank=rank,
-               world=world, total_steps=args.max_steps or args.epochs * steps_per_epoch, cursor=cursor)
+               world=world, total_steps=total_steps(args, len(rows), rank, world), cursor=cursor)
+
+
+def restore(args, optimizer, device, resume_path, train_state, log):
+    """(GradScaler, Cursor): fresh, or a resumed run's optimizer, scaler, RNG and data cursor applied."""
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")  # fp16 only; a no-op otherwise
+    if not resume_path:
+        return scaler, Cursor()
+    optimizer.load_state_dict(train_state["optimizer"])
+    if train_state["scaler"]:  # empty when saved without fp16 (e.g. resuming a bf16 run with --precision amp)
+        scaler.load_state_dict(train_state["scaler"])
+    ckpt.set_rng_state(train_state["rng"])
+    log(f"resumed from {resume_path} at step {train_state['cursor']['step']}")
+    return scaler, Cursor(**train_state["cursor"])
+
+
+def total_steps(args, rows, rank, world):
+    steps_per_epoch = len(epoch_batches(rows, args.batch_size, seed=args.seed, epoch=0, rank=rank, world_size=world))
+    return args.max_steps or args.epochs * steps_per_epoch
+
+
+def setup_stage0(args, device, rank, world, resume_path, train_state, log) -> Run:
+    """Stage 0: the LoRA-wrapped LLM (its adapters resumed), AdamW on the adapters, the CaptionContrastive stage."""
+    settings = embed_settings(vars(args))
+    model, groups = stage0.setup_model(args, settings, device, resume_path, log)
+    optimizer = torch.optim.AdamW(param_groups(model, args.wd, lambda name: ("lora", args.lr)), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=args.eps)
+    scaler, cursor = restore(args, optimizer, device, resume_path, train_state, log)
+    stage, no_sync = stage0.build_stage(args, model, groups, settings, cursor, device, rank, world)
+    return Run(model=model, teacher=None, stage=stage, optimizer=optimizer, scaler=scaler, no_sync=no_sync,
+               dataset=stage0.GroupDataset(groups), rows=groups, val_rows=[], cache=None, head=None, device=device,
+               rank=rank, world=world, total_steps=total_steps(args, len(groups), rank, world), cursor=cursor)
 
 
 def build_stage(args, forward, model, teacher, llm, taught, device, autocast, rank, world):
@@ -487,7 +480,7 @@ def training_batches(args, run: Run, log):
         coins = torch.Generator().manual_seed(args.seed * 1_000_003 + cursor.epoch)
         pick_long = (torch.rand(len(run.rows), generator=coins) < 0.5).numpy()
         run.dataset.epoch = cursor.epoch  # this epoch's random crops (seeded per sample)
-        for batch in make_loader(run.dataset, batches, args.workers, start_batch=cursor.batch_in_epoch):
+        for batch in make_loader(run.dataset, batches, args.workers, cursor.batch_in_epoch, seed=coins.initial_seed()):
             cursor.batch_in_epoch += 1  # the data cursor: where a resumed run continues
             if run.world > 1:  # dropped bad images can leave ranks with unequal batches: all use the smallest
                 size = torch.tensor(len(batch["captions"]), device=run.device)  # collectives take device tensors
@@ -514,25 +507,6 @@ def step_verdict(run: Run, loss, grad_norm, stop: "StopSignal") -> tuple[bool, b
     if stopping and stop.received is None:
         stop.received = "a signal on another rank"
     return bool(bad), bool(stopping)
-
-
-def count_bad_images(paths, cursor: Cursor, log):
-    """Unreadable images are dropped from the batch, counted, and the first 10 named."""
-    for path in paths:
-        cursor.bad_images += 1
-        if cursor.bad_images <= 10:
-            cursor.bad_image_paths.append(path)
-            log(f"skipped unreadable image {path}" + (" (further ones are only counted)"
-                                                      if cursor.bad_images == 10 else ""))
-
-
-def split(batch, parts):
-    """A collated batch -> `parts` micro-batches of (nearly) equal size."""
-    n = len(batch["captions"])
-    # micro-batch j holds rows [round(j·n/parts), round((j+1)·n/parts)); the bad-image list stays with the batch
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [{k: v[a:b] for k, v in batch.items() if v is not None and k != "bad_images"}
-            for a, b in zip(bounds, bounds[1:])]
 
 
 def step_record(args, run: Run, loss, parts, grad_norm, timer) -> dict:
@@ -568,29 +542,17 @@ def validate(args, run: Run):
     return {f"val/{k}": v for k, v in report["metrics"].items()}
 
 
-class StopSignal:
-    """SIGTERM/SIGINT: finish the current step, save, and exit cleanly (cluster preemption)."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-
 def save(args, run: Run, record: dict):
     """Rank 0 writes weights (head only in stage 1), optimizer, RNG and data cursor; the others wait."""
     if run.rank == 0:
         model = run.model
         # stage 1 saves the head only (the image tower is CLIP's, unchanged); stage 2 the whole model
         weights = ({f"text_head.{k}": v for k, v in model.text_head.state_dict().items()} if args.stage == 1
-                   else dict(model.state_dict()))
+                   else lora_state_dict(model) if args.stage == 0 else dict(model.state_dict()))
         if args.stage == 2 and args.ema_momentum < 1:  # an EMA teacher is state too
             weights.update({f"teacher.{k}": v for k, v in run.teacher.state_dict().items()})
         meta = {"stage": args.stage, "step": run.cursor.step, "args": vars(args), "world_size": run.world,
-                "head": run.head.__dict__,
+                "head": run.head and vars(run.head),
                 "metrics": record, "bad_image_paths": run.cursor.bad_image_paths}
         # what a resumed run needs to continue as if never stopped (torch.load(weights_only=True)-safe types)
         train_state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
@@ -612,7 +574,8 @@ def finish_message(args, run: Run, stop: StopSignal, record: dict, log):
         log(f"{stop.received}: saved step {run.cursor.step} to {args.output}; continue with "
             f"`python train.py --stage {args.stage} --output {args.output} --resume latest`")
     elif run.rank == 0:
-        next_command = (f"python train.py --stage 2 --init {args.output}" if args.stage == 1
+        next_command = (stage0.finish(args, run.model, log) if args.stage == 0 else
+                        f"python train.py --stage 2 --init {args.output}" if args.stage == 1
                         else f"python eval.py --task retrieval --model {args.output}")
         log(f"stage {args.stage} done: {run.cursor.step} steps, final loss {record.get('loss', float('nan')):.4f}, "
             f"checkpoints in {args.output}\nnext: {next_command}")

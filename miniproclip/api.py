@@ -111,8 +111,8 @@ class TrainedModel:
 
 def embed_settings(args: dict) -> EmbedSettings:
     """The EmbedSettings train.py used, from a checkpoint's saved arguments."""
-    return EmbedSettings(max_length=args["max_length"], instruction=args["instruction"],
-                         append_eos=args.get("append_eos", False), causal=not args["bidirectional"])
+    return EmbedSettings.from_flags(args.get("embed_preset", "default"), args["max_length"], args["instruction"],
+                                    args.get("append_eos", False), args["bidirectional"])
 
 
 def _check_folder(source: str, kind: str, folder: str, keyword: str) -> None:

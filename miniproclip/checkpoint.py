@@ -189,7 +189,8 @@ def resolve_checkpoint(path: str) -> str:
     """The `.safetensors` path for a run folder (its latest checkpoint), a weights file or a step_NNNNNN stem."""
     if os.path.isdir(path):
         if (found := latest_checkpoint(path)) is None:
-            raise CheckpointError(f"no checkpoint in {path}; give a run folder holding step_*.safetensors (for --resume, start without it)")
+            raise CheckpointError(f"no checkpoint in {path}; give a run folder holding step_*.safetensors "
+                                  f"(for --resume, start without it)")
         return found
     if path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path} is a pickle, which is never loaded as weights (it can run code); "
@@ -258,3 +259,50 @@ def load_trained_weights(model: torch.nn.Module, path: str) -> tuple[dict[str, t
     else:
         load_state_dict_strict(model, state, path)
     return teacher, meta
+
+
+# -----------------------------------------------------------------------------
+# --resume and --init: which checkpoints a run starts from, and the settings a resumed run keeps
+
+PER_LAUNCH = {"resume", "device", "workers", "given_flags"}  # settings of a launch, never taken from a checkpoint
+FIXED_ON_RESUME = ("train_data", "batch_size")  # the data cursor counts batches of these: a change is refused
+
+
+def inherit_run_settings(args, resume_path: str, resumed_meta: dict, world: int):
+    """`--resume`: every flag not given again comes from the run being resumed (its data, models, losses,
+    schedule, ...), so the command a stopped run prints continues the same run."""
+    saved = resumed_meta["args"]
+    for key in FIXED_ON_RESUME:
+        if key in args.given_flags and saved.get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{resume_path} was trained with {flag} {saved.get(key)}; a resumed run keeps it "
+                                f"(its data position counts those batches): leave {flag} out, or start a new run "
+                                f"with --init {resume_path}")
+    if resumed_meta.get("world_size", world) != world:
+        raise CheckpointError(f"{resume_path} was trained on {resumed_meta['world_size']} rank(s), not {world}: its "
+                            f"data position counts per-rank batches; resume it with the same number of processes")
+    for key, value in saved.items():
+        if key in vars(args) and key not in args.given_flags and key not in PER_LAUNCH:
+            setattr(args, key, value)
+
+
+def find_checkpoints(args, world: int):
+    """(resume path, its meta, init path, its meta); a bad checkpoint fails here, before any work."""
+    if args.stage == 2 and not (args.init or args.resume):
+        raise CheckpointError("--stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
+    if args.resume == "latest" and not args.output:
+        raise CheckpointError("--resume latest needs --output RUN naming the run to continue")
+    resume_path = resolve_checkpoint(args.output if args.resume == "latest" else args.resume) if args.resume \
+        else None
+    resumed_meta = load_meta(resume_path) if resume_path else None
+    if resumed_meta and resumed_meta.get("stage") != args.stage:
+        raise CheckpointError(f"{resume_path} is a stage-{resumed_meta.get('stage')} checkpoint: resume it with "
+                            f"--stage {resumed_meta.get('stage')}, or start stage {args.stage} from it with --init")
+    if resumed_meta:  # before --init is resolved: a resumed stage-2 run rebuilds its teacher from its own --init
+        inherit_run_settings(args, resume_path, resumed_meta, world)
+    # `--init scratch`: stage 2 with a fresh head, i.e. direct contrastive alignment (LLM2CLIP-style ablation)
+    init_path = resolve_checkpoint(args.init) if args.init and args.init != "scratch" else None
+    init_meta = load_meta(init_path) if init_path else None
+    if init_meta and init_meta.get("stage") == 0:  # LoRA weights of an LLM, not a ProCLIP model
+        raise CheckpointError(f"{init_path} is a stage-0 checkpoint: pass its run's merged LLM as --llm RUN/llm")
+    return resume_path, resumed_meta, init_path, init_meta

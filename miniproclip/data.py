@@ -205,8 +205,9 @@ def _file_row(record: dict, image_key: str, caption_key: str, folder: str) -> Ro
                long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False))
 
 
-def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
-    folder = os.path.dirname(os.path.abspath(path))
+def jsonl_records(path: str, skip: _Skipper, parse) -> Iterator:
+    """`parse(record)` of each JSON-object line of `path`; a malformed line (bad JSON, not an object, or `parse`
+    raising _Malformed) goes to `skip` with its file:line."""
     with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -215,14 +216,19 @@ def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
-                row = _file_row(record, "image", "caption", folder)
+                parsed = parse(record)
             except _Malformed as error:
                 skip(f"{path}:{line_number}", str(error))
                 continue
             except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
                 skip(f"{path}:{line_number}", f"invalid JSON ({error})")
                 continue
-            yield row
+            yield parsed
+
+
+def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
+    folder = os.path.dirname(os.path.abspath(path))
+    return jsonl_records(path, skip, lambda record: _file_row(record, "image", "caption", folder))
 
 
 def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: _Skipper) -> Iterator[Row]:
@@ -431,6 +437,16 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def count_bad_images(paths, cursor, log):
+    """Unreadable images are dropped from the batch, counted, and the first 10 named."""
+    for path in paths:
+        cursor.bad_images += 1
+        if cursor.bad_images <= 10:
+            cursor.bad_image_paths.append(path)
+            log(f"skipped unreadable image {path}" + (" (further ones are only counted)"
+                                                      if cursor.bad_images == 10 else ""))
+
+
 def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
                   world_size: int = 1) -> list[list[int]]:
     """This rank's row indices for each step of one epoch. A permutation seeded by (seed, epoch) is cut into global
@@ -458,8 +474,14 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0) -> DataLoader:
-    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process)."""
+def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0,
+                seed: int | None = None) -> DataLoader:
+    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process).
+
+    With `seed`, the workers' base seed (their torch RNG, e.g. random crops) is drawn from a generator seeded by it
+    instead of from the global RNG, which the loader would otherwise advance by one draw when iterated: at each
+    epoch start, and at a resume, where it shifts what the global RNG gives dropout after it."""
     return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_leave_stop_signals_to_the_trainer)
+                      worker_init_fn=_leave_stop_signals_to_the_trainer,
+                      generator=None if seed is None else torch.Generator().manual_seed(seed))

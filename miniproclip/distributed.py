@@ -3,10 +3,12 @@
 The group is created as "cpu:gloo,cuda:nccl", so a collective on a CPU tensor (a batch size, a flag) goes
 through gloo and one on a GPU tensor through NCCL; a plain "nccl" group rejects CPU tensors ("No backend type
 associated with device type cpu"). Under torchrun each rank takes the GPU of its LOCAL_RANK, whatever `cuda`
-or `cuda:N` was asked for, so eight ranks never pile onto GPU 0.
+or `cuda:N` was asked for, so eight ranks never pile onto GPU 0. Also the SIGTERM/SIGINT flag of a run
+(schedulers preempt with SIGTERM to every rank).
 """
 
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -28,3 +30,15 @@ def init_distributed(device: str) -> tuple[int, int, str]:
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the running process group, or (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT: finish the current step, save, and exit cleanly (cluster preemption)."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name

@@ -4,7 +4,8 @@ This is what makes an 8B embedder affordable and what the official ProCLIP/LLM2C
 on precomputed LLM features). The same code serves any frozen text encoder (`ensure_vector_cache`).
 
     python -m miniproclip.embed --llm DIR --texts captions.txt --output cache.safetensors
-    torchrun --nproc_per_node 8 -m miniproclip.embed --llm DIR --texts rows.jsonl --text-key caption --output cache.safetensors
+    torchrun --nproc_per_node 8 -m miniproclip.embed --llm DIR --texts rows.jsonl --text-key caption \
+        --output cache.safetensors
 
 The output holds `embeddings` (N, hidden) in input order, stored as fp16 by default (`--store-dtype`; read back as
 float32), and `text_hashes` (N, 16) uint8 (a BLAKE2b digest of each text, so training can look captions up), plus
@@ -32,7 +33,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .distributed import init_distributed, rank_and_world
-from .embedder import DTYPES, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, text_hash
+from .embedder import DTYPES, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
+    text_hash
 from .files import atomic_path
 from .weights import ModelFolderError
 
@@ -348,6 +350,8 @@ def main(argv=None):
     parser.add_argument("--instruction", default="", help="prefix prepended to every text, excluded from the pool")
     parser.add_argument("--append-eos", action="store_true", help="end every text with the EOS token")
     parser.add_argument("--bidirectional", action="store_true", help="non-causal attention (LLM2Vec-style LLMs)")
+    parser.add_argument("--embed-preset", choices=PRESETS, default="default",
+                        help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight and compute dtype")
     parser.add_argument("--store-dtype", choices=STORE_DTYPES, default=DEFAULT_STORE_DTYPE,
                         help="dtype of the stored vectors (fp16: half the bytes of fp32, cosine to fp32 > 0.99999)")
@@ -359,7 +363,8 @@ def main(argv=None):
     start = time.time()
     try:
         count = sum(1 for _ in iter_texts(args.texts, args.text_key))  # checks every line before any GPU time
-        settings = EmbedSettings(args.max_length, args.instruction, args.append_eos, not args.bidirectional)
+        settings = EmbedSettings.from_flags(args.embed_preset, args.max_length, args.instruction, args.append_eos,
+                                            args.bidirectional)
         metadata = {**llm_identity(args.llm, settings), "llm": os.path.abspath(args.llm)}
         make_encode = llm_encoder(args.llm, settings, DTYPES[args.dtype], args.device,
                                   args.batch_tokens or default_batch_tokens(args.device))

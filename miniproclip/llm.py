@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -49,7 +50,8 @@ class LLMConfig:
     def from_hf(cls, config: dict) -> "LLMConfig":
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported LLM model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(f"unsupported LLM model_type {model_type!r}; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         hidden, heads = config["hidden_size"], config["num_attention_heads"]
         # transformers ≥5 writes `rope_parameters` (theta + scaling together); older configs split them.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -133,7 +135,8 @@ class Attention(nn.Module):
 
     def __init__(self, config: LLMConfig, causal: bool = True):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.causal = causal  # with no mask: SDPA's own causal masking (True) or none at all (False)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
@@ -203,6 +206,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.causal = causal  # False: bidirectional attention over real tokens (LLM2Vec-style embedders)
+        self.grad_checkpointing = False  # True: keep only layer inputs, recompute each layer in backward
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, causal) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -255,7 +259,10 @@ class DecoderLM(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = self.attention_mask(attention_mask, T, input_ids.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
     @classmethod

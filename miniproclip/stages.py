@@ -116,6 +116,15 @@ def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scal
                    "reg_ins": parts["instance"], "reg_struct": parts["structure"], "scale": scale.detach()}
 
 
+def split(batch, parts):
+    """A collated batch -> `parts` micro-batches of (nearly) equal size."""
+    n = len(batch["captions"])
+    # micro-batch j holds rows [round(j·n/parts), round((j+1)·n/parts)); the bad-image list stays with the batch
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [{k: v[a:b] for k, v in batch.items() if v is not None and k != "bad_images"}
+            for a, b in zip(bounds, bounds[1:])]
+
+
 def accumulated_backward(micro_batches: list, features_fn, loss_fn, no_sync=contextlib.nullcontext,
                          backward=torch.Tensor.backward):
     """Backward of the full-batch loss over `micro_batches`, never holding more than one micro-batch's graph.

@@ -64,7 +64,8 @@ def test_stage2_export_loads_in_transformers_and_load_model(world, tmp_path):
     config = json.loads((out / "proclip.json").read_text())
     assert config["llm"] == os.path.abspath(world["llm"]) and config["llm_dtype"] == "fp32"
     assert config["source"]["stage"] == 2 and config["source"]["step"] == 7
-    assert config["embedding"] == {"max_length": 8, "instruction": "", "append_eos": False, "causal": True}
+    assert config["embedding"] == {"max_length": 8, "instruction": "", "append_eos": False, "causal": True, "suffix": "",
+                                   "pool_bos": True}
 
 
 def test_stage1_export_has_the_original_image_tower(world, tmp_path):

@@ -1,0 +1,344 @@
+"""Stage 0: LLM2CLIP's caption-contrastive fine-tuning of the LLM embedder, with LoRA, then a merged HF folder.
+
+LLM2CLIP (arXiv 2411.04997, sec. 3; `llm_caption_contrastive/run_supervised.py`, LLM2Vec's supervised SimCSE)
+turns a decoder LLM into a caption embedder: texts that mean the same thing (captions of one image, a caption and
+its long version or translation) are positives, the other groups' texts in the batch are negatives. Here:
+- data: JSONL rows {"texts": [...]} (any two texts of a row mean the same), or the image-caption rows of stages
+  1-2 (`caption` with `long_caption` form a group); each step takes two texts per group, chosen by a seeded
+  generator keyed by (seed, epoch, row), so the choice does not depend on the batch or the rank layout;
+- loss: symmetric InfoNCE over in-batch negatives, `(CE(S/τ, I) + CE(Sᵀ/τ, I)) / 2` with S the cosine
+  similarities of the two texts' pooled embeddings, computed exactly as `embedder.LLMEmbedder` does (same
+  tokenization, prefix/suffix, attention mode and mean pool). LLM2Vec's `HardNegativeNLLLoss` is the one-way
+  half with scale 50 (τ = 0.02, LLM2CLIP's config); gathering across ranks is `losses.ClipLoss`'s;
+- LoRA (lora.py) on the frozen LLM, r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up, down by default;
+- output: the adapters merged into the weights and written as a complete HF folder (config, tokenizer files,
+  `model.safetensors` with the HF key names), usable as `--llm` everywhere and by transformers;
+- `python train.py --stage 0`: its flags, defaults, model and the `Stage0` object that train.py's loop runs like
+  stages 1-2 (the last section; checkpoints hold the adapters only).
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import load_weights
+from .data import MAX_WARNINGS, DataError, _clean_text, _Malformed, _Skipper, expand_braces, jsonl_records, read_rows
+from .embedder import CaptionTokenizer, EmbedSettings, folder_fingerprint, pad_batch
+from .errors import TrainingError
+from .files import TMP
+from .llm import DecoderLM, mean_pool
+from .lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from .losses import ClipLoss
+from .stages import AUTOCAST
+from .weights import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
+
+MAX_SHARD_BYTES = 5 * 2**30  # shard size of the merged folder, as transformers' save_pretrained
+
+
+# -----------------------------------------------------------------------------
+# data: groups of texts that mean the same thing
+
+def _group(record: dict) -> list[str]:
+    """The texts of one JSONL record: {"texts": [...]}, or an image-caption row's caption and long caption."""
+    if "texts" in record:
+        if not isinstance(record["texts"], list):
+            raise _Malformed(f'"texts" must be a list, got {type(record["texts"]).__name__}')
+        texts = [_clean_text(t, "texts", required=True) for t in record["texts"]]
+    else:  # an image-caption row: the caption and its long version
+        texts = [_clean_text(record.get(k), k, required=True) for k in ("caption", "long_caption")]
+    texts = list(dict.fromkeys(texts))  # a repeated text is no second view
+    if len(texts) < 2:
+        raise _Malformed("a group needs two different texts")
+    return texts
+
+
+def read_groups(source: str, strict: bool = False, log=print) -> list[list[str]]:
+    """Every group of `source` (paths joined by "::", brace patterns allowed). A .jsonl file holds rows
+    {"texts": [...]} or image-caption rows {"caption", "long_caption"}; .csv/.tsv/.tar image-caption sources
+    are read by `data.read_rows` and give a group per row with a long caption. Malformed rows are skipped
+    with a count (or raise DataError when `strict`), as in stages 1-2."""
+    skip, groups = _Skipper(strict, log), []
+    for part in source.split("::"):
+        for path in expand_braces(part):
+            if not os.path.isfile(path):
+                raise DataError(f"{path} does not exist: check the data path {source!r}")
+            skipped_before = skip.count
+            if path.lower().endswith(".jsonl"):
+                file_groups = list(jsonl_records(path, skip, _group))
+            else:
+                rows = read_rows(path, strict=strict, log=log)
+                file_groups = [[r.caption, r.long_caption] for r in rows if r.long_caption]
+                if len(file_groups) < len(rows):
+                    log(f"warning: {path}: {len(rows) - len(file_groups)} rows without a long caption skipped "
+                        "(a group needs two texts)")
+            if not file_groups:
+                raise DataError(f"{path}: no valid groups ({skip.count - skipped_before} malformed skipped): "
+                                'expected JSONL rows {"texts": [...]} or rows with caption and long_caption')
+            groups += file_groups
+    if skip.count:
+        shown = f", the first {MAX_WARNINGS} shown above" if skip.count > MAX_WARNINGS else ""
+        log(f"warning: skipped {skip.count} malformed rows in {source}{shown}")
+    return groups
+
+
+def pick_pairs(groups: list[list[str]], indices: list[int], seed: int, epoch: int) -> list[tuple[str, str]]:
+    """Two different texts of each group `indices[i]`, drawn by a generator keyed by (seed, epoch, group index)."""
+    pairs = []
+    for index in indices:
+        first, second = np.random.default_rng([seed, epoch, index]).choice(len(groups[index]), 2, replace=False)
+        pairs.append((groups[index][first], groups[index][second]))
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# the model and the stage
+
+@dataclass
+class LoRASettings:
+    rank: int = 16  # LLM2CLIP/LLM2Vec: lora_r 16
+    alpha: float = 32.0  # LLM2Vec's run_supervised.py: lora_alpha = 2 * lora_r
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
+def load_stage0_llm(folder: str, settings: EmbedSettings, lora: LoRASettings, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu", grad_checkpointing: bool = False) -> DecoderLM:
+    """The frozen LLM of `folder` (weights in `dtype`) with fp32 LoRA adapters, in train mode."""
+    model = DecoderLM.from_pretrained(folder, dtype=dtype, device=device, causal=settings.causal)
+    model.grad_checkpointing = grad_checkpointing
+    apply_lora(model.train(), lora.rank, lora.alpha, lora.dropout, tuple(lora.targets))
+    return model
+
+
+class CaptionContrastive:
+    """Stage 0 in the shape of the other stages: `features(micro_batch)` and `loss(features)`, so that
+    contrastive-aware accumulation (stages.accumulated_backward) splices micro-batches as in stage 2.
+
+    A micro-batch is a list of (text, text) pairs; `model` may be the DDP-wrapped LLM.
+    """
+
+    def __init__(self, model: nn.Module, tokenize: CaptionTokenizer, temperature: float = 0.02,
+                 gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                 autocast=contextlib.nullcontext()):
+        if temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {temperature}")
+        self.model, self.tokenize, self.temperature, self.device = model, tokenize, temperature, device
+        self.autocast = autocast  # bf16/fp16 autocast of the LLM's forward; pooling and loss stay fp32
+        self.clip_loss = ClipLoss(gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+
+    def features(self, pairs: list[tuple[str, str]], student_only: bool = False) -> dict[str, torch.Tensor]:
+        """{"a": (B, C), "b": (B, C)}: L2-normalised pooled embeddings of each pair's two texts (one forward)."""
+        ids, _ = self.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
+        input_ids, attention, pool = (t.to(self.device) for t in pad_batch(ids, len(self.tokenize.prefix)))
+        with self.autocast:
+            hidden = self.model(input_ids, attention)  # (2B, T, C)
+        pooled = F.normalize(mean_pool(hidden, pool), dim=-1)  # (2B, C) fp32
+        return {"a": pooled[:len(pairs)], "b": pooled[len(pairs):]}
+
+    def loss(self, features: dict[str, torch.Tensor], last: bool = True) -> tuple[torch.Tensor, dict]:
+        """Symmetric InfoNCE with logits cos/τ; under torchrun over the global batch (ClipLoss gathers)."""
+        loss = self.clip_loss(features["a"], features["b"], torch.tensor(1.0 / self.temperature))
+        return loss, {"contrastive": loss.detach()}
+
+
+def nearest_neighbour_accuracy(embeddings: torch.Tensor, group_ids: list[int]) -> float:
+    """Share of texts whose most cosine-similar other text belongs to the same group (held-out paraphrases)."""
+    x = F.normalize(embeddings.float(), dim=-1)
+    similarity = (x @ x.T).fill_diagonal_(-float("inf"))  # (N, N), a text is not its own neighbour
+    groups = torch.tensor(group_ids)
+    return (groups[similarity.argmax(1)] == groups).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# the merged Hugging Face folder
+
+def adapter_digest(model: nn.Module, lora: LoRASettings) -> str:
+    """A hash of the adapters' weights and settings, stored in the merged folder's safetensors metadata."""
+    digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True).encode())
+    for name, tensor in sorted(lora_state_dict(model).items()):
+        digest.update(name.encode() + tensor.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stored_layout(base: str) -> tuple[str, torch.dtype, list[str]]:
+    """The base folder's key prefix ("model." for *ForCausalLM folders), weight dtype, and extra keys (lm_head)."""
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    keys, dtype = [], None
+    for path in weight_files(base):
+        with safe_open(path, framework="pt") as f:
+            keys += list(f.keys())
+            dtype = dtype or dtypes.get(f.get_slice(next(iter(f.keys()))).get_dtype())
+    prefix = "model." if any(k.startswith("model.") for k in keys) else ""
+    return prefix, dtype or torch.float32, [k for k in keys if not k.startswith(prefix) or k == "lm_head.weight"]
+
+
+def write_merged_llm(model: DecoderLM, base: str, output: str, lora: LoRASettings,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+    """Merge the adapters into `model` (in place) and write `output`: a complete HF folder (the base's config,
+    tokenizer and other small files; the weights in the base's dtype and key names, sharded above
+    `max_shard_bytes`). The safetensors metadata names the base's fingerprint and the adapters' digest, so
+    `folder_fingerprint` tells the folder from its base. Written beside `output` and renamed into place."""
+    metadata = {"format": "pt", "miniproclip_stage0": json.dumps(
+        {"base_fingerprint": folder_fingerprint(base), "adapters": adapter_digest(model, lora)})}
+    merge_lora(model)
+    prefix, dtype, extra_keys = _stored_layout(base)
+    tensors = {prefix + k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    for path in weight_files(base):  # e.g. an untied lm_head: unchanged, copied from the base
+        with safe_open(path, framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k in extra_keys})
+    tmp = output.rstrip("/") + TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(base):  # config.json, tokenizer.json, tokenizer_config.json, generation_config.json...
+        is_weights = name == INDEX_FILE or name.endswith((".safetensors",) + PICKLE_SUFFIXES)
+        if os.path.isfile(os.path.join(base, name)) and not is_weights:
+            shutil.copy2(os.path.join(base, name), os.path.join(tmp, name))
+    _save_shards(tensors, tmp, metadata, max_shard_bytes)
+    if os.path.isdir(output):  # a previous export: replaced only once the new one is complete
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return output
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], folder: str, metadata: dict, max_shard_bytes: int) -> None:
+    """model.safetensors, or model-0000k-of-0000n.safetensors + the index when over `max_shard_bytes`."""
+    shards, size = [{}], 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key], size = tensor.contiguous(), size + nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SINGLE_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# `python train.py --stage 0`: its flags, defaults, model and stage (train.py's loop runs it like stages 1-2)
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("stage 0 (caption-contrastive LoRA fine-tuning of the LLM, LLM2CLIP)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (LLM2CLIP: 16)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha/r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help="comma-separated projections that get adapters (q = q_proj, ...)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="InfoNCE temperature (default: 0.02, LLM2CLIP's scale 50; 0.05 on the toy groups)")
+
+
+def lora_settings(args) -> LoRASettings:
+    targets = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in args.lora_targets.split(",") if t)
+    return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+
+
+def fill_defaults(args, resumed_meta: dict | None, log) -> None:
+    """Stage 0's LLM, data and rates. Without --train-data: the toy world's paraphrase groups and SmolLM2 (CPU
+    defaults lr 2e-3, temperature 0.05); otherwise LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch)."""
+    if resumed_meta and args.llm is None:
+        args.llm = resumed_meta["args"]["llm"]
+    toy = args.train_data is None
+    if toy:
+        from .toy.groups import toy_stage0_data
+        args.train_data, args.llm = toy_stage0_data(args.toy_dir, args.llm, log)
+    if args.llm is None:
+        raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune")
+    if args.init:
+        raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
+    args.epochs = args.epochs or 1
+    args.lr = args.lr if args.lr is not None else (2e-3 if toy else 2e-4)
+    args.temperature = args.temperature if args.temperature is not None else (0.05 if toy else 0.02)
+    args.workers = 0  # the texts are in memory: no loader processes
+    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.output = args.output or os.path.join("runs", f"stage0-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class GroupDataset(torch.utils.data.Dataset):
+    """Group indices for train.py's loader (data.collate's fields); the texts are drawn in `Stage0.prepare`."""
+
+    def __init__(self, groups: list[list[str]]):
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index, "pixels": None, "caption": self.groups[index][0], "long_caption": None}
+
+
+class Stage0(CaptionContrastive):
+    """CaptionContrastive in the training loop's stage interface: a batch of groups -> two texts of each."""
+    teacher_truncated = 0  # no teacher in stage 0 (a field of the loop's log records)
+
+    def __init__(self, groups: list[list[str]], seed: int, cursor, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups, self.seed, self.cursor = groups, seed, cursor  # the cursor's epoch keys the draw
+
+    def prepare(self, batch: dict, pick_long) -> dict:
+        pairs = pick_pairs(self.groups, batch["indices"], self.seed, self.cursor.epoch)
+        return {"captions": batch["captions"], "pairs": pairs}  # "captions": the loop counts and splits by them
+
+    def features(self, micro_batch: dict, student_only: bool = False) -> dict[str, torch.Tensor]:
+        return super().features(micro_batch["pairs"], student_only)
+
+    def after_step(self) -> None:
+        pass  # only the adapters change, by the optimizer
+
+
+def setup_model(args, settings: EmbedSettings, device: torch.device, resume_path: str | None, log):
+    """(the LLM with LoRA adapters, the groups). The frozen base is bf16 on CUDA (--llm-dtype), fp32 on CPU, where
+    bf16 measured ~4x slower; a resumed run's adapters come from its checkpoint (which holds only them)."""
+    groups = read_groups(args.train_data, strict=args.strict_data, log=log)
+    dtype = torch.bfloat16 if args.llm_dtype == "bf16" and device.type == "cuda" else torch.float32
+    lora = lora_settings(args)
+    model = load_stage0_llm(args.llm, settings, lora, dtype, str(device), args.grad_checkpointing)
+    adapted = {name.split(".")[-2] for name in lora_state_dict(model)}  # "layers.0.self_attn.q_proj.lora_A" -> q_proj
+    missing = set(lora.targets) - adapted
+    if missing:  # a typo would silently leave those layers untrained
+        raise TrainingError(f"--lora-targets: {args.llm} has no {', '.join(sorted(missing))} layers")
+    if resume_path:
+        load_lora_state_dict(model, load_weights(resume_path)[0])
+    log(f"stage 0: {len(groups)} groups from {args.train_data}, LLM {args.llm} ({dtype}), LoRA r {args.lora_rank} "
+        f"on {args.lora_targets}")
+    return model, groups
+
+
+def build_stage(args, model, groups, settings, cursor, device, rank, world):
+    """The stage object and DDP's no_sync for the loop; DDP and torch.compile wrap the forward passes only."""
+    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
+    forward = torch.compile(forward, dynamic=True) if args.compile else forward  # text lengths vary
+    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
+                              enabled=args.precision != "fp32")
+    stage = Stage0(groups, args.seed, cursor, forward, CaptionTokenizer(args.llm, settings), args.temperature,
+                   args.gather_with_grad, rank, world, device, autocast)
+    return stage, no_sync
+
+
+def finish(args, model: nn.Module, log) -> str:
+    """Merge the adapters into `model` and write RUN/llm (a Hugging Face folder); returns the next command."""
+    folder = write_merged_llm(model, args.llm, os.path.join(args.output, "llm"), lora_settings(args))
+    log(f"merged LLM (adapters folded into the weights): {folder}")
+    flags = [f"--embed-preset {args.embed_preset}"] * (args.embed_preset != "default") + \
+        ["--bidirectional"] * args.bidirectional + [f"--instruction {args.instruction!r}"] * bool(args.instruction)
+    return " ".join(["python train.py --stage 1 --llm", folder, *flags])  # embedded as stage 0 trained it
