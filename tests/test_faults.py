@@ -327,8 +327,10 @@ def test_non_finite_steps_are_skipped_and_the_run_stops_with_the_good_checkpoint
     run = copy_run(world, tmp_path)
     before = checkpoint_files(run)
     cache = nan_cache(world, tmp_path / "nan.safetensors", None)
+    # --save-every given again: a resumed run would otherwise keep the good run's 2 and save at step 6
     message = train_error(["--stage", "1", *common(world, run, "--max-steps", "20", "--max-bad-steps", "3",
-                                                   "--text-cache", cache, "--resume", "latest")])
+                                                   "--save-every", "100", "--text-cache", cache, "--resume",
+                                                   "latest")])
     assert message.startswith(f"error: 3 consecutive non-finite steps; stopping. The last good checkpoint is kept "
                               f"in {run}")
     out = capsys.readouterr().out
