@@ -3,7 +3,9 @@
 On the toy world (the newest checkpoint under runs/, the toy world's test split):
     python eval.py --task retrieval                    # toyworld/retrieval_short.jsonl
     python eval.py --task retrieval --dataset long     # toyworld/retrieval_long.jsonl (also de, fr, es, ...)
+    python eval.py --task retrieval --dataset val_long # the validation split: toyworld/retrieval_val_long.jsonl
     python eval.py --task zeroshot                     # toyworld/zeroshot/test, its classnames and templates
+    python eval.py --task zeroshot --dataset val       # toyworld/zeroshot/val
 On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--model):
     python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy.json --images flickr30k --output out.json
     python eval.py --task retrieval --model runs/stage2 --dataset xm3600.jsonl --language de --show 8
@@ -39,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--text-cache", default=None, help="--model: LLM embedding cache (default: the training one)")
     # data (default: the toy world's test split)
     p.add_argument("--dataset", default=None, help="retrieval: Karpathy .json, .jsonl or a toy-world name (short, "
-                                                   "long, de, ...); zeroshot: a folder with one subfolder per class")
+                                                   "long, de, val_long, ...); zeroshot: a folder with one subfolder per class, or "
+                                                   "a toy-world split (val, test)")
     p.add_argument("--toy-dir", default="toyworld", help="the toy world, used when no --dataset is given")
     p.add_argument("--images", default=None, help="retrieval: image root (default: the dataset file's folder)")
     p.add_argument("--split", default="test", help="Karpathy JSON: the split to evaluate")
@@ -95,8 +98,8 @@ def fill_defaults(args):
             args.dataset = toy_path(args, "retrieval_short.jsonl")
         elif not os.path.exists(args.dataset) and re.fullmatch(r"[\w-]+", args.dataset):  # toy shorthand: long, de
             args.dataset = toy_path(args, f"retrieval_{args.dataset}.jsonl")
-    elif args.dataset is None:
-        args.dataset = toy_path(args, "zeroshot", "test")
+    elif args.dataset is None or args.dataset in ("val", "test") and not os.path.isdir(args.dataset):  # toy split
+        args.dataset = toy_path(args, "zeroshot", args.dataset or "test")
         args.classnames = args.classnames or toy_path(args, "zeroshot", "classnames.txt")
         args.templates = args.templates or toy_path(args, "zeroshot", "templates.json")
         heldout = os.path.join(args.toy_dir, "zeroshot", "heldout_classes.txt")  # optional in a toy world

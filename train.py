@@ -136,9 +136,9 @@ def parse_args(argv=None):
                         "W ranks) or over the gathered global batch")
     p.add_argument("--ema-momentum", type=float, default=1.0,
                    help="L_reg teacher = EMA of the image encoder; 1 keeps the initial one")
-    p.add_argument("--skip-truncated-long", action="store_true",
-                   help="stage 1: leave long captions the 77-token teacher sees cut out of L_ins (official: distil "
-                        "them cut)")
+    p.add_argument("--skip-truncated-long", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 1: leave long captions the 77-token teacher sees cut out of L_ins (default: on in the "
+                        "toy world, whose long captions are filler up to token 77; off, as the official code, else)")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum",
                    help="reduction of L_ins/L_struct (official: sum)")
     p.add_argument("--gather-with-grad", action="store_true",
@@ -173,12 +173,11 @@ def fill_defaults(args, resumed_meta, init_meta, log):
     # no data given: build (once) and use the toy world, its CLIP teacher and SmolLM2
     toy = args.train_data is None
     if toy:
-        from miniproclip.toy.world import build_toyworld
-        build_toyworld(args.toy_dir, llm_dir=args.llm, log=log)
+        from miniproclip.toy.world import toy_models
+        args.llm, args.text_cache = toy_models(args.toy_dir, args.llm, args.text_cache, log)
         args.train_data = os.path.join(args.toy_dir, "train.jsonl" if args.stage == 1 else "train_stage2.jsonl")
         args.val_data = args.val_data or os.path.join(args.toy_dir, "val.jsonl")
         args.clip = args.clip or os.path.join(args.toy_dir, "clip")
-        args.llm = args.llm or os.path.join(args.toy_dir, "smollm2")
     if args.clip is None or args.llm is None:
         raise TrainingError("--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
                             "names them)")
@@ -191,6 +190,8 @@ def fill_defaults(args, resumed_meta, init_meta, log):
         args.lr = 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4
     if args.lr_vision is None:
         args.lr_vision = 1e-4 if toy else 1e-5
+    if args.skip_truncated_long is None:
+        args.skip_truncated_long = toy
     # bf16 autocast on GPUs; CPUs run fp32 (bf16 matmuls are slow on most of them)
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
     args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)

@@ -6,11 +6,10 @@ A multinomial logistic regression (L-BFGS, L2 1e-3, standardised features) predi
 - trained on short English captions, tested on long captions and on the translations: does what a head learns from
   English short captions carry over (the premise of ProCLIP's long-caption and multilingual claims)?
 
-    python scripts/probe_toy_llm.py [--toy-dir toyworld]
+    python scripts/probe_toy_llm.py [--toy-dir toyworld] [--llm toyworld/smollm2]   # default: the stage-0 embedder
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from miniproclip.embed import ensure_text_cache  # noqa: E402
 from miniproclip.embedder import EmbedSettings  # noqa: E402
 from miniproclip.toy.teacher import read_jsonl  # noqa: E402
-from miniproclip.toy.world import LANGUAGES  # noqa: E402
+from miniproclip.toy.world import LANGUAGES, toy_models  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape", "position", "count")
 
@@ -48,32 +47,31 @@ def probe_accuracy(train_x, train_y, test_x, test_y, classes: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy-dir", default="toyworld")
+    parser.add_argument("--llm", default=None, help="LLM folder (default: the toy world's stage-0 embedder; the raw "
+                        "SmolLM2 is TOY_DIR/smollm2)")
     args = parser.parse_args(argv)
     train = read_jsonl(os.path.join(args.toy_dir, "train.jsonl"))
     test = read_jsonl(os.path.join(args.toy_dir, "test.jsonl"))
-    train_long = [r for r in train if r["long_caption"]]
     test_sets = {"short": [r["caption"] for r in test], "long": [r["long_caption"] for r in test],
                  **{lang: [r["translations"][lang] for r in test] for lang in LANGUAGES}}
-    texts = [r["caption"] for r in train] + [r["long_caption"] for r in train_long] + sum(test_sets.values(), [])
-    with open(os.path.join(args.toy_dir, "manifest.json"), encoding="utf-8") as f:
-        llm_dir = json.load(f)["llm_dir"]
-    # the cache train.py/eval.py fill (bf16, default settings); whatever is missing is embedded now
-    cache = ensure_text_cache(os.path.join(args.toy_dir, "text_cache.safetensors"), llm_dir, texts, EmbedSettings(),
-                              torch.bfloat16, "cpu", 1024)
+    texts = [r["caption"] for r in train] + [r["long_caption"] for r in train] + sum(test_sets.values(), [])
+    # the cache train.py/eval.py fill for this LLM (bf16, default settings); whatever is missing is embedded now
+    llm_dir, cache_path = toy_models(args.toy_dir, args.llm, None, log=lambda *a: None)
+    cache = ensure_text_cache(cache_path, llm_dir, texts, EmbedSettings(), torch.bfloat16, "cpu", 1024)
     embed = lambda items: cache(items).float()  # (N, hidden)
     print("| attribute (chance) | long → long | " + " | ".join(f"short → {name}" for name in test_sets) + " |")
     print("|---|---|" + "---|" * len(test_sets))
     for attribute in ATTRIBUTES:
         values = sorted({r["attributes"][attribute] for r in train})
         label = lambda rows: torch.tensor([values.index(r["attributes"][attribute]) for r in rows])
-        long_to_long = probe_accuracy(embed([r["long_caption"] for r in train_long]), label(train_long),
+        long_to_long = probe_accuracy(embed([r["long_caption"] for r in train]), label(train),
                                       embed(test_sets["long"]), label(test), len(values))
         short_x, short_y = embed([r["caption"] for r in train]), label(train)
         cells = [probe_accuracy(short_x, short_y, embed(items), label(test), len(values))
                  for items in test_sets.values()]
         print(f"| {attribute} ({1 / len(values):.2f}) | {long_to_long:.2f} | " + " | ".join(f"{c:.2f}" for c in cells)
               + " |")
-    print(f"long → long: trained on the {len(train_long)} training long captions; short → X: trained on the "
+    print(f"{llm_dir}. long → long: trained on the {len(train)} training long captions; short → X: trained on the "
           f"{len(train)} short English training captions (which name each optional attribute with probability 0.4, "
           f"so position labels are noisy there); tested on the {len(test)} test pictures' captions of that kind.")
 

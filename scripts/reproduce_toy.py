@@ -1,16 +1,19 @@
 """Reproduce ProCLIP's claims in small, on the toy world: train every variant with several seeds, evaluate, and
-write RESULTS.md (mean ± std over seeds) and a PNG plot.
+write RESULTS.md (mean ± std over seeds, the claims (a)-(f) and whether they hold) and a PNG plot.
 
-    python scripts/reproduce_toy.py                 # 3 seeds, the full toy world (CPU: see RESULTS.md for time)
+    python scripts/reproduce_toy.py --split val     # the numbers choices are made on (seed 0 is enough)
+    python scripts/reproduce_toy.py                 # 3 seeds, reported on the test split
     python scripts/reproduce_toy.py --quick         # the whole pipeline at tiny scale (CI smoke test)
 
-Rows (paper section 4 and its ablations): the CLIP teacher; direct contrastive alignment of the LLM embedder
-(LLM2CLIP-style: fresh LLM2CLIP head, InfoNCE only, no stage 1, no L_reg); ProCLIP after stage 1; ProCLIP; and
-ProCLIP without L_struct (both stages), without L_reg, without stage 1; and, not in the paper, ProCLIP whose stage 1
-leaves out the long captions the 77-token teacher sees cut (`--skip-truncated-long`). Every run uses train.py's
-toy-world defaults (printed in RESULTS.md), changed only by the row's flags. Columns: zero-shot acc1 on the classes stage
-2 trains on and on the held-out ones, and retrieval R@1 both ways on short, long and translated captions.
-Stage 2 trains on `train_stage2.jsonl`, which lacks the held-out classes, so forgetting shows there.
+Rows (paper section 4 and its ablations), each on one of two LLMs: the raw SmolLM2 and the toy world's stage-0
+embedder (SmolLM2 fine-tuned on the world's caption groups, built with the world). The CLIP teacher; direct
+contrastive alignment of the LLM embedder (LLM2CLIP-style: fresh LLM2CLIP head, InfoNCE only, no stage 1, no
+L_reg); ProCLIP after stage 1; ProCLIP; ProCLIP without L_reg, without stage 1; and, not in the paper, ProCLIP
+whose stage 1 also distils the long captions the 77-token teacher sees cut (the official code's choice; off by
+default in the toy world). Every run uses train.py's toy-world defaults (printed in RESULTS.md), changed only by the
+row's flags. Columns: zero-shot acc1 over all classes, the classes stage 2 trains on and the held-out ones, and
+retrieval R@1 both ways on short, long and translated captions. Finished runs are reused, so evaluating the same
+runs on the other split, or rerunning after an interruption, trains nothing twice.
 """
 
 import argparse
@@ -29,23 +32,48 @@ import train  # noqa: E402  (the repository's train.py, run in-process)
 from miniproclip import evaluation  # noqa: E402
 from miniproclip.checkpoint import resolve_checkpoint  # noqa: E402
 from miniproclip.metrics import load_templates  # noqa: E402
-from miniproclip.toy.world import LANGUAGES, build_toyworld  # noqa: E402
+from miniproclip.toy.world import LANGUAGES, build_toyworld, eval_set_name  # noqa: E402
 
-# name -> (stage-1 flags or None for no stage 1, stage-2 flags or None for no stage 2)
+DIRECT = ["--init", "scratch", "--reg-weight", "0", "--head-blocks", "4", "--head-mlp-ratio", "2"]
+# name -> (LLM: "raw" or "stage0", stage-1 flags or None for no stage 1, stage-2 flags or None for no stage 2)
 VARIANTS = {
-    "CLIP teacher": (None, None),
-    "direct alignment (LLM2CLIP-style)": (None, ["--init", "scratch", "--reg-weight", "0", "--head-blocks", "4",
-                                                 "--head-mlp-ratio", "2"]),
-    "ProCLIP stage 1 only": ([], None),
-    "ProCLIP": ([], []),
-    "ProCLIP w/o L_struct": (["--struct-weight", "0"], ["--struct-weight", "0"]),
-    "ProCLIP w/o L_reg": ([], ["--reg-weight", "0"]),
-    "ProCLIP w/o stage 1": (None, ["--init", "scratch"]),
-    # not in the paper: stage 1 without the long captions the 77-token teacher sees cut (here: filler only)
-    "ProCLIP, no cut captions in stage 1": (["--skip-truncated-long"], []),
+    "CLIP teacher": (None, None, None),
+    "direct alignment, raw LLM": ("raw", None, DIRECT),
+    "ProCLIP, raw LLM": ("raw", [], []),
+    "direct alignment (LLM2CLIP-style)": ("stage0", None, DIRECT),
+    "ProCLIP stage 1 only": ("stage0", [], None),
+    "ProCLIP": ("stage0", [], []),
+    "ProCLIP w/o L_reg": ("stage0", [], ["--reg-weight", "0"]),
+    "ProCLIP w/o stage 1": ("stage0", None, ["--init", "scratch"]),
+    # not in the paper: stage 1 also distils long captions against the teacher's view of their first 77 tokens
+    "ProCLIP, stage 1 on cut long captions": ("stage0", ["--no-skip-truncated-long"], []),
 }
 RETRIEVAL_SETS = ["short", "long", *LANGUAGES]
-COLUMNS = ["zs seen", "zs held-out"] + [f"{s} {d}" for s in RETRIEVAL_SETS for d in ("I→T", "T→I")]
+COLUMNS = ["zs all", "zs seen", "zs held-out"] + [f"{s} {d}" for s in RETRIEVAL_SETS for d in ("I→T", "T→I")]
+
+
+def r1(row, name):
+    """Mean R@1 of both directions on one retrieval set ("languages": over de, fr, es, ja)."""
+    sets = LANGUAGES if name == "languages" else [name]
+    return statistics.mean(row[f"{s} {d}"] for s in sets for d in ("I→T", "T→I"))
+
+
+# (claim, row A, row B, measure, margin): holds when A - B > margin in every seed (the teacher is one model)
+CLAIMS = [
+    ("(a) stage 1 alone comes within 5 points of the teacher's zero-shot", "ProCLIP stage 1 only", "CLIP teacher",
+     lambda r: r["zs all"], -0.05),
+    ("(b) ProCLIP beats direct alignment: zero-shot", "ProCLIP", "direct alignment (LLM2CLIP-style)",
+     lambda r: r["zs all"], 0.0),
+    ("(b) ProCLIP beats direct alignment: short R@1", "ProCLIP", "direct alignment (LLM2CLIP-style)",
+     lambda r: r1(r, "short"), 0.0),
+    ("(c) L_reg keeps held-out-class accuracy", "ProCLIP", "ProCLIP w/o L_reg", lambda r: r["zs held-out"], 0.0),
+    ("(d) long-caption R@1 beats the CLIP teacher's", "ProCLIP", "CLIP teacher", lambda r: r1(r, "long"), 0.0),
+    ("(e) de/fr/es/ja R@1 beats the CLIP teacher's", "ProCLIP", "CLIP teacher", lambda r: r1(r, "languages"), 0.0),
+    ("(f) stage 0 helps: long R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "long"), 0.0),
+    ("(f) stage 0 helps: de/fr/es/ja R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "languages"), 0.0),
+    ("(f) stage 0 helps: short R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "short"), 0.0),
+    ("(f) stage 0 helps: zero-shot", "ProCLIP", "ProCLIP, raw LLM", lambda r: r["zs all"], 0.0),
+]
 
 
 TRAINED, REUSED = set(), set()  # runs this invocation trained / found finished (RESULTS.md times the former)
@@ -63,37 +91,55 @@ def run_training(stage, flags, out, common, log):
     return out
 
 
-def evaluate(model_flags, toy_dir, workers):
-    """One row of the table: {column: value}, from the runners eval.py uses, with the model loaded once."""
+def evaluate(model_flags, toy_dir, workers, split):
+    """One row of the table on `split` (val or test): {column: value}, from the runners eval.py uses, with the model
+    loaded once."""
     kind, path = model_flags
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "amp_bf16" if device == "cuda" else "fp32"
     encoders = (evaluation.proclip_encoders(resolve_checkpoint(path), None, device, precision) if kind == "--model"
                 else evaluation.clip_encoders(path, device, precision))
     zs_dir = os.path.join(toy_dir, "zeroshot")
-    dataset = evaluation.read_image_folder(os.path.join(zs_dir, "test"), os.path.join(zs_dir, "classnames.txt"))
+    dataset = evaluation.read_image_folder(os.path.join(zs_dir, split), os.path.join(zs_dir, "classnames.txt"))
     templates = load_templates(os.path.join(zs_dir, "templates.json"))
     heldout = evaluation.read_lines(os.path.join(zs_dir, "heldout_classes.txt"))
     zs = evaluation.run_zeroshot(encoders, dataset, templates, 256, workers, device, heldout)["metrics"]
-    row = {"zs seen": zs["acc1_seen"], "zs held-out": zs["acc1_heldout"]}
+    row = {"zs all": zs["acc1"], "zs seen": zs["acc1_seen"], "zs held-out": zs["acc1_heldout"]}
     for name in RETRIEVAL_SETS:
-        retrieval = evaluation.read_retrieval_set(os.path.join(toy_dir, f"retrieval_{name}.jsonl"))
+        retrieval = evaluation.read_retrieval_set(os.path.join(toy_dir, eval_set_name(split, name)))
         metrics = evaluation.run_retrieval(encoders, retrieval, 256, workers, device, (1,))[0]["metrics"]
         row[f"{name} I→T"] = metrics["text_retrieval_recall@1"]
         row[f"{name} T→I"] = metrics["image_retrieval_recall@1"]
     return row
 
 
+def mean_std(values):
+    values = [100 * v for v in values]
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def claims_table(results):
+    """Markdown table of the claims: A, B, A - B (mean ± std over seeds, in points) and whether it holds."""
+    lines = ["| claim | A | B | A − B | holds |", "|---|---|---|---|---|"]
+    for claim, a, b, measure, margin in CLAIMS:
+        if a not in results or b not in results:
+            continue
+        seeds = len(results[a])
+        first = [measure(r) for r in results[a]]
+        second = [measure(r) for r in results[b]] * (seeds if len(results[b]) == 1 else 1)
+        gaps = [x - y for x, y in zip(first, second)]
+        verdict = "yes" if all(g > margin for g in gaps) else "no" if all(g <= margin for g in gaps) else "mixed"
+        lines.append(f"| {claim} | {a}: {mean_std(first)} | {b}: {mean_std(second)} | {mean_std(gaps)} | "
+                     f"{verdict} |")
+    return "\n".join(lines)
+
+
 def table(results):
     """Markdown table of mean ± std (in %) over seeds."""
-    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines = ["| model | LLM | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for name, rows in results.items():
-        cells = []
-        for column in COLUMNS:
-            values = [100 * r[column] for r in rows]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        llm = {"raw": "SmolLM2", "stage0": "stage 0", None: "-"}[VARIANTS[name][0]]
+        lines.append(f"| {name} | {llm} | " + " | ".join(mean_std([r[c] for r in rows]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -104,8 +150,8 @@ def plot(results, path):
     groups = {"zero-shot seen": lambda r: r["zs seen"], "zero-shot held-out": lambda r: r["zs held-out"],
               "short text-to-image": lambda r: r["short T→I"], "long text-to-image": lambda r: r["long T→I"],
               "languages text-to-image": lambda r: statistics.mean(r[f"{lang} T→I"] for lang in LANGUAGES)}
-    colours = [(90, 90, 90), (220, 120, 40), (150, 150, 220), (40, 90, 200), (120, 180, 120), (200, 80, 80),
-               (160, 100, 200), (60, 170, 170)]
+    colours = [(90, 90, 90), (240, 180, 120), (150, 190, 240), (220, 120, 40), (150, 150, 220), (40, 90, 200),
+               (200, 80, 80), (160, 100, 200), (60, 170, 170)][:len(results)]
     bar, gap, height, left = 14, 30, 260, 40
     width = left + len(groups) * (len(results) * bar + gap) + 260
     image = Image.new("RGB", (width, height + 60), "white")
@@ -130,42 +176,53 @@ def plot(results, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the world is seed 0)")
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="evaluate on val (to make choices) or test (to report, once per configuration)")
+    p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the table)")
     p.add_argument("--quick", action="store_true", help="tiny world and few steps: checks the pipeline, not claims")
     p.add_argument("--toy-dir", default=None, help="default: toyworld (toyworld_quick with --quick)")
     p.add_argument("--runs", default=None, help="where the runs go (default: runs/reproduce[_quick])")
-    p.add_argument("--output", default="RESULTS.md", help="the results page; the plot goes beside it as .png")
+    p.add_argument("--output", default=None, help="the results page (default: RESULTS.md on test, "
+                   "RUNS/RESULTS_val.md on val); the plot goes beside it as .png")
     p.add_argument("--workers", type=int, default=2, help="data loader processes of training (evaluation uses none)")
     p.add_argument("--llm", default=None, help="an HF LLM folder instead of converting SmolLM2 into the toy world")
     args = p.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     toy_dir = args.toy_dir or f"toyworld{suffix}"
     runs = args.runs or os.path.join("runs", f"reproduce{suffix}")
+    args.output = args.output or ("RESULTS.md" if args.split == "test" else os.path.join(runs, "RESULTS_val.md"))
+    unknown = set(args.rows or []) - set(VARIANTS)
+    if unknown:
+        p.error(f"--rows: no row named {', '.join(sorted(unknown))}; rows: {', '.join(VARIANTS)}")
     started = time.time()
-    manifest = build_toyworld(toy_dir, llm_dir=args.llm, quick=args.quick)
+    manifest = build_toyworld(toy_dir, llm_dir=args.llm, quick=args.quick)  # with its stage-0 embedder
+    llms = {"raw": manifest["llm_dir"], "stage0": manifest["embedder_dir"]}
     schedule = (["--max-steps", "4", "--batch-size", "16"] if args.quick else [])
-    results = {name: [] for name in VARIANTS}
+    results = {name: [] for name in VARIANTS if args.rows is None or name in args.rows}
     proclip_runs = None
     for seed in args.seeds:
         # no --train-data: train.py uses the toy world's files (train.jsonl, train_stage2.jsonl) and its defaults
-        common = ["--toy-dir", toy_dir, "--seed", str(seed), "--workers", str(args.workers), *schedule,
-                  *(["--llm", args.llm] if args.llm else [])]
-        for name, (stage1, stage2) in VARIANTS.items():
-            if stage1 is None and stage2 is None:
-                model = ["--clip", os.path.join(toy_dir, "clip")]
-            else:
-                tag = "s1" + "".join(stage1).replace("--", "_") if stage1 is not None else None
-                s1 = run_training(1, stage1, os.path.join(runs, f"seed{seed}", tag), common, print) if tag else None
-                model = ["--model", s1]
-                if stage2 is not None:
-                    flags = stage2 if "scratch" in stage2 else ["--init", s1, *stage2]
-                    out = os.path.join(runs, f"seed{seed}", name.replace(" ", "_").replace("/", ""))
-                    model = ["--model", run_training(2, flags, out, common, print)]
-                    proclip_runs = (s1, model[1]) if name == "ProCLIP" else proclip_runs
-            results[name].append(evaluate(model, toy_dir, 0))
+        common = ["--toy-dir", toy_dir, "--seed", str(seed), "--workers", str(args.workers), *schedule]
+        for name in results:
+            llm, stage1, stage2 = VARIANTS[name]
+            if llm is None:
+                results[name].append(evaluate(["--clip", os.path.join(toy_dir, "clip")], toy_dir, 0, args.split))
+                continue
+            where, run_common = os.path.join(runs, f"seed{seed}", llm), [*common, "--llm", llms[llm]]
+            tag = "s1" + "".join(stage1).replace("--", "_") if stage1 is not None else None
+            s1 = run_training(1, stage1, os.path.join(where, tag), run_common, print) if tag else None
+            model = ["--model", s1]
+            if stage2 is not None:
+                flags = stage2 if "scratch" in stage2 else ["--init", s1, *stage2]
+                out = os.path.join(where, name.split(",")[0].replace(" ", "_").replace("/", "").replace("(", "")
+                                   .replace(")", "") + ("_s1cut" if "cut" in name else ""))
+                model = ["--model", run_training(2, flags, out, run_common, print)]
+                proclip_runs = (s1, model[1]) if name == "ProCLIP" else proclip_runs
+            results[name].append(evaluate(model, toy_dir, 0, args.split))
     minutes = (time.time() - started) / 60
     png = os.path.splitext(args.output)[0] + ".png"
     plot(results, png)
-    write_results(args, results, minutes, png, settings_text(*proclip_runs))
+    write_results(args, results, minutes, png, settings_text(*proclip_runs) if proclip_runs else "")
     print(f"wrote {args.output} and {png} ({minutes:.1f} min)")
 
 
@@ -178,6 +235,8 @@ def settings_text(stage1_run, stage2_run):
         length = f"{a['max_steps']} steps" if a["max_steps"] else f"{a['epochs']} epochs"
         text = (f"stage {stage}: {length}, batch {a['batch_size']}, head lr {a['lr']:g}, wd {a['wd']:g}, "
                 f"warmup {a['warmup']} steps then cosine, reduction {a['reduction']}")
+        if stage == 1:
+            text += ", long captions cut by the teacher " + ("left out" if a["skip_truncated_long"] else "distilled")
         if stage == 2:
             text += (f", image-encoder lr {a['lr_vision']:g}, λ (reg weight) {a['reg_weight']:g}, EMA momentum "
                      f"{a['ema_momentum']:g} (1 = frozen initial image encoder)")
@@ -186,22 +245,26 @@ def settings_text(stage1_run, stage2_run):
 
 
 def write_results(args, results, minutes, png, settings):
-    """RESULTS.md: what ran, the table, the plot; a hand-written discussion below the marker is kept."""
+    """The results page: what ran, the table, the claims, the plot; a hand-written discussion below the marker
+    is kept."""
     marker = "<!-- discussion: kept when the table is regenerated -->"
     kept = ""
     if os.path.exists(args.output):
         text = open(args.output, encoding="utf-8").read()
         kept = text[text.index(marker):] if marker in text else ""
     command = "python scripts/reproduce_toy.py" + (" --quick" if args.quick else "") + \
-        f" --seeds {' '.join(map(str, args.seeds))}"
+        f" --split {args.split} --seeds {' '.join(map(str, args.seeds))}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         reused = f" ({len(REUSED)} finished training runs reused from an earlier invocation)" if REUSED else ""
-        f.write(f"# ProCLIP on the toy world\n\n`{command}`: {len(args.seeds)} seed(s), {minutes:.1f} minutes{reused}, "
-                f"{time.strftime('%Y-%m-%d')}. Numbers are % (mean ± std over seeds); R@1 on the test split, "
-                "zero-shot acc1 over all classes, split into the classes stage 2 trains on (seen) and the "
-                "held-out ones.\n\n"
+        f.write(f"# ProCLIP on the toy world ({args.split} split)\n\n`{command}`: {len(args.seeds)} seed(s), "
+                f"{minutes:.1f} minutes{reused}, {time.strftime('%Y-%m-%d')}. Numbers are % (mean ± std over "
+                f"seeds) on the {args.split} split: zero-shot acc1 over all classes, over the classes stage 2 trains "
+                "on (seen) and over the held-out ones; retrieval R@1 image→text and text→image.\n\n"
                 "Settings (train.py's toy-world defaults, from the runs' meta.json): " + settings + "\n\n")
         f.write(table(results) + "\n\n")
+        f.write("Claims (R@1: mean of both directions; A − B in points, mean ± std over seeds; holds: A − B above "
+                "the margin in every seed):\n\n" + claims_table(results) + "\n\n")
         f.write(f"![summary]({os.path.basename(png)})\n\n")
         f.write(kept or marker + "\n")
     return args.output

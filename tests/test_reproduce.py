@@ -18,12 +18,16 @@ def test_quick_reproduction_writes_the_table(smollm2_dir, tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    for row in ("CLIP teacher", "direct alignment (LLM2CLIP-style)", "ProCLIP stage 1 only", "| ProCLIP |",
-                "ProCLIP w/o L_struct", "ProCLIP w/o L_reg", "ProCLIP w/o stage 1", "no cut captions in stage 1"):
-        assert row in text, row
-    table_rows = [line for line in text.splitlines() if line.startswith("| ") and "±" in line]
-    assert len(table_rows) == 8 and all(line.count("±") == 2 + 2 * 6 for line in table_rows)
-    assert "head lr 0.0001" in text and "image-encoder lr 0.0001" in text  # settings read back from meta.json
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from reproduce_toy import CLAIMS, COLUMNS, VARIANTS
+
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and line.count("±") == len(COLUMNS)]
+    assert [line.split(" | ")[0][2:] for line in table_rows] == list(VARIANTS)
+    claim_rows = [line for line in text.splitlines() if line.startswith("| (")]
+    assert [line.split(" | ")[0][2:] for line in claim_rows] == [claim for claim, *_ in CLAIMS]
+    assert all(line.endswith(("| yes |", "| no |", "| mixed |")) for line in claim_rows)
+    assert "(test split)" in text and "head lr 0.0001" in text and "image-encoder lr 0.0001" in text
+    assert "long captions cut by the teacher left out" in text  # settings read back from meta.json
     assert (tmp_path / "RESULTS.png").stat().st_size > 1000
     # the probes of the same (quick) world's cached LLM embeddings
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "probe_toy_llm.py"), "--toy-dir",
@@ -43,3 +47,22 @@ def test_probe_reads_a_linear_signal_and_not_noise():
     assert probe_accuracy(x[:400], signal[:400], x[400:], signal[400:], 2) > 0.95
     noise = torch.randint(0, 2, (600,))  # independent of x
     assert probe_accuracy(x[:400], noise[:400], x[400:], noise[400:], 2) < 0.65
+
+
+def test_claims_compare_rows_seed_by_seed():
+    """A claim holds when A − B clears its margin in every seed; the one-model teacher is compared with each seed."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from reproduce_toy import COLUMNS, claims_table
+
+    base = {column: 0.5 for column in COLUMNS}
+    results = {"CLIP teacher": [{**base, "zs all": 0.70}],
+               "ProCLIP stage 1 only": [{**base, "zs all": 0.66}, {**base, "zs all": 0.64}],
+               "ProCLIP": [{**base, "zs held-out": 0.4}, {**base, "zs held-out": 0.5}],
+               "ProCLIP w/o L_reg": [{**base, "zs held-out": 0.1}, {**base, "zs held-out": 0.2}]}
+    lines = claims_table(results).splitlines()[2:]
+    # (a): gaps -4 and -6 points against the margin of -5: mixed; mean -5.0, sample std 1.4
+    assert lines[0] == ("| (a) stage 1 alone comes within 5 points of the teacher's zero-shot | ProCLIP stage 1 only: "
+                        "65.0 ± 1.4 | CLIP teacher: 70.0 ± 0.0 | -5.0 ± 1.4 | mixed |")
+    assert lines[1].startswith("| (c) L_reg keeps held-out-class accuracy") and lines[1].endswith("| 30.0 ± 0.0 | yes |")
+    # (d), (e): ProCLIP's R@1 equals the teacher's (0.5 both): no gap, does not hold; rows absent: claim left out
+    assert [line.split(" | ")[-1] for line in lines[2:]] == ["no |", "no |"] and len(lines) == 4

@@ -41,7 +41,9 @@ def test_quick_world_has_every_file(quick_world, smollm2_dir):
     sizes = toyworld.QUICK_COUNTS
     for name in ["train.jsonl", "train_stage2.jsonl", "val.jsonl", "test.jsonl", "manifest.json",
                  "zeroshot/classnames.txt", "zeroshot/templates.json", "zeroshot/heldout_classes.txt",
-                 *(f"retrieval_{kind}.jsonl" for kind in ["short", "long", "de", "fr", "es", "ja"]),
+                 *(toyworld.eval_set_name(split, kind) for split in ("val", "test")
+                   for kind in ["short", "long", "de", "fr", "es", "ja"]),
+                 "stage0_groups.jsonl", "stage0/llm/config.json", "stage0/llm/model.safetensors",
                  *(f"clip/{f}" for f in ["config.json", "model.safetensors", "tokenizer.json",
                                          "tokenizer_config.json", "preprocessor_config.json"])]:
         assert (toy_dir / name).is_file(), name
@@ -52,20 +54,32 @@ def test_quick_world_has_every_file(quick_world, smollm2_dir):
         assert {r["image"] for r in rows} == pictures
         with Image.open(toy_dir / rows[0]["image"]) as image:
             assert image.size == (64, 64) and image.mode == "RGB"
-    # zero-shot folders: sorted folder order is the class order of classnames.txt, one picture per test row
-    folders = sorted(p.name for p in (toy_dir / "zeroshot" / "test").iterdir())
-    classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text().splitlines()
-    assert len(folders) == len(classnames) == 36
-    assert [f.split("_", 1)[1].replace("_", " ") for f in folders] == classnames
-    assert sum(len(list((toy_dir / "zeroshot" / "test" / f).iterdir())) for f in folders) == sizes["test"]
-    for row in read_jsonl(toy_dir / "test.jsonl"):  # each test picture, copied into its class's folder
-        copy = toy_dir / "zeroshot" / "test" / folders[row["label"]] / Path(row["image"]).name
-        assert copy.read_bytes() == (toy_dir / row["image"]).read_bytes()
+    # zero-shot folders: sorted folder order is the class order of classnames.txt, one picture per val/test row
+    for split in ("val", "test"):
+        folders = sorted(p.name for p in (toy_dir / "zeroshot" / split).iterdir())
+        classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text().splitlines()
+        assert len(folders) == len(classnames) == 36
+        assert [f.split("_", 1)[1].replace("_", " ") for f in folders] == classnames
+        assert sum(len(list((toy_dir / "zeroshot" / split / f).iterdir())) for f in folders) == sizes[split]
+        for row in read_jsonl(toy_dir / f"{split}.jsonl"):  # each picture, copied into its class's folder
+            copy = toy_dir / "zeroshot" / split / folders[row["label"]] / Path(row["image"]).name
+            assert copy.read_bytes() == (toy_dir / row["image"]).read_bytes()
+    # the splits are disjoint pictures; stage 0's groups come from the training rows only
+    images = {split: {r["image"] for r in read_jsonl(toy_dir / f"{split}.jsonl")} for split in toyworld.SPLITS}
+    assert not (images["train"] & images["val"] or images["train"] & images["test"] or images["val"] & images["test"])
+    groups = [json.loads(line)["texts"] for line in (toy_dir / "stage0_groups.jsonl").read_text().splitlines()]
+    held_out = {t for split in ("val", "test") for r in read_jsonl(toy_dir / f"{split}.jsonl")
+                for t in [r["caption"], r["long_caption"], *r["translations"].values()]}
+    train_groups = [g for r in read_jsonl(toy_dir / "train.jsonl") for g in toyworld.caption_groups(r)]
+    assert groups == [kept for g in train_groups if len(kept := [t for t in g if t not in held_out]) > 1]
+    assert len(train_groups) / 2 < len(groups) <= len(train_groups) and not held_out & {t for g in groups for t in g}
     templates = json.loads((toy_dir / "zeroshot" / "templates.json").read_text())
     assert all("{c}" in t for t in templates)
-    assert set(manifest["steps"]) == {"world", "llm", "tokens", "teacher"}
+    assert set(manifest["steps"]) == {"world", "llm", "tokens", "teacher", "stage0"}
+    assert manifest["stage0"]["groups"] == len(groups) and manifest["embedder_dir"] == str(toy_dir / "stage0/llm")
     tokens = manifest["llm_tokens"]
-    assert tokens["total"] <= sum(v for k, v in tokens.items() if k not in ("total", "distinct_texts"))
+    cached = [v for k, v in tokens.items() if k not in ("cached_total", "distinct_texts", "stage0_groups")]
+    assert max(cached) < tokens["cached_total"] <= sum(cached)
     smollm2 = Tokenizer.from_file(str(Path(smollm2_dir) / "tokenizer.json"))
     captions = {r["caption"] for r in read_jsonl(toy_dir / "test.jsonl")}
     assert tokens["test_short"] == sum(len(smollm2.encode(c, add_special_tokens=False).ids) for c in captions)
@@ -86,8 +100,8 @@ def test_same_seed_same_world(quick_world, tmp_path):
 def test_long_captions_hide_the_detail_past_77_tokens(quick_world):
     toy_dir, _, _, _ = quick_world
     bpe = build_clip_tokenizer()
-    rows = [r for r in read_jsonl(toy_dir / "train.jsonl") + read_jsonl(toy_dir / "test.jsonl") if r["long_caption"]]
-    assert len(rows) == toyworld.QUICK_COUNTS["train_long"] + toyworld.QUICK_COUNTS["test"]
+    rows = [r for split in toyworld.SPLITS for r in read_jsonl(toy_dir / f"{split}.jsonl")]
+    assert len(rows) == sum(toyworld.QUICK_COUNTS.values()) and all(r["long_caption"] for r in rows)
     # every word that names an attribute value
     words = {*toyworld.SHAPES, *toyworld.EN_PLURAL.values(), *toyworld.COLOURS, *toyworld.SIZES, *toyworld.TEXTURES,
              *toyworld.POSITIONS, *toyworld.BACKGROUNDS, "two", "three"}
@@ -180,7 +194,7 @@ def test_second_build_does_no_work(quick_world, smollm2_dir):
     lines = []
     again = toyworld.build_toyworld(toy_dir, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
     assert again == manifest
-    assert len(lines) == 4 and all("reused" in line for line in lines)
+    assert len(lines) == 5 and all("reused" in line for line in lines)
     assert mtimes == {name: (toy_dir / name).stat().st_mtime_ns for name in mtimes}
     with pytest.raises(ValueError, match="seed=0"):
         toyworld.build_toyworld(toy_dir, seed=1, llm_dir=smollm2_dir, quick=True, log=lines.append)
@@ -196,7 +210,7 @@ def test_interrupted_build_resumes(quick_world, smollm2_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(partial))
     lines = []
     toyworld.build_toyworld(copy, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
-    assert [("reused" in line) for line in lines if line.startswith("toyworld")] == [True, True, True, False]
+    assert [("reused" in line) for line in lines if line.startswith("toyworld")] == [True, True, True, False, True]
 
 
 def test_missing_smollm2_wheel_is_one_line(tmp_path, monkeypatch):
@@ -215,9 +229,9 @@ def test_missing_smollm2_wheel_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_full_world_teacher_and_token_budget(tmp_path, smollm2_dir):
     """The default world: its teacher is good on short English captions and blind past token 77 and in other
-    languages (chance R@1 = 1/432), and all its captions cost about 150-250k SmolLM2 tokens to embed."""
+    languages (chance R@1 = 1/432), and the captions it caches cost about 760k SmolLM2 tokens to embed."""
     manifest = toyworld.build_toyworld(tmp_path / "toyworld", seed=0, llm_dir=smollm2_dir, log=lambda line: None)
-    assert 150_000 <= manifest["llm_tokens"]["total"] <= 255_000  # world v2: measured 250,162
+    assert 700_000 <= manifest["llm_tokens"]["cached_total"] <= 800_000  # world v3: measured 757,326
     assert manifest["long_caption_clip_tokens"]["min"] > 77
     teacher = manifest["teacher"]
     assert teacher["zeroshot"]["acc1"] >= 0.6  # measured 0.75 (36 classes; world v1: 0.67)

