@@ -40,9 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--runs", default="runs", help="where the newest run is looked for when neither model flag is given")
     p.add_argument("--text-cache", default=None, help="--model: LLM embedding cache (default: the training one)")
     # data (default: the toy world's test split)
-    p.add_argument("--dataset", default=None, help="retrieval: Karpathy .json, .jsonl or a toy-world name (short, "
-                                                   "long, de, val_long, ...); zeroshot: a folder with one subfolder per class, or "
-                                                   "a toy-world split (val, test)")
+    p.add_argument("--dataset", default=None,
+                   help="retrieval: Karpathy .json, .jsonl or a toy-world name (short, long, de, val_long, ...); "
+                        "zeroshot: a folder with one subfolder per class, or a toy-world split (val, test)")
     p.add_argument("--toy-dir", default="toyworld", help="the toy world, used when no --dataset is given")
     p.add_argument("--images", default=None, help="retrieval: image root (default: the dataset file's folder)")
     p.add_argument("--split", default="test", help="Karpathy JSON: the split to evaluate")

@@ -267,8 +267,8 @@ def lora_settings(args) -> LoRASettings:
 
 
 def fill_defaults(args, resumed_meta: dict | None, log) -> None:
-    """Stage 0's LLM, data and rates. Without --train-data: the toy world's paraphrase groups and SmolLM2 (CPU
-    defaults lr 2e-3, temperature 0.05); otherwise LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch)."""
+    """Stage 0's LLM, data and rates: LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch). Without --train-data:
+    the toy world's groups and SmolLM2, temperature 0.05."""
     if resumed_meta and args.llm is None:
         args.llm = resumed_meta["args"]["llm"]
     toy = args.train_data is None
@@ -280,7 +280,7 @@ def fill_defaults(args, resumed_meta: dict | None, log) -> None:
     if args.init:
         raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
     args.epochs = args.epochs or 1
-    args.lr = args.lr if args.lr is not None else (2e-3 if toy else 2e-4)
+    args.lr = args.lr if args.lr is not None else 2e-4  # also on the toy groups, where 2e-3 collapses (toy/groups.py)
     args.temperature = args.temperature if args.temperature is not None else (0.05 if toy else 0.02)
     args.workers = 0  # the texts are in memory: no loader processes
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")

