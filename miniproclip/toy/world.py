@@ -375,13 +375,16 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     if any(manifest.get(k) != v for k, v in identity.items()):
         built = ", ".join(f"{k}={manifest.get(k)}" for k in identity)
         raise ValueError(f"{toy_dir} holds a toy world built with {built}: delete it or pass another --toy-dir")
-    # the base LLM: llm_dir, else the one this world was built with, else SmolLM2 (converted into toy_dir/smollm2)
-    llm_path = Path(llm_dir or manifest.get("llm_dir") or toy_dir / "smollm2")
-    if manifest.get("llm_dir") not in (None, str(llm_path)):  # token counts and embedder of another LLM are stale
+    # the base LLM: llm_dir, else the one this world was built with, else SmolLM2 (converted into toy_dir/smollm2).
+    # manifest.json names an LLM of its own folder by None and any other by its absolute path, so that the world
+    # can be used from any working directory
+    default_llm = toy_dir / "smollm2"
+    llm_path = Path(llm_dir or manifest.get("llm_dir") or default_llm)
+    stored_llm = None if llm_path.resolve() == default_llm.resolve() else str(llm_path.resolve())
+    if manifest.get("llm_dir") != stored_llm:  # token counts and embedder of another LLM are stale
         manifest["steps"].pop("tokens", None)
         manifest["steps"].pop("stage0", None)
-    manifest.update(llm_dir=str(llm_path), clip_dir=str(toy_dir / "clip"),
-                    embedder_dir=str(toy_dir / "stage0" / "llm"))
+    manifest["llm_dir"] = stored_llm
     gguf_path = None
     if not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second if absent
         if llm_path != toy_dir / "smollm2":
@@ -420,7 +423,9 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
         manifest["steps"][name] = round(time.time() - start, 1)
         write_text_atomic(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # the step's mark
         log(f"toyworld {name}: {manifest['steps'][name]:.1f} s")
-    return manifest
+    # the folders, as paths usable from here
+    return {**manifest, "llm_dir": str(llm_path), "clip_dir": str(toy_dir / "clip"),
+            "embedder_dir": str(toy_dir / "stage0" / "llm")}
 
 
 def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> tuple[str, str]:
