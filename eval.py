@@ -24,6 +24,7 @@ import sys
 import torch
 
 from miniproclip import evaluation
+from miniproclip.api import EXPORT_JSON
 from miniproclip.checkpoint import LATEST, CheckpointError, resolve_checkpoint
 from miniproclip.metrics import load_templates
 from miniproclip.weights import ModelFolderError
@@ -36,9 +37,11 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=("retrieval", "zeroshot"), required=True)
     # model (default: the newest run under --runs)
     p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder: the baseline")
-    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint) or checkpoint file")
+    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint), checkpoint file or "
+                   "exported folder (python -m miniproclip.export)")
     p.add_argument("--runs", default="runs", help="where the newest run is looked for when neither model flag is given")
-    p.add_argument("--text-cache", default=None, help="--model: LLM embedding cache (default: the training one)")
+    p.add_argument("--text-cache", default=None, help="--model: LLM embedding cache (default: the training one; for "
+                   "an exported folder, text_cache.safetensors inside it)")
     # data (default: the toy world's test split)
     p.add_argument("--dataset", default=None,
                    help="retrieval: Karpathy .json, .jsonl or a toy-world name (short, long, de, val_long, ...); "
@@ -105,12 +108,17 @@ def fill_defaults(args):
         heldout = os.path.join(args.toy_dir, "zeroshot", "heldout_classes.txt")  # optional in a toy world
         args.heldout_classes = args.heldout_classes or (heldout if os.path.exists(heldout) else None)
     if args.model:
-        args.model = resolve_checkpoint(args.model)
-        if args.output is None:  # results go beside the checkpoint they belong to
+        # an exported folder (python -m miniproclip.export) has no training cache: its texts are cached inside it
+        exported = os.path.isfile(os.path.join(args.model, EXPORT_JSON))
+        args.model = os.path.normpath(args.model) if exported else resolve_checkpoint(args.model)
+        if exported:
+            args.text_cache = args.text_cache or os.path.join(args.model, "text_cache.safetensors")
+        if args.output is None:  # results go beside the checkpoint (or into the exported folder) they belong to
             name = os.path.splitext(os.path.basename(os.path.normpath(args.dataset)))[0]
             name += f"_{args.language}" if args.language else ""
-            step = os.path.basename(args.model).removesuffix(".safetensors")
-            args.output = os.path.join(os.path.dirname(args.model), f"eval_{args.task}_{name}_{step}.json")
+            step = "export" if exported else os.path.basename(args.model).removesuffix(".safetensors")
+            folder = args.model if exported else os.path.dirname(args.model)
+            args.output = os.path.join(folder, f"eval_{args.task}_{name}_{step}.json")
     try:
         args.ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:

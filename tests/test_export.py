@@ -16,6 +16,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
+import eval as eval_cli
 import train
 from miniproclip.api import load_model
 from miniproclip.curves import PANEL_HEIGHT, curve_panels, read_metrics, write_curves
@@ -133,3 +134,16 @@ def test_a_real_train_py_run_loads_exports_and_draws_its_curves(world, tmp_path)
     assert [(title, len(series)) for title, series in panels] == [
         ("loss and its parts", 5), ("validation (--val-data)", 4), ("learning rate", 1)]  # R@1, R@5 both ways
     assert Image.open(write_curves(str(tmp_path / "s2"))).size[1] == 3 * PANEL_HEIGHT
+
+
+def test_eval_py_takes_an_exported_folder(world, tmp_path):
+    """eval.py --model EXPORTED gives the run's own metrics; its texts are cached inside the exported folder."""
+    run, out = world["root"] / "runs" / "stage2", tmp_path / "exported"
+    main([str(run), str(out)])
+    reports = []
+    for model, output in ((run, tmp_path / "run.json"), (out, None)):
+        eval_cli.main(["--task", "retrieval", "--model", str(model), "--dataset", world["dataset"], "--workers", "0",
+                       "--batch-size", "4", "--ks", "1,5", *(["--output", str(output)] if output else [])])
+        reports.append(json.loads((output or out / "eval_retrieval_set_export.json").read_text()))
+    assert reports[1]["metrics"] == pytest.approx(reports[0]["metrics"], abs=1e-6)
+    assert len(reports[0]["metrics"]) == 4 and (out / "text_cache.safetensors").is_file()
