@@ -131,6 +131,8 @@ def parse_args(argv=None):
                    help="weight of L_struct (stage 1; inside L_reg in stage 2)")
     p.add_argument("--reg-weight", type=float, default=1.0,
                    help="λ, weight of L_reg in stage 2 (0: no self-distillation)")
+    p.add_argument("--long-prob", type=float, default=0.5,
+                   help="stage 2: chance that a row with a long caption shows it instead of its short one")
     p.add_argument("--reg-scope", choices=("device", "global"), default="device",
                    help="stage 2 under torchrun: L_reg over each device's rows (official; DDP averages it over the "
                         "W ranks) or over the gathered global batch")
@@ -479,7 +481,7 @@ def training_batches(args, run: Run, log):
                                 world_size=run.world)
         # a coin per row and epoch, so the choice does not depend on how rows are split over ranks or resumes
         coins = torch.Generator().manual_seed(args.seed * 1_000_003 + cursor.epoch)
-        pick_long = (torch.rand(len(run.rows), generator=coins) < 0.5).numpy()
+        pick_long = (torch.rand(len(run.rows), generator=coins) < args.long_prob).numpy()
         run.dataset.epoch = cursor.epoch  # this epoch's random crops (seeded per sample)
         for batch in make_loader(run.dataset, batches, args.workers, cursor.batch_in_epoch, seed=coins.initial_seed()):
             cursor.batch_in_epoch += 1  # the data cursor: where a resumed run continues

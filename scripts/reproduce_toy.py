@@ -10,7 +10,7 @@ embedder (SmolLM2 fine-tuned on the world's caption groups, built with the world
 contrastive alignment of the LLM embedder (LLM2CLIP-style: fresh LLM2CLIP head, InfoNCE only, no stage 1, no
 L_reg); ProCLIP after stage 1; ProCLIP; ProCLIP without L_reg, without stage 1; and, not in the paper, ProCLIP
 whose stage 1 also distils the long captions the 77-token teacher sees cut (the official code's choice; off by
-default in the toy world). Every run uses train.py's toy-world defaults (printed in RESULTS.md), changed only by the
+default in the toy world), and ProCLIP whose stage 2 shows short captions only. Every run uses train.py's toy-world defaults (printed in RESULTS.md), changed only by the
 row's flags. Columns: zero-shot acc1 over all classes, the classes stage 2 trains on and the held-out ones, and
 retrieval R@1 both ways on short, long and translated captions. Finished runs are reused, so evaluating the same
 runs on the other split, or rerunning after an interruption, trains nothing twice.
@@ -47,6 +47,8 @@ VARIANTS = {
     "ProCLIP w/o stage 1": ("stage0", None, ["--init", "scratch"]),
     # not in the paper: stage 1 also distils long captions against the teacher's view of their first 77 tokens
     "ProCLIP, stage 1 on cut long captions": ("stage0", ["--no-skip-truncated-long"], []),
+    # not in the paper: stage 2 shows short captions only (a long one in half the samples by default)
+    "ProCLIP, stage 2 on short captions only": ("stage0", [], ["--long-prob", "0"]),
 }
 RETRIEVAL_SETS = ["short", "long", *LANGUAGES]
 COLUMNS = ["zs all", "zs seen", "zs held-out"] + [f"{s} {d}" for s in RETRIEVAL_SETS for d in ("I→T", "T→I")]
@@ -67,10 +69,14 @@ CLAIMS = [
     ("(b) ProCLIP beats direct alignment: short R@1", "ProCLIP", "direct alignment (LLM2CLIP-style)",
      lambda r: r1(r, "short"), 0.0),
     ("(c) L_reg keeps held-out-class accuracy", "ProCLIP", "ProCLIP w/o L_reg", lambda r: r["zs held-out"], 0.0),
-    ("(d) long-caption R@1 beats the CLIP teacher's", "ProCLIP", "CLIP teacher", lambda r: r1(r, "long"), 0.0),
-    ("(e) de/fr/es/ja R@1 beats the CLIP teacher's", "ProCLIP", "CLIP teacher", lambda r: r1(r, "languages"), 0.0),
-    ("(f) stage 0 helps: long R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "long"), 0.0),
-    ("(f) stage 0 helps: de/fr/es/ja R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "languages"), 0.0),
+    # R@1 of a few % is near chance (0.23% on 432 pictures) and within seed noise: these must clear 1 point
+    ("(d) long-caption R@1 beats the CLIP teacher's by over 1 point", "ProCLIP", "CLIP teacher",
+     lambda r: r1(r, "long"), 0.01),
+    ("(e) de/fr/es/ja R@1 beats the CLIP teacher's by over 1 point", "ProCLIP", "CLIP teacher",
+     lambda r: r1(r, "languages"), 0.01),
+    ("(f) stage 0 helps: long R@1, by over 1 point", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "long"), 0.01),
+    ("(f) stage 0 helps: de/fr/es/ja R@1, by over 1 point", "ProCLIP", "ProCLIP, raw LLM",
+     lambda r: r1(r, "languages"), 0.01),
     ("(f) stage 0 helps: short R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "short"), 0.0),
     ("(f) stage 0 helps: zero-shot", "ProCLIP", "ProCLIP, raw LLM", lambda r: r["zs all"], 0.0),
 ]
@@ -215,7 +221,8 @@ def main(argv=None):
             if stage2 is not None:
                 flags = stage2 if "scratch" in stage2 else ["--init", s1, *stage2]
                 out = os.path.join(where, name.split(",")[0].replace(" ", "_").replace("/", "").replace("(", "")
-                                   .replace(")", "") + ("_s1cut" if "cut" in name else ""))
+                                   .replace(")", "") + ("_s1cut" if "cut" in name else "")
+                                   + ("_short_only" if "short captions only" in name else ""))
                 model = ["--model", run_training(2, flags, out, run_common, print)]
                 proclip_runs = (s1, model[1]) if name == "ProCLIP" else proclip_runs
             results[name].append(evaluate(model, toy_dir, 0, args.split))
