@@ -157,7 +157,7 @@ def plot(results, path):
               "short text-to-image": lambda r: r["short T→I"], "long text-to-image": lambda r: r["long T→I"],
               "languages text-to-image": lambda r: statistics.mean(r[f"{lang} T→I"] for lang in LANGUAGES)}
     colours = [(90, 90, 90), (240, 180, 120), (150, 190, 240), (220, 120, 40), (150, 150, 220), (40, 90, 200),
-               (200, 80, 80), (160, 100, 200), (60, 170, 170)][:len(results)]
+               (200, 80, 80), (160, 100, 200), (60, 170, 170), (180, 160, 60)][:len(results)]
     bar, gap, height, left = 14, 30, 260, 40
     width = left + len(groups) * (len(results) * bar + gap) + 260
     image = Image.new("RGB", (width, height + 60), "white")
