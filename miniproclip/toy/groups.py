@@ -29,13 +29,13 @@ from ..stages import accumulated_backward
 from .world import BACKGROUNDS, COLOURS, EN_TEMPLATES, OPTIONAL, POSITIONS, SHAPES, SIZES, TEXTURES, TRANSLATE, \
     english_caption
 
-TRAIN_TEMPLATES = tuple(range(8))
+TRAIN_TEMPLATES = tuple(range(8))  # the held-out groups use templates 8-11, never seen in training
 # The world's groups pair texts of different kinds (short with long, English with other languages), which raw
 # SmolLM2 places far apart. Measured on 2 CPU cores, 24 steps of 16 groups (about 4 minutes): at lr 2e-3 (the
 # paraphrase demo's rate) or 5e-4 the loss falls to ln(16) and stays (the embeddings collapse); at 2e-4 it falls
 # more slowly; in every case a validation long caption or translation finds its own short caption among 144 no
 # more often than chance (RESULTS.md).
-STAGE0_LR = 2e-4  # the held-out groups use templates 8-11, never seen in training
+STAGE0_LR = 2e-4
 
 
 def random_scene(rng: np.random.Generator) -> dict:
