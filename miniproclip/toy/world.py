@@ -433,11 +433,10 @@ def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> t
     embedder (built with the world); another LLM (the raw TOY_DIR/smollm2, or your own folder) is used as given.
     Each LLM gets its own cache, TOY_DIR/text_cache_<LLM>.safetensors (stage0_llm, smollm2, ...)."""
     toy_dir = Path(toy_dir)
-    inside = llm is not None and Path(llm).resolve().is_relative_to(toy_dir.resolve())
-    manifest = build_toyworld(toy_dir, llm_dir=None if llm is None or inside else llm, stage0=llm is None, log=log)
+    own = llm is not None and not Path(llm).resolve().is_relative_to(toy_dir.resolve())  # outside the toy world
+    manifest = build_toyworld(toy_dir, llm_dir=llm if own else None, stage0=llm is None, log=log)
     llm = llm or manifest["embedder_dir"]
-    tag = Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix() if inside or llm == manifest["embedder_dir"] \
-        else Path(llm).name
+    tag = Path(llm).name if own else Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix()
     return llm, text_cache or str(toy_dir / f"text_cache_{tag.replace('/', '_')}.safetensors")
 
 
