@@ -31,7 +31,7 @@ from miniproclip.clip import CLIP
 from miniproclip.curves import write_curves
 from miniproclip.data import DataError, ImageTextDataset, caption_texts, count_bad_images, epoch_batches, make_loader, \
     read_rows
-from miniproclip.distributed import StopSignal, init_distributed
+from miniproclip.distributed import StopSignal, close_distributed, init_distributed
 from miniproclip.embed import ensure_text_cache
 from miniproclip import stage0
 from miniproclip.api import embed_settings
@@ -250,9 +250,7 @@ def main(argv=None):
         train(args, run, log)
     except TrainingError as err:  # a fatal condition mid-run; the last checkpoint is intact
         sys.exit(f"error: {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    close_distributed()
 
 
 # -----------------------------------------------------------------------------

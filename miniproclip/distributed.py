@@ -27,6 +27,19 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def close_distributed() -> None:
+    """End a run that succeeded on every rank: wait for all ranks, then free the process group.
+
+    Without the barrier a fast rank tears down its gloo/NCCL connections while a slow one (rank 0 writing the
+    final checkpoint or plots) still uses them; on gloo that can abort the fast rank ("terminate called without
+    an active exception", seen once in CI). After an error no rank calls this: a barrier would wait for a rank
+    that is gone, so the process exits and torchrun stops the others.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the running process group, or (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

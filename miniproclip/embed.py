@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .distributed import init_distributed, rank_and_world
+from .distributed import close_distributed, init_distributed, rank_and_world
 from .embedder import DTYPES, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
     text_hash
 from .files import atomic_path
@@ -374,8 +374,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"embedded {count} texts with {args.llm} in {time.time() - start:.1f}s -> {args.output}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
