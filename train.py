@@ -194,10 +194,7 @@ def fill_defaults(args, resumed_meta, init_meta, log):
         args.lr_vision = 1e-4 if toy else 1e-5
     if args.skip_truncated_long is None:
         args.skip_truncated_long = toy
-    # bf16 autocast on GPUs; CPUs run fp32 (bf16 matmuls are slow on most of them)
-    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
     args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
-    args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # -----------------------------------------------------------------------------
@@ -320,6 +317,9 @@ def setup(args, rank, world, log) -> Run:
     train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
     (stage0.fill_defaults(args, resumed_meta, log) if args.stage == 0 else
      fill_defaults(args, resumed_meta, init_meta, log))
+    # every stage: bf16 autocast on GPUs, fp32 on CPUs (bf16 matmuls are slow on most of them); a fresh run folder
+    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
         ckpt.check_writable(args.output)
     torch.manual_seed(args.seed)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,6 +44,9 @@ from .stages import AUTOCAST
 from .weights import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
 
 MAX_SHARD_BYTES = 5 * 2**30  # shard size of the merged folder, as transformers' save_pretrained
+LLM2CLIP_LR = 2e-4  # LLM2CLIP's caption-contrastive recipe; also the toy world's (toy/groups.py says why)
+LLM2CLIP_TEMPERATURE = 0.02  # LLM2CLIP's logit scale 50
+TOY_TEMPERATURE = 0.05  # the toy world's groups and paraphrase demo (toy/groups.py)
 
 
 # -----------------------------------------------------------------------------
@@ -129,7 +131,7 @@ class CaptionContrastive:
     A micro-batch is a list of (text, text) pairs; `model` may be the DDP-wrapped LLM.
     """
 
-    def __init__(self, model: nn.Module, tokenize: CaptionTokenizer, temperature: float = 0.02,
+    def __init__(self, model: nn.Module, tokenize: CaptionTokenizer, temperature: float = LLM2CLIP_TEMPERATURE,
                  gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, device: str = "cpu",
                  autocast=contextlib.nullcontext(), batch_tokens: int = 1024):
         if temperature <= 0:
@@ -280,11 +282,10 @@ def fill_defaults(args, resumed_meta: dict | None, log) -> None:
     if args.init:
         raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
     args.epochs = args.epochs or 1
-    args.lr = args.lr if args.lr is not None else 2e-4  # also on the toy groups, where 2e-3 collapses (toy/groups.py)
-    args.temperature = args.temperature if args.temperature is not None else (0.05 if toy else 0.02)
+    args.lr = args.lr if args.lr is not None else LLM2CLIP_LR
+    args.temperature = args.temperature if args.temperature is not None else (
+        TOY_TEMPERATURE if toy else LLM2CLIP_TEMPERATURE)
     args.workers = 0  # the texts are in memory: no loader processes
-    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
-    args.output = args.output or os.path.join("runs", f"stage0-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 class GroupDataset(torch.utils.data.Dataset):

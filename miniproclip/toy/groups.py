@@ -23,19 +23,18 @@ import torch
 from ..data import epoch_batches
 from ..embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder
 from ..optim import cosine_lr_factor, param_groups
-from ..stage0 import (CaptionContrastive, LoRASettings, load_stage0_llm, nearest_neighbour_accuracy, pick_pairs,
-                      write_merged_llm)
+from ..stage0 import (LLM2CLIP_LR, TOY_TEMPERATURE, CaptionContrastive, LoRASettings, load_stage0_llm,
+                      nearest_neighbour_accuracy, pick_pairs, write_merged_llm)
 from ..stages import accumulated_backward
 from .world import BACKGROUNDS, COLOURS, EN_TEMPLATES, OPTIONAL, POSITIONS, SHAPES, SIZES, TEXTURES, TRANSLATE, \
     english_caption
 
 TRAIN_TEMPLATES = tuple(range(8))  # the held-out groups use templates 8-11, never seen in training
-# The world's groups pair texts of different kinds (short with long, English with other languages), which raw
-# SmolLM2 places far apart. Measured on 2 CPU cores, 24 steps of 16 groups (about 4 minutes): at lr 2e-3 (the
-# paraphrase demo's rate) or 5e-4 the loss falls to ln(16) and stays (the embeddings collapse); at 2e-4 it falls
-# more slowly; in every case a validation long caption or translation finds its own short caption among 144 no
-# more often than chance (RESULTS.md).
-STAGE0_LR = 2e-4
+# The toy embedder trains at LLM2CLIP's lr. The world's groups pair texts of different kinds (short with long,
+# English with other languages), which raw SmolLM2 places far apart. Measured on 2 CPU cores, 24 steps of 16
+# groups (about 4 minutes): at lr 2e-3 (the paraphrase demo's rate) or 5e-4 the loss falls to ln(16) and stays
+# (the embeddings collapse); at 2e-4 it falls more slowly; in every case a validation long caption or
+# translation finds its own short caption among 144 no more often than chance (RESULTS.md).
 
 
 def random_scene(rng: np.random.Generator) -> dict:
@@ -90,12 +89,12 @@ def toy_stage0_data(toy_dir: str, llm: str | None, log=print) -> tuple[str, str]
 def build_toy_embedder(toy_dir, llm_dir, steps: int, batch_size: int, log=print) -> dict:
     """The toy world's stage-0 embedder: `steps` steps of LLM2CLIP's caption contrastive LoRA fine-tuning of
     `llm_dir` on TOY_DIR/stage0_groups.jsonl, merged into TOY_DIR/stage0/llm (what `train.py --stage 0` trains,
-    at LLM2CLIP's lr 2e-4 and the toy temperature 0.05). Returns the manifest entry."""
+    at LLM2CLIP's lr and the toy temperature). Returns the manifest entry."""
     from ..stage0 import read_groups
 
     start, groups = time.time(), read_groups(os.path.join(toy_dir, "stage0_groups.jsonl"), log=log)
     train_stage0(str(llm_dir), os.path.join(toy_dir, "stage0"), groups, EmbedSettings(), LoRASettings(), steps,
-                 batch_size, lr=STAGE0_LR, temperature=0.05, log=log)
+                 batch_size, lr=LLM2CLIP_LR, temperature=TOY_TEMPERATURE, log=log)
     return {"steps": steps, "batch_size": batch_size, "groups": len(groups), "base_llm": str(llm_dir),
             "seconds": round(time.time() - start, 1)}
 
@@ -131,7 +130,7 @@ def train_stage0(llm: str, output: str, groups: list[list[str]], settings: Embed
 
 
 def run_paraphrase_demo(llm: str, output: str, steps: int = 60, batch_size: int = 16, lr: float = 2e-3,
-                        temperature: float = 0.05, train_groups: int = 512, test_groups: int = 100,
+                        temperature: float = TOY_TEMPERATURE, train_groups: int = 512, test_groups: int = 100,
                         causal: bool = True, log=print) -> dict:
     """Raw vs stage-0 held-out nearest-neighbour paraphrase accuracy; writes groups, the merged LLM and
     results.json under `output`."""
@@ -159,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16, help="groups per step")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--temperature", type=float, default=TOY_TEMPERATURE)
     parser.add_argument("--bidirectional", action="store_true", help="train and embed with bidirectional attention")
     args = parser.parse_args(argv)
     if args.evaluate:
