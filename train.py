@@ -517,7 +517,8 @@ def step_record(args, run: Run, loss, parts, grad_norm, timer) -> dict:
             **{k: v.item() for k, v in parts.items()}, "lr": run.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm.item(),
             "samples_per_s": args.batch_size * run.world * (run.cursor.step - since_step) / (time.time() - since),
-            "teacher_truncated": run.stage.teacher_truncated, "bad_images": run.cursor.bad_images}
+            "teacher_truncated": run.stage.teacher_truncated, "teacher_unknown": run.stage.teacher_unknown,
+            "bad_images": run.cursor.bad_images}
 
 
 def append_metrics(args, record):

@@ -303,7 +303,7 @@ class GroupDataset(torch.utils.data.Dataset):
 
 class Stage0(CaptionContrastive):
     """CaptionContrastive in the training loop's stage interface: a batch of groups -> two texts of each."""
-    teacher_truncated = 0  # no teacher in stage 0 (a field of the loop's log records)
+    teacher_truncated = teacher_unknown = 0  # no teacher in stage 0 (fields of the loop's log records)
 
     def __init__(self, groups: list[list[str]], seed: int, cursor, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -104,13 +104,21 @@ def stage1_loss(f: dict, settings: LossSettings) -> tuple[torch.Tensor, dict]:
 
 
 def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scale: torch.Tensor,
-                last: bool = True) -> tuple[torch.Tensor, dict]:
-    """Stage-2 loss from features {image, text, teacher_image}, each (B, D); `logit_scale` is the log."""
+                last: bool = True, teacher_may_be_unknown: bool = False) -> tuple[torch.Tensor, dict]:
+    """Stage-2 loss from features {image, text, teacher_image}, each (B, D); `logit_scale` is the log.
+
+    teacher_may_be_unknown: the teacher's features come from the image cache, where a row is NaN if its image
+    could not be read when the cache was filled (teacher_cache.py). L_reg then leaves such rows out; the
+    contrastive loss keeps them (the image was read for this step). Masking costs a host sync, so only then.
+    """
     scale = (logit_scale if last else logit_scale.detach()).exp()
     contrastive = clip_loss(f["image"], f["text"], scale)
     across = settings.reg_scope == "global"
-    reg, parts = distillation_loss(gather_rows(f["image"], across), gather_rows(f["teacher_image"], across),
-                                   settings.ins_weight, settings.struct_weight, settings.reduction)
+    image, teacher = gather_rows(f["image"], across), gather_rows(f["teacher_image"], across)  # (B or W·B, D)
+    if teacher_may_be_unknown:
+        known = ~torch.isnan(teacher[:, 0])  # (B,) rows with a cached v̂
+        image, teacher = image[known], teacher[known]
+    reg, parts = distillation_loss(image, teacher, settings.ins_weight, settings.struct_weight, settings.reduction)
     total = contrastive + settings.reg_weight * reg
     return total, {"contrastive": contrastive.detach(), "reg": reg.detach(),
                    "reg_ins": parts["instance"], "reg_struct": parts["structure"], "scale": scale.detach()}
@@ -180,6 +188,7 @@ class Stage1:
         self.device, self.autocast, self.settings = device, autocast, settings
         self.skip_truncated_long = skip_truncated_long
         self.teacher_truncated = 0  # captions the 77-token teacher saw cut (logged)
+        self.teacher_unknown = 0  # the text cache has a row for every caption
 
     def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
         return batch  # both caption sets are used
@@ -230,6 +239,7 @@ class Stage2:
         self.device, self.autocast, self.settings, self.clip_loss = device, autocast, settings, clip_loss
         self.ema_momentum = ema_momentum
         self.teacher_truncated = 0  # stage 2 has no text teacher
+        self.teacher_unknown = 0  # rows whose cached v̂ is NaN (image unreadable when the cache was filled; logged)
 
     def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
         """Per sample, the short or the long caption at random (the official loader): its LLM cache row."""
@@ -243,7 +253,9 @@ class Stage2:
         """The frozen (or EMA) image tower's features v̂: (B, D), L2-normalised."""
         if self.teacher_vectors is not None:  # frozen teacher, deterministic crop: computed once, read back
             index = np.asarray(micro_batch["indices"], dtype=np.int64)
-            return self.teacher_vectors.to_device(self.teacher_vectors.rows[index, 0], self.device)
+            vectors = self.teacher_vectors.cache.stored(self.teacher_vectors.rows[index, 0])  # (B, D) on the host
+            self.teacher_unknown += int(torch.isnan(vectors[:, 0]).sum())  # counted here, left out of L_reg
+            return self.teacher_vectors.upload(vectors, self.device).float()
         with self.autocast:
             return self.teacher.encode_image(pixels)
 
@@ -257,7 +269,8 @@ class Stage2:
         return f
 
     def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
-        return stage2_loss(features, self.settings, self.clip_loss, self.model.logit_scale, last)
+        return stage2_loss(features, self.settings, self.clip_loss, self.model.logit_scale, last,
+                           teacher_may_be_unknown=self.teacher_vectors is not None)
 
     def after_step(self) -> None:
         """Clamp the temperature to τ ≤ 100 (CLIP), then move the EMA teacher (momentum 1: it stays frozen)."""

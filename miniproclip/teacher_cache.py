@@ -168,7 +168,8 @@ def stage1_vectors(llm_cache: TextEmbeddingCache, rows, clip_dir: str, device: t
 def image_teacher_encoder(teacher: nn.Module, rows, transform, device: torch.device, autocast,
                           workers: int) -> Callable[[], Callable[[list[str]], torch.Tensor]]:
     """`make_encode` for images named by their row's `image`: encode(images) -> (B, D) float32 features of the
-    teacher (NaN rows for unreadable images, which training drops anyway)."""
+    teacher, NaN rows for unreadable images: training drops the image if it is still unreadable, or else leaves
+    it out of L_reg and counts it (`teacher_unknown`; delete the cache file to compute it again)."""
     def make_encode():
         where = {row.image: i for i, row in enumerate(rows)}  # an image's row, to read it (tar members too)
         model = teacher.to(device)

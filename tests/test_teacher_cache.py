@@ -14,6 +14,7 @@ import train
 from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
 from miniproclip.clip import CLIP
 from miniproclip.data import collate
+from miniproclip.losses import distillation_loss
 from miniproclip.stages import stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
 
@@ -89,6 +90,33 @@ def test_stage2_cached_teacher_equals_the_live_one(world, tmp_path):
     again = setup_run(world, tmp_path / "again", "--stage", "2", "--init", "scratch", "--train-crop", "center")
     assert again.stage.teacher_vectors.cache.path == image_cache
     assert np.array_equal(again.stage.teacher_vectors.rows, cached.stage.teacher_vectors.rows)
+
+
+def test_stage2_image_unreadable_when_the_cache_was_filled(world, tmp_path):
+    """An image that could not be read at fill time has a NaN row in the image cache; when it can be read later,
+    the step keeps it in the contrastive loss, leaves it out of L_reg (== L_reg of the other rows) and counts it."""
+    flags = ["--stage", "2", "--init", "scratch", "--train-crop", "center"]
+    filled = setup_run(world, tmp_path / "fill", *flags)
+    cache, rows = filled.stage.teacher_vectors.cache, filled.stage.teacher_vectors.rows
+    nan_row = int(rows[0, 0])  # row 0's image, as a failed read leaves it (teacher_cache.image_teacher_encoder)
+    writable = np.memmap(cache.path, dtype=np.float32, mode="r+", offset=cache.embeddings.offset,
+                         shape=cache.embeddings.shape)
+    writable[nan_row] = np.nan
+    writable.flush()
+    run = setup_run(world, tmp_path / "run", *flags)
+    batch = first_batch(run)
+    projection = run.model.visual_projection.weight
+    with torch.no_grad():
+        projection.add_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(0)))  # a moved student
+        features = run.stage.features(batch, student_only=False)
+        loss, parts = run.stage.loss(features, last=True)
+    assert run.stage.teacher_unknown == 1 and torch.isnan(features["teacher_image"][0]).all()
+    settings = run.stage.settings
+    reg, _ = distillation_loss(features["image"][1:], features["teacher_image"][1:], settings.ins_weight,
+                               settings.struct_weight, settings.reduction)
+    contrastive = run.stage.clip_loss(features["image"], features["text"], run.model.logit_scale.exp())
+    assert parts["reg"].item() == pytest.approx(reg.item(), rel=1e-6) and reg.item() > 0.1
+    assert loss.item() == pytest.approx(contrastive.item() + settings.reg_weight * reg.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("extra, dtype", [(["--train-crop", "random"], torch.bfloat16),
