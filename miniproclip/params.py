@@ -1,0 +1,158 @@
+"""train.py's flags (open_clip's params.py) and the defaults that depend on other flags or on the toy world.
+
+argparse leaves the stage-dependent defaults None; `fill_defaults` sets them once the checkpoint being resumed or
+started from and the data are known. `args.given_flags` lists the flags typed on the command line: a resumed run
+takes every other setting from its checkpoint (checkpoint.inherit_run_settings).
+"""
+
+import argparse
+import os
+
+import torch
+
+from . import stage0
+from .embedder import PRESETS, default_batch_tokens
+from .errors import TrainingError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train ProCLIP: stage 1 (distil CLIP's text encoder into LLM+head), "
+                                            "stage 2 (contrastive tuning of the image encoder with L_reg).")
+    # run
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+                   help="0: LLM embedder (LoRA, optional), 1: representation inheritance, 2: contrastive tuning")
+    p.add_argument("--init", default=None, help="stage 2: a stage-1 (or stage-2) run folder or checkpoint to start "
+                                                "from; 'scratch' = a fresh head (direct alignment, no stage 1)")
+    p.add_argument("--resume", default=None,
+                   help="'latest' (in --output) or a checkpoint: restore weights, optimizer, data position")
+    p.add_argument("--output", default=None, help="run folder (default: runs/stage<N>-<time>)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=3, help="keep the newest N checkpoints")
+    p.add_argument("--log-every", type=int, default=1, help="append to metrics.jsonl every N steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and caption choice")
+    # models
+    p.add_argument("--clip", default=None, help="Hugging Face CLIP folder (default: the toy world's teacher)")
+    p.add_argument("--llm", default=None, help="Hugging Face LLM folder (default: the toy world's SmolLM2-135M)")
+    p.add_argument("--toy-dir", default="toyworld", help="where the toy world is built when no --train-data is given")
+    p.add_argument("--head-blocks", type=int, default=1,
+                   help="residual MLP blocks of the text head (ProCLIP 1, LLM2CLIP 4)")
+    p.add_argument("--head-mlp-ratio", type=int, default=8, help="hidden width of each block / LLM width (ProCLIP 8)")
+    p.add_argument("--head-dropout", type=float, default=0.0, help="dropout inside the head's MLP blocks")
+    p.add_argument("--max-length", type=int, default=512, help="LLM tokens per caption")
+    p.add_argument("--instruction", default="", help="LLM instruction prefix, excluded from the mean pool")
+    p.add_argument("--bidirectional", action="store_true", help="LLM with bidirectional attention (LLM2Vec-style)")
+    p.add_argument("--embed-preset", choices=PRESETS, default="default",
+                   help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
+    p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
+                   help="LLM weights when filling the cache (bf16: ~2x faster on CPU too, cosine to fp32 >= 0.999)")
+    p.add_argument("--text-cache", default=None,
+                   help="LLM embedding cache (default: text_cache.safetensors beside the data)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per LLM batch when filling the cache (default: 8192 on CUDA, 1024 on CPU)")
+    # data
+    p.add_argument("--train-data", default=None,
+                   help="JSONL, CSV/TSV, or tar shards ('a/{000..009}.tar'); default: the toy world")
+    p.add_argument("--val-data", default=None, help="held-out rows (JSONL/CSV), for --eval-every")
+    p.add_argument("--eval-every", type=int, default=0, help="retrieval R@K on --val-data every N steps (0: never)")
+    p.add_argument("--csv-img-key", default="filepath", help="CSV/TSV column of the image paths")
+    p.add_argument("--csv-caption-key", default="title", help="CSV/TSV column of the captions")
+    p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma for .csv")
+    p.add_argument("--strict-data", action="store_true", help="stop at the first malformed row instead of skipping it")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
+    p.add_argument("--train-crop", choices=("random", "center"), default="random",
+                   help="stage 2's training transform: RandomResizedCrop of 90-100%% of the area (official), or "
+                        "CLIP's deterministic centre crop")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=64, help="per-rank batch size (after accumulation)")
+    p.add_argument("--accum-freq", type=int, default=1,
+                   help="micro-batches per step; the loss still sees the whole batch")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the data (default: 20 in stage 1, 10 in stage 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the text head (default: 1e-3 for a fresh head, i.e. stage 1 and "
+                        "--init scratch; 1e-4 when stage 2 starts from a trained head, so it keeps what it inherited)")
+    p.add_argument("--lr-vision", type=float, default=None,
+                   help="peak learning rate of the image encoder in stage 2 (default: 1e-5, a pretrained CLIP's "
+                        "fine-tuning rate; 1e-4 on the toy world, whose small ViT barely moves at 1e-5)")
+    p.add_argument("--wd", type=float, default=0.05,
+                   help="AdamW weight decay (not on biases, norms, embeddings, logit_scale)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
+    p.add_argument("--beta2", type=float, default=0.98, help="AdamW β2 (CLIP's)")
+    p.add_argument("--eps", type=float, default=1e-6, help="AdamW ε (CLIP's)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay to 0")
+    p.add_argument("--grad-clip-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--lock-image-layers", type=int, default=None,
+                   help="stage 2: freeze the patch/class/position embeddings, pre_layrnorm and the first N ViT "
+                        "layers (default: the whole image tower trains, as the official code)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after N consecutive non-finite losses/gradients")
+    # losses
+    p.add_argument("--ins-weight", type=float, default=1.0, help="weight of L_ins (stage 1; inside L_reg in stage 2)")
+    p.add_argument("--struct-weight", type=float, default=1.0,
+                   help="weight of L_struct (stage 1; inside L_reg in stage 2)")
+    p.add_argument("--reg-weight", type=float, default=1.0,
+                   help="λ, weight of L_reg in stage 2 (0: no self-distillation)")
+    p.add_argument("--long-prob", type=float, default=0.5,
+                   help="stage 2: chance that a row with a long caption shows it instead of its short one")
+    p.add_argument("--reg-scope", choices=("device", "global"), default="device",
+                   help="stage 2 under torchrun: L_reg over each device's rows (official; DDP averages it over the "
+                        "W ranks) or over the gathered global batch")
+    p.add_argument("--ema-momentum", type=float, default=1.0,
+                   help="L_reg teacher = EMA of the image encoder; 1 keeps the initial one")
+    p.add_argument("--skip-truncated-long", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 1: leave long captions the 77-token teacher sees cut out of L_ins (default: on in the "
+                        "toy world, whose long captions are filler up to token 77; off, as the official code, else)")
+    p.add_argument("--reduction", choices=("sum", "mean"), default="sum",
+                   help="reduction of L_ins/L_struct (official: sum)")
+    p.add_argument("--gather-with-grad", action="store_true",
+                   help="under torchrun, gather features with their gradient: every rank's rows get the global "
+                        "batch's InfoNCE gradient (without it InfoNCE still sees all ranks' features as negatives, "
+                        "but only through the local rows), and stage 1's L_ins/L_struct span the global batch")
+    p.add_argument("--local-loss", action="store_true", help="InfoNCE of local rows against all (open_clip)")
+    # speed
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when available); under torchrun each rank takes its LOCAL_RANK GPU")
+    p.add_argument("--precision", choices=("amp_bf16", "amp", "fp32"), default=None,
+                   help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU); weights stay fp32; amp = fp16 with "
+                        "a GradScaler")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes in stage 1)")
+    stage0.add_arguments(p)
+    args = p.parse_args(argv)
+    # the flags given on this command line: a resumed run takes every other setting from its checkpoint
+    for action in p._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    args.given_flags = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+def fill_defaults(args, resumed_meta, init_meta, log):
+    """Toy world when no data is given; models and settings from the checkpoint being resumed or started from."""
+    # a checkpoint names the CLIP and LLM it was trained with; explicit flags win
+    for meta in (resumed_meta, init_meta):
+        for key in ("clip", "llm"):
+            if meta and getattr(args, key) is None:
+                setattr(args, key, meta["args"][key])
+    # no data given: build (once) and use the toy world, its CLIP teacher and SmolLM2
+    toy = args.train_data is None
+    if toy:
+        from .toy.world import toy_models
+        args.llm, args.text_cache = toy_models(args.toy_dir, args.llm, args.text_cache, log)
+        args.train_data = os.path.join(args.toy_dir, "train.jsonl" if args.stage == 1 else "train_stage2.jsonl")
+        args.val_data = args.val_data or os.path.join(args.toy_dir, "val.jsonl")
+        args.clip = args.clip or os.path.join(args.toy_dir, "clip")
+    if args.clip is None or args.llm is None:
+        raise TrainingError("--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
+                            "names them)")
+    # the text cache sits beside the (first) data source, so every run on that data shares it
+    first_source = os.path.abspath(args.train_data.split("::")[0])
+    args.text_cache = args.text_cache or os.path.join(os.path.dirname(first_source), "text_cache.safetensors")
+    # the stage-dependent defaults (argparse leaves them None so that these rules can see the other flags)
+    args.epochs = args.epochs or (20 if args.stage == 1 else 10)
+    if args.lr is None:  # not `or`: --lr 0 (a frozen head) is a valid choice
+        args.lr = 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4
+    if args.lr_vision is None:
+        args.lr_vision = 1e-4 if toy else 1e-5
+    if args.skip_truncated_long is None:
+        args.skip_truncated_long = toy
+    args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
