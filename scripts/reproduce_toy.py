@@ -10,8 +10,8 @@ embedder (SmolLM2 fine-tuned on the world's caption groups, built with the world
 contrastive alignment of the LLM embedder (LLM2CLIP-style: fresh LLM2CLIP head, InfoNCE only, no stage 1, no
 L_reg); ProCLIP after stage 1; ProCLIP; ProCLIP without L_reg, without stage 1; and, not in the paper, ProCLIP
 whose stage 1 also distils the long captions the 77-token teacher sees cut (the official code's choice; off by
-default in the toy world), and ProCLIP whose stage 2 shows short captions only. Every run uses train.py's toy-world defaults (printed in RESULTS.md), changed only by the
-row's flags. Columns: zero-shot acc1 over all classes, the classes stage 2 trains on and the held-out ones, and
+default in the toy world), and ProCLIP whose stage 2 shows short captions only. Every run uses train.py's
+toy-world defaults (printed in RESULTS.md), changed only by the row's flags. Columns: zero-shot acc1 over all classes, the classes stage 2 trains on and the held-out ones, and
 retrieval R@1 both ways on short, long and translated captions. Finished runs are reused, so evaluating the same
 runs on the other split, or rerunning after an interruption, trains nothing twice.
 """
