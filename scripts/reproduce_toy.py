@@ -7,13 +7,14 @@ write RESULTS.md (mean ± std over seeds, the claims (a)-(f) and whether they ho
 
 Rows (paper section 4 and its ablations), each on one of two LLMs: the raw SmolLM2 and the toy world's stage-0
 embedder (SmolLM2 fine-tuned on the world's caption groups, built with the world). The CLIP teacher; direct
-contrastive alignment of the LLM embedder (LLM2CLIP-style: fresh LLM2CLIP head, InfoNCE only, no stage 1, no
-L_reg); ProCLIP after stage 1; ProCLIP; ProCLIP without L_reg, without stage 1; and, not in the paper, ProCLIP
-whose stage 1 also distils the long captions the 77-token teacher sees cut (the official code's choice; off by
-default in the toy world), and ProCLIP whose stage 2 shows short captions only. Every run uses train.py's
-toy-world defaults (printed in RESULTS.md), changed only by the row's flags. Columns: zero-shot acc1 over all classes, the classes stage 2 trains on and the held-out ones, and
-retrieval R@1 both ways on short, long and translated captions. Finished runs are reused, so evaluating the same
-runs on the other split, or rerunning after an interruption, trains nothing twice.
+contrastive alignment of the LLM embedder (LLM2CLIP-style: fresh LLM2CLIP head, InfoNCE only, no stage 1, no L_reg);
+ProCLIP after stage 1; ProCLIP; ProCLIP without L_struct, without L_reg, without stage 1; and, not in the paper,
+ProCLIP whose stage 1 also distils the long captions the 77-token teacher sees cut (the official code's choice; off
+by default in the toy world), and ProCLIP whose stage 2 shows short captions only. Every run uses train.py's
+toy-world defaults (printed in RESULTS.md), changed only by the row's flags. Columns: zero-shot acc1 over all
+classes, the classes stage 2 trains on and the held-out ones, and retrieval R@1 both ways on short, long and
+translated captions. Finished runs are reused, so evaluating the same runs on the other split, or rerunning after an
+interruption, trains nothing twice.
 """
 
 import argparse
@@ -43,6 +44,7 @@ VARIANTS = {
     "direct alignment (LLM2CLIP-style)": ("stage0", None, DIRECT),
     "ProCLIP stage 1 only": ("stage0", [], None),
     "ProCLIP": ("stage0", [], []),
+    "ProCLIP w/o L_struct": ("stage0", ["--struct-weight", "0"], ["--struct-weight", "0"]),
     "ProCLIP w/o L_reg": ("stage0", [], ["--reg-weight", "0"]),
     "ProCLIP w/o stage 1": ("stage0", None, ["--init", "scratch"]),
     # not in the paper: stage 1 also distils long captions against the teacher's view of their first 77 tokens
@@ -157,7 +159,7 @@ def plot(results, path):
               "short text-to-image": lambda r: r["short T→I"], "long text-to-image": lambda r: r["long T→I"],
               "languages text-to-image": lambda r: statistics.mean(r[f"{lang} T→I"] for lang in LANGUAGES)}
     colours = [(90, 90, 90), (240, 180, 120), (150, 190, 240), (220, 120, 40), (150, 150, 220), (40, 90, 200),
-               (200, 80, 80), (160, 100, 200), (60, 170, 170), (180, 160, 60)][:len(results)]
+               (200, 80, 80), (160, 100, 200), (60, 170, 170), (180, 160, 60), (110, 60, 30)][:len(results)]
     bar, gap, height, left = 14, 30, 260, 40
     width = left + len(groups) * (len(results) * bar + gap) + 260
     image = Image.new("RGB", (width, height + 60), "white")
@@ -260,7 +262,8 @@ def write_results(args, results, minutes, png, settings):
         text = open(args.output, encoding="utf-8").read()
         kept = text[text.index(marker):] if marker in text else ""
     command = "python scripts/reproduce_toy.py" + (" --quick" if args.quick else "") + \
-        f" --split {args.split} --seeds {' '.join(map(str, args.seeds))}"
+        f" --split {args.split} --seeds {' '.join(map(str, args.seeds))}" + \
+        ("".join(f' --rows "{row}"' if i == 0 else f' "{row}"' for i, row in enumerate(args.rows)) if args.rows else "")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         reused = f" ({len(REUSED)} finished training runs reused from an earlier invocation)" if REUSED else ""
