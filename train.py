@@ -28,8 +28,8 @@ from tqdm import tqdm
 from miniproclip import checkpoint as ckpt
 from miniproclip.clip import CLIP
 from miniproclip.curves import write_curves
-from miniproclip.data import DataError, ImageTextDataset, caption_texts, count_bad_images, epoch_batches, make_loader, \
-    read_rows
+from miniproclip.data import DataError, caption_texts, read_rows
+from miniproclip.loader import ImageTextDataset, count_bad_images, epoch_batches, make_loader
 from miniproclip.distributed import StopSignal, close_distributed, init_distributed
 from miniproclip.embed import ensure_text_cache
 from miniproclip import stage0

@@ -32,7 +32,8 @@ import torch
 
 import common  # bench/common.py; also puts the repository on sys.path
 from embed import WORDS, tiny_llm_folder  # bench/embed.py: caption words and the tiny Llama
-from miniproclip.data import ImageTextDataset, epoch_batches, make_loader, read_rows
+from miniproclip.data import read_rows
+from miniproclip.loader import ImageTextDataset, epoch_batches, make_loader
 from miniproclip.embed import load_cache
 
 # ----------------------------------------------------------------------------- projection assumptions

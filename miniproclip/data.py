@@ -1,43 +1,36 @@
-"""Image-caption data: reading JSONL / CSV / webdataset-tar sources, a map-style Dataset, exact DDP batching.
+"""Image-caption data: reading JSONL / CSV / webdataset-tar sources into rows (loader.py batches them).
 
 Mirrors the inputs of mlfoundations/open_clip `src/open_clip_train/data.py`: `--csv-img-key` (default "filepath"),
 `--csv-caption-key` ("title"), `--csv-separator`, and webdataset shard lists with brace expansion, several joined
 with "::"; a tar sample is the members sharing a key (`KEY.jpg` + `KEY.txt` or `KEY.json`), split as webdataset's
 `base_plus_ext` does. Where it differs from open_clip:
 - tar shards are indexed once up front (captions read, image byte offsets recorded) and images are read later by
-  seek, so every source is map-style. One seeded permutation per epoch, cut into global batches (`epoch_batches`),
+  seek, so every source is map-style. One seeded permutation per epoch, cut into global batches (`loader.epoch_batches`),
   makes a mid-epoch resume exact and a W-rank run see the same samples as a 1-rank run with a W times larger batch;
   open_clip streams shards and can do neither.
 - relative image paths resolve against the data file's folder (open_clip: against the working directory), and the
   CSV separator follows the extension unless given ("," for .csv, tab for .tsv; open_clip: always tab).
-- unreadable images are dropped in `collate` and reported, where open_clip logs and skips them in the pipeline.
+- unreadable images are dropped in `loader.collate` and reported, where open_clip logs and skips them in the pipeline.
 Rows carry the short caption and an optional long caption: the ProCLIP loader pairs each image with both.
 """
 
 import csv
-import io
 import json
 import os
 import re
-import signal
 import tarfile
 import zipfile
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_path
-from .image import ImageReadError, load_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar members that hold a sample's image, in order of preference
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: KEY (no dots).EXTENSION
 MAX_WARNINGS = 10  # malformed rows warned about one by one per read_rows call; the rest are only counted
-MAX_OPEN_SHARDS = 64  # tar files a worker process keeps open (least recently used closed first)
 INDEX_SUFFIX, INDEX_VERSION = ".index.npz", 1  # the sidecar next to each tar shard, and its format
 TAR_PREFIX = "tar://"  # Row.image of a shard's sample: "tar://<tar path>#<member>"
 
@@ -371,117 +364,3 @@ def read_rows(source: str, *, csv_img_key: str = "filepath", csv_caption_key: st
 def caption_texts(rows: Rows | list[Row]) -> list[str]:
     """Every distinct caption, short and long, in order of first appearance (the texts to embed with the LLM)."""
     return list(dict.fromkeys(text for row in rows for text in (row.caption, row.long_caption) if text is not None))
-
-
-class ImageTextDataset(Dataset):
-    """Map-style dataset over Rows. Item i: {"index", "pixels" (3, H, W) or None, "caption", "long_caption"}, plus
-    "bad_image": path when the image cannot be read. transform=None: images are not read at all (stage 1)."""
-
-    def __init__(self, rows: list[Row], transform=None, seed: int = 0):
-        self.rows, self.transform = rows, transform
-        # a random transform draws from a generator seeded by (seed, epoch, index): the same crops whatever the
-        # number of workers or ranks, and after a resume; the trainer sets `epoch` before each epoch's loader
-        self.seed, self.epoch = seed, 0
-        self._shards = OrderedDict()  # tar path -> open file of this process, least recently used first
-        self._shards_pid = os.getpid()  # the process the open files belong to
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_shards": OrderedDict()}  # spawned workers receive a copy without open files
-
-    def _read_tar_member(self, tar_path: str, offset: int, size: int) -> bytes:
-        if self._shards_pid != os.getpid():  # a forked worker: the parent's files share their read position
-            self._shards, self._shards_pid = OrderedDict(), os.getpid()
-        shard = self._shards.pop(tar_path, None) or open(tar_path, "rb")
-        self._shards[tar_path] = shard  # now the most recently used
-        if len(self._shards) > MAX_OPEN_SHARDS:
-            self._shards.popitem(last=False)[1].close()
-        shard.seek(offset)
-        return shard.read(size)
-
-    def _load_pixels(self, row: Row, index: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
-        if row.tar_member is None:
-            return self.transform(load_image(row.image), generator)
-        try:
-            data = self._read_tar_member(*row.tar_member)
-        except OSError as error:
-            raise ImageReadError(f"cannot read {row.image}: {error}") from error
-        return self.transform(load_image(io.BytesIO(data)), generator)  # a short read (truncated tar) fails to decode
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        sample = {"index": index, "pixels": None, "caption": row.caption, "long_caption": row.long_caption}
-        if self.transform is not None:
-            try:
-                sample["pixels"] = self._load_pixels(row, index)  # (3, H, W)
-            except ImageReadError:
-                sample["bad_image"] = row.image
-        return sample
-
-
-def collate(samples: list[dict]) -> dict:
-    """Batch ImageTextDataset items, dropping those whose image could not be read. Returns "indices", "pixels"
-    (B, 3, H, W), or None when images are not loaded or all were bad, "captions", "long_captions" (None where a
-    row has none) and "bad_images", the references of the dropped images, for the caller to count and log."""
-    kept = [sample for sample in samples if "bad_image" not in sample]
-    pixels = [sample["pixels"] for sample in kept if sample["pixels"] is not None]
-    return {
-        "indices": [sample["index"] for sample in kept],
-        "pixels": torch.stack(pixels) if pixels else None,  # (B, 3, H, W)
-        "captions": [sample["caption"] for sample in kept],
-        "long_captions": [sample["long_caption"] for sample in kept],
-        "bad_images": [sample["bad_image"] for sample in samples if "bad_image" in sample],
-    }
-
-
-def count_bad_images(paths, cursor, log):
-    """Unreadable images are dropped from the batch, counted, and the first 10 named."""
-    for path in paths:
-        cursor.bad_images += 1
-        if cursor.bad_images <= 10:
-            cursor.bad_image_paths.append(path)
-            log(f"skipped unreadable image {path}" + (" (further ones are only counted)"
-                                                      if cursor.bad_images == 10 else ""))
-
-
-def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
-    """This rank's row indices for each step of one epoch. A permutation seeded by (seed, epoch) is cut into global
-    batches of batch_size * world_size (the incomplete tail dropped) and rank r takes slice r of each, so the ranks'
-    step-t batches, concatenated, are the step-t batch of a 1-rank run with batch_size * world_size. Resuming
-    mid-epoch is skipping the batches already done (make_loader's start_batch)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    global_batch = batch_size * world_size
-    if num_rows < global_batch:
-        raise DataError(f"{num_rows} rows do not fill one global batch of {batch_size} x {world_size} ranks: "
-                        f"lower --batch-size")
-    # torch's CPU generator keeps only 32 bits of its seed: numpy's SeedSequence hashes the pair into them
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    order = torch.randperm(num_rows, generator=generator).tolist()
-    start = rank * batch_size  # this rank's offset inside each global batch
-    return [order[step * global_batch + start : step * global_batch + start + batch_size]
-            for step in range(num_rows // global_batch)]
-
-
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """Ctrl-C and schedulers (SLURM) signal the whole process group: a worker killed by SIGTERM would crash the
-    trainer mid-step, so workers ignore SIGINT/SIGTERM; the trainer saves and closes the loader, which ends them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0,
-                seed: int | None = None) -> DataLoader:
-    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process).
-
-    With `seed`, the workers' base seed (their torch RNG, e.g. random crops) is drawn from a generator seeded by it
-    instead of from the global RNG, which the loader would otherwise advance by one draw when iterated: at each
-    epoch start, and at a resume, where it shifts what the global RNG gives dropout after it."""
-    return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_leave_stop_signals_to_the_trainer,
-                      generator=None if seed is None else torch.Generator().manual_seed(seed))

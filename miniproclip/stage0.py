@@ -289,7 +289,7 @@ def fill_defaults(args, resumed_meta: dict | None, log) -> None:
 
 
 class GroupDataset(torch.utils.data.Dataset):
-    """Group indices for train.py's loader (data.collate's fields); the texts are drawn in `Stage0.prepare`."""
+    """Group indices for train.py's loader (loader.collate's fields); the texts are drawn in `Stage0.prepare`."""
 
     def __init__(self, groups: list[list[str]]):
         self.groups = groups

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from .clip import CLIP
-from .data import ImageTextDataset, caption_texts, make_loader
+from .data import caption_texts
+from .loader import ImageTextDataset, make_loader
 from .embed import TextEmbeddingCache, chunked, ensure_vector_cache, hash_texts
 from .embedder import folder_fingerprint
 from .stages import AUTOCAST

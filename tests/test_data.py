@@ -1,4 +1,4 @@
-"""Tests for miniproclip/data.py: every source format, malformed-row handling with exact messages, unreadable
+"""Tests for miniproclip/data.py and loader.py: every source format, malformed-row handling with exact messages, unreadable
 images dropped in collate, and the batching contracts (determinism, DDP exactness, resume, worker invariance).
 
 Pixels of solid PNGs are checked against the CLIP normalization computed by hand; images read from tar shards by
@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from miniproclip import data
-from miniproclip.data import (DataError, ImageTextDataset, Row, caption_texts, collate, epoch_batches,
-                              expand_braces, make_loader, read_rows)
+from miniproclip import data, loader
+from miniproclip.data import DataError, Row, caption_texts, expand_braces, read_rows
+from miniproclip.loader import ImageTextDataset, collate, epoch_batches, make_loader
 from miniproclip.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, load_image
 
 TRANSFORM = ImageTransform(size=8, crop_size=(8, 8))  # tiny crops keep the tests fast
@@ -138,7 +138,7 @@ def test_tar_shards_with_braces_and_joined_sources(tmp_path, shards, monkeypatch
             f.seek(offset)
             assert f.read(size) == images[name]
     # read by seek, with one open shard at a time so the least recently used one is closed and reopened
-    monkeypatch.setattr(data, "MAX_OPEN_SHARDS", 1)
+    monkeypatch.setattr(loader, "MAX_OPEN_SHARDS", 1)
     dataset = ImageTextDataset(rows, TRANSFORM)
     for index in [0, 2, 1, 3, 0]:
         assert torch.equal(dataset[index]["pixels"], TRANSFORM(load_image(io.BytesIO(images[list(images)[index]]))))

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import train
 from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
 from miniproclip.clip import CLIP
-from miniproclip.data import collate
+from miniproclip.loader import collate
 from miniproclip.losses import distillation_loss
 from miniproclip.stages import stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer

@@ -295,7 +295,7 @@ def test_ddp_accumulation_runs_with_one_gradient_all_reduce_per_step(world, tmp_
 
 def test_stage1_gather_with_grad_with_unequal_long_captions_matches_one_process(world, tmp_path):
     """2 ranks × 4 rows holding different numbers of long captions, --gather-with-grad == 1 process × 8 rows."""
-    from miniproclip.data import epoch_batches
+    from miniproclip.loader import epoch_batches
     data = write_tiny_pairs(tmp_path / "data", long_every=3)  # rows 0, 3, 6, ... have a long caption
     long_counts = [[sum(i % 3 == 0 for i in batch) for batch in epoch_batches(24, 4, seed=0, epoch=0, rank=r,
                                                                               world_size=2)] for r in (0, 1)]
@@ -361,7 +361,8 @@ def test_stage2_training_transform_is_a_seeded_random_resized_crop(world):
 def test_random_crops_are_seeded_per_sample_whatever_the_workers(world):
     """A sample's crop depends on (seed, epoch, index) only: the same with 0 or 2 workers and when read again
     (as after a resume), another in the next epoch or under another seed."""
-    from miniproclip.data import ImageTextDataset, make_loader, read_rows
+    from miniproclip.data import read_rows
+    from miniproclip.loader import ImageTextDataset, make_loader
     from miniproclip.image import ImageTransform, RandomResizedCropTransform
     rows = read_rows(world["data"])
     transform = RandomResizedCropTransform(base=ImageTransform.from_folder(world["clip"]))

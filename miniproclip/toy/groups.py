@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from ..data import epoch_batches
+from ..loader import epoch_batches
 from ..embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder
 from ..optim import cosine_lr_factor, param_groups
 from ..stage0 import (LLM2CLIP_LR, TOY_TEMPERATURE, CaptionContrastive, LoRASettings, load_stage0_llm,
