@@ -1,5 +1,5 @@
-"""Tests for miniproclip/data.py and loader.py: every source format, malformed-row handling with exact messages, unreadable
-images dropped in collate, and the batching contracts (determinism, DDP exactness, resume, worker invariance).
+"""Tests for miniproclip/data.py and loader.py: every source format, malformed-row handling with exact messages,
+unreadable images dropped in collate, and the batching contracts (determinism, DDP exactness, resume, worker invariance).
 
 Pixels of solid PNGs are checked against the CLIP normalization computed by hand; images read from tar shards by
 seek must equal the same bytes decoded directly.
