@@ -103,7 +103,6 @@ def main(argv=None):
         train(args, run, log)
     except TrainingError as err:  # a fatal condition mid-run; the last checkpoint is intact
         sys.exit(f"error: {err}")
-    close_distributed()
 
 
 # -----------------------------------------------------------------------------
@@ -323,6 +322,7 @@ def train(args, run: Run, log):
         if done:
             break
     bar.close()
+    close_distributed()  # the last collective is behind us; rank 0's end-of-run writes need no other rank
     finish_message(args, run, stop, record, log)
 
 

@@ -221,7 +221,7 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
     return {"stage 1, live teacher": step(live_stage1, loss1), "stage 1, caches": step(stage1.features, loss1),
             "stage 1, head alone": step(head_alone, loss1),
             "stage 2, live frozen teacher": step(live_stage2, loss2),
-            "stage 2, cached teacher": step(stage2.features, loss2,
+            "stage 2, cached teacher": step(stage2.features, stage2.loss,
                                             lambda b: stage2.prepare(b, np.zeros(len(rows), dtype=bool)))}
 
 

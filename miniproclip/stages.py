@@ -109,16 +109,21 @@ def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scal
 
     teacher_may_be_unknown: the teacher's features come from the image cache, where a row is NaN if its image
     could not be read when the cache was filled (teacher_cache.py). L_reg then leaves such rows out; the
-    contrastive loss keeps them (the image was read for this step). Masking costs a host sync, so only then.
+    contrastive loss keeps them (the image was read for this step). Masking costs a host sync, so the caller
+    asks for it only when it saw such a row (Stage2.loss).
     """
     scale = (logit_scale if last else logit_scale.detach()).exp()
     contrastive = clip_loss(f["image"], f["text"], scale)
     across = settings.reg_scope == "global"
     image, teacher = gather_rows(f["image"], across), gather_rows(f["teacher_image"], across)  # (B or W·B, D)
     if teacher_may_be_unknown:
-        known = ~torch.isnan(teacher[:, 0])  # (B,) rows with a cached v̂
+        known = ~torch.isnan(teacher[:, 0])  # (B or W·B,) rows with a cached v̂
         image, teacher = image[known], teacher[known]
-    reg, parts = distillation_loss(image, teacher, settings.ins_weight, settings.struct_weight, settings.reduction)
+    if image.shape[0] > 1:
+        reg, parts = distillation_loss(image, teacher, settings.ins_weight, settings.struct_weight, settings.reduction)
+    else:  # a v̂ for one row or none: no pairs, and "mean" over nothing is NaN; no L_reg this step
+        reg = image.new_zeros(())
+        parts = {"instance": reg, "structure": reg}
     total = contrastive + settings.reg_weight * reg
     return total, {"contrastive": contrastive.detach(), "reg": reg.detach(),
                    "reg_ins": parts["instance"], "reg_struct": parts["structure"], "scale": scale.detach()}
@@ -240,12 +245,14 @@ class Stage2:
         self.ema_momentum = ema_momentum
         self.teacher_truncated = 0  # stage 2 has no text teacher
         self.teacher_unknown = 0  # rows whose cached v̂ is NaN (image unreadable when the cache was filled; logged)
+        self.unknown_in_step = False  # such a row in this step's micro-batches (known on the host, no sync)
 
     def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
         """Per sample, the short or the long caption at random (the official loader): its LLM cache row."""
         index = np.asarray(batch["indices"], dtype=np.int64)
         short, long_ = self.llm.rows[index, 0], self.llm.rows[index, 1]
         batch["text_rows"] = np.where((long_ >= 0) & pick_long[index], long_, short)  # (B,)
+        self.unknown_in_step = False  # a new step
         return batch
 
     @torch.no_grad()
@@ -254,7 +261,9 @@ class Stage2:
         if self.teacher_vectors is not None:  # frozen teacher, deterministic crop: computed once, read back
             index = np.asarray(micro_batch["indices"], dtype=np.int64)
             vectors = self.teacher_vectors.cache.stored(self.teacher_vectors.rows[index, 0])  # (B, D) on the host
-            self.teacher_unknown += int(torch.isnan(vectors[:, 0]).sum())  # counted here, left out of L_reg
+            unknown = int(torch.isnan(vectors[:, 0]).sum())  # counted here, left out of L_reg
+            self.teacher_unknown += unknown
+            self.unknown_in_step |= unknown > 0
             return self.teacher_vectors.upload(vectors, self.device).float()
         with self.autocast:
             return self.teacher.encode_image(pixels)
@@ -269,8 +278,11 @@ class Stage2:
         return f
 
     def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
+        # the mask's sync only when this rank saw a NaN v̂, or always when L_reg spans every rank's rows
+        cached = self.teacher_vectors is not None
+        mask = cached and (self.unknown_in_step or (self.settings.reg_scope == "global" and distributed()))
         return stage2_loss(features, self.settings, self.clip_loss, self.model.logit_scale, last,
-                           teacher_may_be_unknown=self.teacher_vectors is not None)
+                           teacher_may_be_unknown=mask)
 
     def after_step(self) -> None:
         """Clamp the temperature to τ ≤ 100 (CLIP), then move the EMA teacher (momentum 1: it stays frozen)."""

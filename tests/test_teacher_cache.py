@@ -14,8 +14,8 @@ import train
 from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
 from miniproclip.clip import CLIP
 from miniproclip.loader import collate
-from miniproclip.losses import distillation_loss
-from miniproclip.stages import stage1_loss, stage2_loss
+from miniproclip.losses import ClipLoss, distillation_loss
+from miniproclip.stages import LossSettings, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
 
 
@@ -95,8 +95,11 @@ def test_stage2_cached_teacher_equals_the_live_one(world, tmp_path):
 def test_stage2_image_unreadable_when_the_cache_was_filled(world, tmp_path):
     """An image that could not be read at fill time has a NaN row in the image cache; when it can be read later,
     the step keeps it in the contrastive loss, leaves it out of L_reg (== L_reg of the other rows) and counts it."""
-    flags = ["--stage", "2", "--init", "scratch", "--train-crop", "center"]
+    # the caches (and so the image cache beside them) in this test's own folder: the NaN row stays here
+    flags = ["--stage", "2", "--init", "scratch", "--train-crop", "center", "--text-cache",
+             str(tmp_path / "text_cache.safetensors")]
     filled = setup_run(world, tmp_path / "fill", *flags)
+    assert os.path.dirname(filled.stage.teacher_vectors.cache.path) == str(tmp_path)
     cache, rows = filled.stage.teacher_vectors.cache, filled.stage.teacher_vectors.rows
     nan_row = int(rows[0, 0])  # row 0's image, as a failed read leaves it (teacher_cache.image_teacher_encoder)
     writable = np.memmap(cache.path, dtype=np.float32, mode="r+", offset=cache.embeddings.offset,
@@ -117,6 +120,26 @@ def test_stage2_image_unreadable_when_the_cache_was_filled(world, tmp_path):
     contrastive = run.stage.clip_loss(features["image"], features["text"], run.model.logit_scale.exp())
     assert parts["reg"].item() == pytest.approx(reg.item(), rel=1e-6) and reg.item() > 0.1
     assert loss.item() == pytest.approx(contrastive.item() + settings.reg_weight * reg.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("known_rows", [0, 1, 2])
+def test_stage2_loss_with_few_cached_teacher_rows(reduction, known_rows):
+    """A batch whose cached v̂ is NaN in all rows but `known_rows`: with fewer than 2 left, L_reg is 0 (no pairs,
+    and "mean" over nothing would be NaN), so the loss is InfoNCE alone; with 2 it is L_reg over those 2."""
+    generator = torch.Generator().manual_seed(0)
+    image, text, teacher = (torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+                            for _ in range(3))
+    teacher[known_rows:] = float("nan")
+    settings, clip_loss, logit_scale = LossSettings(reduction=reduction), ClipLoss(), torch.tensor(2.0)
+    loss, parts = stage2_loss({"image": image, "text": text, "teacher_image": teacher}, settings, clip_loss,
+                              logit_scale, teacher_may_be_unknown=True)
+    contrastive = clip_loss(image, text, logit_scale.exp())
+    reg = (distillation_loss(image[:2], teacher[:2], reduction=reduction)[0] if known_rows == 2
+           else torch.tensor(0.0))
+    assert torch.isfinite(loss) and parts["reg"].item() == pytest.approx(reg.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(contrastive.item() + reg.item(), rel=1e-6)
+    assert known_rows < 2 or reg.item() > 0.01
 
 
 @pytest.mark.parametrize("extra, dtype", [(["--train-crop", "random"], torch.bfloat16),
