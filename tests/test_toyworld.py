@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from miniproclip.toy import world as toyworld
+from miniproclip.toy import translate, world as toyworld
 from miniproclip.clip import CLIP
 from miniproclip.image import ImageTransform
 from miniproclip.tokenizer import CLIPTokenizer, build_clip_tokenizer
@@ -133,13 +133,13 @@ def test_translations(quick_world):
          "background": "dark"}
     b = {"count": 1, "size": "large", "texture": "dotted", "colour": "purple", "shape": "cross", "position": "center",
          "background": "light"}
-    assert toyworld.german(a) == "zwei kleine gestreifte blaue Quadrate links auf dunklem Hintergrund"
-    assert toyworld.german(b) == "ein großes gepunktetes violettes Kreuz in der Mitte auf hellem Hintergrund"
-    assert toyworld.TRANSLATE["fr"](a) == "deux petits carrés bleus rayés à gauche sur fond sombre"
-    assert toyworld.TRANSLATE["fr"](b) == "une grande croix violette à pois au centre sur fond clair"
-    assert toyworld.TRANSLATE["es"](a) == "dos cuadrados azules pequeños a rayas a la izquierda sobre fondo oscuro"
-    assert toyworld.TRANSLATE["es"](b) == "una cruz morada grande de lunares en el centro sobre fondo claro"
-    assert toyworld.japanese(a) == "暗い背景の左側に、小さな縞模様の青い四角形が二つある。"
+    assert translate.german(a) == "zwei kleine gestreifte blaue Quadrate links auf dunklem Hintergrund"
+    assert translate.german(b) == "ein großes gepunktetes violettes Kreuz in der Mitte auf hellem Hintergrund"
+    assert translate.TRANSLATE["fr"](a) == "deux petits carrés bleus rayés à gauche sur fond sombre"
+    assert translate.TRANSLATE["fr"](b) == "une grande croix violette à pois au centre sur fond clair"
+    assert translate.TRANSLATE["es"](a) == "dos cuadrados azules pequeños a rayas a la izquierda sobre fondo oscuro"
+    assert translate.TRANSLATE["es"](b) == "una cruz morada grande de lunares en el centro sobre fondo claro"
+    assert translate.japanese(a) == "暗い背景の左側に、小さな縞模様の青い四角形が二つある。"
     assert toyworld.english_caption(a, set(toyworld.OPTIONAL), 0) == \
         "two small striped blue squares on the left on a dark background"
     assert toyworld.english_caption({**b, "colour": "orange"}, set(), 2) == "a picture of an orange cross"

@@ -26,8 +26,8 @@ from ..optim import cosine_lr_factor, param_groups
 from ..stage0 import (LLM2CLIP_LR, TOY_TEMPERATURE, CaptionContrastive, LoRASettings, load_stage0_llm,
                       nearest_neighbour_accuracy, pick_pairs, write_merged_llm)
 from ..stages import accumulated_backward
-from .world import BACKGROUNDS, COLOURS, EN_TEMPLATES, OPTIONAL, POSITIONS, SHAPES, SIZES, TEXTURES, TRANSLATE, \
-    english_caption
+from .translate import TRANSLATE
+from .world import BACKGROUNDS, COLOURS, EN_TEMPLATES, OPTIONAL, POSITIONS, SHAPES, SIZES, TEXTURES, english_caption
 
 TRAIN_TEMPLATES = tuple(range(8))  # the held-out groups use templates 8-11, never seen in training
 # The toy embedder trains at LLM2CLIP's lr. The world's groups pair texts of different kinds (short with long,

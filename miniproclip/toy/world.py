@@ -1,17 +1,17 @@
 """The toy world: synthetic 64x64 pictures of coloured shapes, their captions, splits, eval sets and CLIP teacher.
 
-It stands in for what ProCLIP's experiments (arXiv 2510.18795, sec. 4) need and a laptop lacks: image-caption
-pairs, a pretrained CLIP (trained from scratch, `teacher.py`), long captions (ShareGPT4V/DCI-style), multilingual
-captions (XM3600-style) and ImageNet-style zero-shot folders. A picture shows 1-3 identical objects; a zero-shot
-class is a (colour, shape) pair such as "red circle". The held-out classes (all of one colour and of one shape) are
-missing from `train_stage2.jsonl` only, so the stage-2 image encoder never sees them: forgetting shows on them.
-Every picture has a short caption, a long caption (as the paper's recaptioned data has) and translations. A long
-caption is neutral filler of at least 76 CLIP tokens, then the full description, so a 77-token text encoder sees
-filler only. Translations (de, fr, es, ja) come from word tables with gender and number agreement. Splits: train
-(stages 0-2), val (every choice is made on it) and test (reported), each with retrieval sets and a zero-shot folder.
-Stage 0's groups (`stage0_groups.jsonl`) pair each training picture's short caption with its long caption and with
-its translations; no val or test text is in them. The build ends with the stage-0 embedder (SmolLM2 fine-tuned on
-those groups, `toy/groups.py`), which train.py uses by default.
+It stands in for what ProCLIP's experiments (arXiv 2510.18795, sec. 4) need and a laptop lacks: image-caption pairs,
+a pretrained CLIP (trained from scratch, `teacher.py`), long captions (ShareGPT4V/DCI-style), multilingual captions
+(XM3600-style) and ImageNet-style zero-shot folders. A picture shows 1-3 identical objects; a zero-shot class is a
+(colour, shape) pair such as "red circle". The held-out classes (all of one colour and of one shape) are missing
+from `train_stage2.jsonl` only, so the stage-2 image encoder never sees them: forgetting shows on them. Every
+picture has a short caption, a long caption (as the paper's recaptioned data has) and translations. A long caption
+is neutral filler of at least 76 CLIP tokens, then the full description, so a 77-token text encoder sees filler
+only. Translations (de, fr, es, ja) come from word tables with gender and number agreement (`translate.py`). Splits:
+train (stages 0-2), val (every choice is made on it) and test (reported), each with retrieval sets and a zero-shot
+folder. Stage 0's groups (`stage0_groups.jsonl`) pair each training picture's short caption with its long caption
+and with its translations; no val or test text is in them. The build ends with the stage-0 embedder (SmolLM2
+fine-tuned on those groups, `toy/groups.py`), which train.py uses by default.
 Deterministic given the seed; manifest.json marks finished steps, so a second or resumed build redoes only the rest.
 
     python -m miniproclip.toy.world --toy-dir toyworld --seed 0 [--quick]
@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..files import write_text_atomic
 from ..tokenizer import build_clip_tokenizer
 from .teacher import read_jsonl, train_teacher
+from .translate import TRANSLATE
 
 # -----------------------------------------------------------------------------
 # the world's attributes (English names are the canonical values)
@@ -179,77 +180,6 @@ def long_caption(a: dict, rng: np.random.Generator, filler_tokens: list[int], le
     chosen = order[: int(np.argmax(prefix_tokens >= MIN_FILLER_TOKENS)) + 1]
     filler = " ".join(FILLER[i] for i in chosen)
     return f"{filler} {EN_LONG_LEADS[lead]} {english_caption(a, set(OPTIONAL), 0)}."
-
-
-# -----------------------------------------------------------------------------
-# translations of the full short caption (count, size, texture, colour, shape, position, background)
-
-DE_NOUNS = {"circle": ("Kreis", "Kreise", "m"), "square": ("Quadrat", "Quadrate", "n"),
-            "triangle": ("Dreieck", "Dreiecke", "n"), "star": ("Stern", "Sterne", "m"),
-            "cross": ("Kreuz", "Kreuze", "n"), "diamond": ("Raute", "Rauten", "f")}
-DE = {"small": "klein", "large": "groß", "plain": "einfarbig", "striped": "gestreift", "dotted": "gepunktet",
-      "red": "rot", "green": "grün", "blue": "blau", "yellow": "gelb", "purple": "violett", "orange": "orangefarben",
-      "left": "links", "right": "rechts", "top": "oben", "bottom": "unten", "center": "in der Mitte",
-      "dark": "auf dunklem Hintergrund", "gray": "auf grauem Hintergrund", "light": "auf hellem Hintergrund"}
-FR = {"small": "petit", "large": "grand", "plain": "uni", "striped": "rayé", "dotted": "à pois", "red": "rouge",
-      "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet", "orange": "orange", "circle": "cercle",
-      "square": "carré", "triangle": "triangle", "star": "étoile", "cross": "croix", "diamond": "losange",
-      "left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas", "center": "au centre",
-      "dark": "sur fond sombre", "gray": "sur fond gris", "light": "sur fond clair", 2: "deux", 3: "trois"}
-ES = {"small": "pequeño", "large": "grande", "plain": "liso", "striped": "a rayas", "dotted": "de lunares",
-      "red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado", "orange": "naranja",
-      "circle": "círculo", "square": "cuadrado", "triangle": "triángulo", "star": "estrella", "cross": "cruz",
-      "diamond": "rombo", "left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo",
-      "center": "en el centro", "dark": "sobre fondo oscuro", "gray": "sobre fondo gris",
-      "light": "sobre fondo claro", 2: "dos", 3: "tres"}
-JA = {"small": "小さな", "large": "大きな", "plain": "無地の", "striped": "縞模様の", "dotted": "水玉模様の",
-      "red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の", "orange": "オレンジ色の",
-      "circle": "円", "square": "四角形", "triangle": "三角形", "star": "星", "cross": "十字", "diamond": "ひし形",
-      "left": "左側", "right": "右側", "top": "上部", "bottom": "下部", "center": "中央",
-      "dark": "暗い", "gray": "灰色の", "light": "明るい", 1: "一つ", 2: "二つ", 3: "三つ"}
-ROMANCE_FEMININE = {"star", "cross"}  # étoile, croix / estrella, cruz; the other shapes are masculine
-INVARIABLE = {"orange", "naranja", "à pois", "a rayas", "de lunares"}
-
-
-def romance_form(word: str, feminine: bool, plural: bool, spanish: bool) -> str:
-    """French or Spanish gender and number agreement of the (regular) words in the tables above."""
-    if word in INVARIABLE:
-        return word
-    if spanish:  # rojo -> roja -> rojas; azul -> azules; cruz -> cruces
-        word = word[:-1] + "a" if feminine and word.endswith("o") else word
-        return word if not plural else "cruces" if word == "cruz" else word + ("s" if word[-1] in "aeo" else "es")
-    if feminine:  # vert -> verte, rayé -> rayée, violet -> violette; rouge stays
-        word = "violette" if word == "violet" else word if word.endswith("e") else word + "e"
-    return word + "s" if plural and word[-1] not in "sx" else word  # croix stays croix
-
-
-def german(a: dict) -> str:
-    singular, plural, gender = DE_NOUNS[a["shape"]]
-    if a["count"] == 1:  # "ein kleiner roter Kreis": strong adjective endings after the indefinite article
-        head, ending, noun = ("eine" if gender == "f" else "ein"), {"m": "er", "n": "es", "f": "e"}[gender], singular
-    else:  # "zwei kleine rote Kreise"
-        head, ending, noun = ("zwei", "drei")[a["count"] - 2], "e", plural
-    adjectives = " ".join(DE[a[k]] + ending for k in ("size", "texture", "colour"))
-    return f"{head} {adjectives} {noun} {DE[a['position']]} {DE[a['background']]}"
-
-
-def romance(a: dict, spanish: bool) -> str:
-    """French: size before the noun, colour and texture after it; Spanish: colour, size and texture after it."""
-    words, f, pl = ES if spanish else FR, a["shape"] in ROMANCE_FEMININE, a["count"] > 1
-    keys = ("size", "texture", "colour", "shape")
-    form = {k: romance_form(words[a[k]], f and k != "shape", pl, spanish) for k in keys}
-    head = (("una" if spanish else "une") if f else "un") if not pl else words[a["count"]]
-    middle = "{shape} {colour} {size} {texture}" if spanish else "{size} {shape} {colour} {texture}"
-    return f"{head} {middle.format(**form)} {words[a['position']]} {words[a['background']]}"
-
-
-def japanese(a: dict) -> str:
-    # "暗い背景の左側に、小さな縞模様の青い四角形が二つある。": on the dark background's left side, two small ... are.
-    return (f"{JA[a['background']]}背景の{JA[a['position']]}に、{JA[a['size']]}{JA[a['texture']]}{JA[a['colour']]}"
-            f"{JA[a['shape']]}が{JA[a['count']]}ある。")
-
-
-TRANSLATE = {"de": german, "fr": lambda a: romance(a, False), "es": lambda a: romance(a, True), "ja": japanese}
 
 
 # -----------------------------------------------------------------------------
