@@ -108,16 +108,17 @@ def fill_defaults(args):
         heldout = os.path.join(args.toy_dir, "zeroshot", "heldout_classes.txt")  # optional in a toy world
         args.heldout_classes = args.heldout_classes or (heldout if os.path.exists(heldout) else None)
     if args.model:
-        # an exported folder (python -m miniproclip.export) has no training cache: its texts are cached inside it
-        exported = os.path.isfile(os.path.join(args.model, EXPORT_JSON))
-        args.model = os.path.normpath(args.model) if exported else resolve_checkpoint(args.model)
-        if exported:
+        if os.path.isfile(os.path.join(args.model, EXPORT_JSON)):  # an exported folder (python -m miniproclip.export)
+            args.model = folder = os.path.normpath(args.model)
+            step = "export"
+            # it has no training cache: its texts are cached inside it
             args.text_cache = args.text_cache or os.path.join(args.model, "text_cache.safetensors")
+        else:
+            args.model = resolve_checkpoint(args.model)
+            folder, step = os.path.dirname(args.model), os.path.basename(args.model).removesuffix(".safetensors")
         if args.output is None:  # results go beside the checkpoint (or into the exported folder) they belong to
             name = os.path.splitext(os.path.basename(os.path.normpath(args.dataset)))[0]
             name += f"_{args.language}" if args.language else ""
-            step = "export" if exported else os.path.basename(args.model).removesuffix(".safetensors")
-            folder = args.model if exported else os.path.dirname(args.model)
             args.output = os.path.join(folder, f"eval_{args.task}_{name}_{step}.json")
     try:
         args.ks = tuple(int(k) for k in args.ks.split(","))

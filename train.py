@@ -16,7 +16,6 @@ model math in miniproclip/ (model.py; stages.py holds each stage's features and 
 """
 
 import contextlib
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,7 @@ from miniproclip.lora import lora_state_dict
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.optim import cosine_lr_factor, param_groups
-from miniproclip.params import fill_defaults, parse_args
+from miniproclip.params import fill_defaults, fill_run_defaults, parse_args
 from miniproclip.stages import AUTOCAST, LossSettings, Stage1, Stage2, TextSide, accumulated_backward, split
 from miniproclip.teacher_cache import stage_teachers
 from miniproclip.weights import ModelFolderError
@@ -172,9 +171,7 @@ def setup(args, rank, world, log) -> Run:
     train_state = ckpt.load_train_state(resume_path) if resume_path else None  # a bad one fails here, not mid-run
     (stage0.fill_defaults(args, resumed_meta, log) if args.stage == 0 else
      fill_defaults(args, resumed_meta, init_meta, log))
-    # every stage: bf16 autocast on GPUs, fp32 on CPUs (bf16 matmuls are slow on most of them); a fresh run folder
-    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
-    args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    fill_run_defaults(args)
     if rank == 0:
         ckpt.check_writable(args.output)
     torch.manual_seed(args.seed)

@@ -1,12 +1,13 @@
 """train.py's flags (open_clip's params.py) and the defaults that depend on other flags or on the toy world.
 
-argparse leaves the stage-dependent defaults None; `fill_defaults` sets them once the checkpoint being resumed or
-started from and the data are known. `args.given_flags` lists the flags typed on the command line: a resumed run
+argparse leaves the stage-dependent defaults None; `fill_defaults` (stages 1-2) and `fill_run_defaults` (every
+stage) set them once the checkpoint being resumed or started from and the data are known. `args.given_flags` lists the flags typed on the command line: a resumed run
 takes every other setting from its checkpoint (checkpoint.inherit_run_settings).
 """
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -156,3 +157,10 @@ def fill_defaults(args, resumed_meta, init_meta, log):
     if args.skip_truncated_long is None:
         args.skip_truncated_long = toy
     args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
+
+
+def fill_run_defaults(args) -> None:
+    """Every stage's (after `fill_defaults` or stage0.fill_defaults): bf16 autocast on GPUs, fp32 on CPUs (bf16
+    matmuls are slow on most of them), and a fresh run folder."""
+    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -263,7 +263,7 @@ def write_results(args, results, minutes, png, settings):
         kept = text[text.index(marker):] if marker in text else ""
     command = "python scripts/reproduce_toy.py" + (" --quick" if args.quick else "") + \
         f" --split {args.split} --seeds {' '.join(map(str, args.seeds))}" + \
-        ("".join(f' --rows "{row}"' if i == 0 else f' "{row}"' for i, row in enumerate(args.rows)) if args.rows else "")
+        (" --rows " + " ".join(f'"{row}"' for row in args.rows) if args.rows else "")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         reused = f" ({len(REUSED)} finished training runs reused from an earlier invocation)" if REUSED else ""
