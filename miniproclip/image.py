@@ -7,13 +7,18 @@ The output equals HF's to float32 rounding. openai/CLIP's torchvision `_transfor
 the crop offset with round() where HF floors, and drops alpha where HF (5.x) composites it onto white.
 
 `RandomResizedCropTransform` is the training transform of the official ProCLIP code (open_clip's
-`RandomResizedCrop(scale=(0.9, 1.0))`, bicubic, then the same rescale and normalization): stage 2's default.
+`RandomResizedCrop(scale=(0.9, 1.0))`, bicubic, then the same rescale and normalization): stage 2's default. Its
+`load` reads a file itself: it draws the crop box on the file's size before decoding, so a JPEG is decoded at 1/2,
+1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's `draft`) whenever the crop still has the output resolution
+there; the box and the random draws are the same as without it, only the pixels the resize reads are the reduced
+decode's (bench/loader.py: the speed-up and the pixel difference).
 """
 
 import dataclasses
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +41,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and decode an image file as RGB; raise ImageReadError naming the path if that fails."""
+@contextmanager
+def opened_image(source):
+    """`Image.open(source)` (a path or a binary file) for a with block, not decoded yet (a JPEG can still be
+    drafted); failing to open it, or to decode it inside the block, raises ImageReadError naming `source`."""
     try:
-        with Image.open(path) as image:
-            return to_rgb(image)  # convert() decodes the whole file, so truncated data fails here
+        with Image.open(source) as image:
+            yield image
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
+        raise ImageReadError(f"cannot read image {source}: {error}") from error
+
+
+def load_image(source) -> Image.Image:
+    """Open and decode an image file (a path or a binary file) as RGB; ImageReadError naming it if that fails."""
+    with opened_image(source) as image:
+        return to_rgb(image)  # convert() decodes the whole file, so truncated data fails here
 
 
 def resize_output_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -165,6 +178,28 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
 
 
+DCT_SCALES = (8, 4, 2)  # the size reductions libjpeg's scaled inverse DCT decodes at, largest first
+
+
+def jpeg_draft_scale(crop_width: int, crop_height: int, out_width: int, out_height: int) -> int:
+    """The largest s of 8, 4, 2 at which a crop_width × crop_height crop still has ≥ out_width × out_height
+    pixels, so that the resize after a 1/s decode still only shrinks; 1 if none."""
+    return next((s for s in DCT_SCALES if crop_width >= s * out_width and crop_height >= s * out_height), 1)
+
+
+def draft_jpeg(image: Image.Image, crop_width: int, crop_height: int, out_width: int, out_height: int) -> int:
+    """Make an opened, not yet decoded JPEG decode at 1/s of its size, s = jpeg_draft_scale(...), and return s:
+    original pixel coordinates divided by s are the drafted image's. 1 (nothing changed) for other formats."""
+    scale = jpeg_draft_scale(crop_width, crop_height, out_width, out_height)
+    if scale == 1 or image.format != "JPEG":
+        return 1
+    width, height = image.size
+    # Pillow decodes at the largest s of 8, 4, 2, 1 with min(width // request_w, height // request_h) >= s: this
+    # request gives exactly `scale`, and libjpeg's output is ceil(size / scale)
+    image.draft("RGB", (width // scale, height // scale))
+    return scale if image.size == (-(-width // scale), -(-height // scale)) else 1  # a no-op draft: full size
+
+
 @dataclass(kw_only=True)
 class RandomResizedCropTransform:
     """Training transform: a random crop of 90-100% of the image's area, resized to the model's input size.
@@ -176,14 +211,39 @@ class RandomResizedCropTransform:
     scale: tuple[float, float] = (0.9, 1.0)  # area fraction (official ProCLIP / open_clip stage-2 setting)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (torchvision's default)
     generator: torch.Generator | None = None
+    draft: bool = True  # load(): decode a JPEG at reduced size (DCT scaling) where the crop allows it
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """PIL image -> (3, H, W) float32 pixels, H, W = base.crop_size (or base.size when square)."""
         if self.base.convert_rgb:
             image = to_rgb(image)
-        out_height, out_width = self.base.crop_size or (self.base.size, self.base.size)
         left, top, width, height = random_resized_crop_box(image.width, image.height, self.scale, self.ratio,
                                                            generator or self.generator)
-        image = image.resize((out_width, out_height), resample=Image.Resampling(self.base.resample),
-                             box=(left, top, left + width, top + height))  # crop and resize in one PIL call
+        return self._crop(image, (left, top, left + width, top + height))
+
+    def load(self, source, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Read an image file (a path or a binary file) and transform it: the pixels of
+        `self(load_image(source), generator)` (equal for every format but JPEG), with the same crop box and the same
+        draws from the generator, but a JPEG whose crop is ≥ 2× the output size in both dimensions is decoded at
+        1/2, 1/4 or 1/8 size (`draft_jpeg`), which costs a fraction of the full decode and of the resize after it.
+        Raises ImageReadError if the file cannot be opened or decoded."""
+        out_width, out_height = self._output_size()
+        with opened_image(source) as image:
+            # the box is drawn on the file's own size, before anything is decoded
+            left, top, width, height = random_resized_crop_box(image.width, image.height, self.scale, self.ratio,
+                                                               generator or self.generator)
+            scale = draft_jpeg(image, width, height, out_width, out_height) if self.draft else 1
+            image = to_rgb(image)  # decodes (at 1/scale of the size); a broken file fails here
+        box = (left, top, left + width, top + height)
+        return self._crop(image, box if scale == 1 else tuple(coordinate / scale for coordinate in box))
+
+    def _output_size(self) -> tuple[int, int]:
+        """(width, height) of the output."""
+        out_height, out_width = self.base.crop_size or (self.base.size, self.base.size)
+        return out_width, out_height
+
+    def _crop(self, image: Image.Image, box: tuple[float, float, float, float]) -> torch.Tensor:
+        """Resize the (left, top, right, bottom) box of `image` to the output size, then rescale and normalize."""
+        image = image.resize(self._output_size(), resample=Image.Resampling(self.base.resample),
+                             box=box)  # crop and resize in one PIL call; a fractional box is sampled exactly
         return dataclasses.replace(self.base, size=None, crop_size=None)(image)  # rescale + normalize only

@@ -1,7 +1,8 @@
 """From rows to training batches: the map-style Dataset, exact DDP batching and the DataLoader.
 
 `ImageTextDataset` reads a row's image (a file, or a tar member by seek at the offset data.py recorded) and applies
-the transform; an unreadable image becomes a "bad_image" sample that `collate` drops and the trainer counts.
+the transform (one with a `load` method, stage 2's random crop, reads the file itself, to decode a JPEG at reduced
+size when its crop allows it); an unreadable image becomes a "bad_image" sample that `collate` drops and the trainer counts.
 `epoch_batches` cuts one seeded permutation per epoch into global batches, so a W-rank run sees the same samples as
 a 1-rank run with a W times larger batch, and a mid-epoch resume skips exactly the batches already done.
 """
@@ -52,12 +53,14 @@ class ImageTextDataset(Dataset):
     def _load_pixels(self, row: Row, index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
         if row.tar_member is None:
-            return self.transform(load_image(row.image), generator)
-        try:
-            data = self._read_tar_member(*row.tar_member)
-        except OSError as error:
-            raise ImageReadError(f"cannot read {row.image}: {error}") from error
-        return self.transform(load_image(io.BytesIO(data)), generator)  # a short read (truncated tar) fails to decode
+            source = row.image
+        else:
+            try:
+                source = io.BytesIO(self._read_tar_member(*row.tar_member))  # a short read fails to decode
+            except OSError as error:
+                raise ImageReadError(f"cannot read {row.image}: {error}") from error
+        load = getattr(self.transform, "load", None)  # a transform that opens the file itself (JPEG draft)
+        return load(source, generator) if load else self.transform(load_image(source), generator)
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
