@@ -18,7 +18,8 @@ from PIL import Image
 from miniproclip import data, loader
 from miniproclip.data import DataError, Row, caption_texts, expand_braces, read_rows
 from miniproclip.loader import ImageTextDataset, collate, epoch_batches, make_loader
-from miniproclip.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, load_image
+from miniproclip.image import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, RandomResizedCropTransform,
+                               load_image)
 
 TRANSFORM = ImageTransform(size=8, crop_size=(8, 8))  # tiny crops keep the tests fast
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -265,13 +266,17 @@ def bad_image_rows(tmp_path, shards):
     return rows, tmp_path
 
 
-def test_bad_images_dropped_in_collate_and_reported(bad_image_rows):
+@pytest.mark.parametrize("transform", [TRANSFORM, RandomResizedCropTransform(base=TRANSFORM)],
+                         ids=["eval transform", "training crop (its own load: JPEG draft)"])
+def test_bad_images_dropped_in_collate_and_reported(bad_image_rows, transform):
+    """Through the eval transform and the training crop, which opens files itself and drafts the 64×64 truncated
+    JPEG to 1/4 before it fails to decode."""
     rows, folder = bad_image_rows
     # a shard that disappears after indexing (a lost disk) also gives bad images, not a crash
     write_tar(folder / "gone.tar", {"0.png": image_bytes(RED), "0.txt": b"gone"})
     rows = rows + read_rows(str(folder / "gone.tar"))
     (folder / "gone.tar").unlink()
-    dataset = ImageTextDataset(rows, TRANSFORM)
+    dataset = ImageTextDataset(rows, transform)
     batch = collate([dataset[index] for index in range(len(rows))])
     assert batch["bad_images"] == [str(folder / name) for name in ["corrupt.jpg", "empty.jpg", "missing.jpg",
                                                                    "truncated.jpg"]] + \
