@@ -2,7 +2,8 @@
 
 `ImageTextDataset` reads a row's image (a file, or a tar member by seek at the offset data.py recorded) and applies
 the transform (one with a `load` method, stage 2's random crop, reads the file itself, to decode a JPEG at reduced
-size when its crop allows it); an unreadable image becomes a "bad_image" sample that `collate` drops and the trainer counts.
+size when its crop allows it); an unreadable image becomes a "bad_image" sample that `collate` drops and the
+trainer counts.
 `epoch_batches` cuts one seeded permutation per epoch into global batches, so a W-rank run sees the same samples as
 a 1-rank run with a W times larger batch, and a mid-epoch resume skips exactly the batches already done.
 """
