@@ -1,7 +1,8 @@
 """Smoke test of the benchmark scripts (bench/): each runs end to end with --quick (tiny random models) and prints
 its table, its machine line, and numbers that make sense (finite times, outputs equal to the reference).
 
-The speed numbers themselves are not asserted: speed claims come from the full benchmarks (BENCHMARKS.md),
+The speed numbers themselves are not asserted (only arithmetic derived from them, such as bench/loader.py's
+workers per GPU): speed claims come from the full benchmarks (BENCHMARKS.md),
 measured in one run on one machine, not from timed tests. The scripts run on one thread here: at these tiny shapes
 a second OpenMP thread on a busy 2-core runner only adds waiting (about 35 s in all instead of 60 s).
 """
@@ -99,3 +100,25 @@ def test_gpu_check_quick():
     for row in runs.values():
         assert row[1] == "ok" and row[3] == "2" and 0 < float(row[4]) < 1e4  # 2 steps, a finite loss
     assert re.search(r"^gpu_check: \d+ s in all", output, re.M)
+
+
+def test_loader_quick():
+    """Per-worker loading, JPEG draft vs full decode: the 1024-px photos decode at 1/2 and stay within a level of
+    255 of the full decode, the 500×375 ones are not drafted and come out identical; the projection's arithmetic."""
+    output = run("loader.py", timeout=120)
+    small, large, _, *epochs = table_rows(output)  # two tables; the second's header is the `_` row
+    assert [small[0], large[0]] == ["500×375", "1024×768"]
+    assert small[2] == "full: 4" and large[2] == "1/2: 4"  # which decodes were drafted (4 images per size)
+    assert float(small[6]) == 0 and 0 < float(large[6]) < 1  # mean |diff| in levels of 0..255
+    per_gpu = float(re.search(r"= ([\d,]+) images/s per H100", output).group(1).replace(",", ""))
+    assert 2000 < per_gpu < 4000  # 40% of 989 TFLOP/s over ≈ 135 GFLOP per image
+    for row, epoch in zip((small, large), epochs):
+        plain, draft = float(row[3]), float(row[4])
+        assert plain > 0 and draft > 0 and float(row[5].split()[0]) > 0
+        # workers per H100: the GPU's images/s over one worker's (rates are printed rounded)
+        assert int(row[7]) == pytest.approx(per_gpu / plain, abs=1.5) and int(row[8]) >= 1
+        # the epoch table: 104 workers load 104 × a worker's rate; an epoch is 3.0M images at the slower side's rate
+        loading = float(epoch[1].replace(",", ""))
+        assert loading == pytest.approx(104 * plain, rel=0.01)
+        assert float(epoch[3]) == pytest.approx(3.0e6 / min(loading, 8 * per_gpu) / 60, rel=0.05, abs=0.06)
+        assert float(epoch[5]) == pytest.approx(3.0e6 / (8 * per_gpu) / 60, abs=0.06)
