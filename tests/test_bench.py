@@ -3,8 +3,8 @@ its table, its machine line, and numbers that make sense (finite times, outputs 
 
 The speed numbers themselves are not asserted (only arithmetic derived from them, such as bench/loader.py's
 workers per GPU): speed claims come from the full benchmarks (BENCHMARKS.md), measured in one run on one machine,
-not from timed tests. The scripts run on one thread here: at these tiny shapes
-a second OpenMP thread on a busy 2-core runner only adds waiting (about 35 s in all instead of 60 s).
+not from timed tests. The scripts run on one thread here: at these tiny shapes a second OpenMP thread on a busy
+2-core runner only adds waiting (about 35 s in all instead of 60 s).
 """
 
 import re
