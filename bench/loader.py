@@ -8,8 +8,8 @@ ways, interleaved pass by pass over the same files (common.interleaved_times):
 - draft: draw the crop box on the file's size first, and let libjpeg decode at 1/2, 1/4 or 1/8 size (Pillow's
   `draft`) when the crop still has ≥ 224 pixels a side there (`RandomResizedCropTransform.load`, now the default).
 The photos are generated: quality-90 JPEGs of web photos' sizes (500×375, 1024×768, 2048×1536) with a photo's
-spectrum (1/f^1.35 luminance, smoother colour, sensor-like grain), 2-3 bits per pixel as web JPEGs of that quality;
-the table prints their bytes. "mean |diff|" is the mean absolute difference of the two ways' 224×224 outputs in
+spectrum (1/f^1.35 luminance, smoother colour, sensor-like grain): about 2-3 bits per pixel, as web photos at that
+quality (the table prints their bytes). "mean |diff|" is the mean absolute difference of the two ways' 224×224 outputs in
 levels of 0..255 (same crop boxes; only the decode differs).
 
 Workers per GPU: the images/s one H100 consumes in a stage-2 step, derived, not measured: the FLOPs of the step per
