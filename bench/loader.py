@@ -17,8 +17,8 @@ image counted by bench/train_step.py (BENCHMARKS.md: 1.07 TFLOP for a step of 8 
 text head at the paper's 4096-wide LLM embeddings, at the H100 peak and MFU of BENCHMARKS.md's paper-scale
 projection (bench/scale.py). The CC3M epoch assumes one core per worker as fast as this machine's.
 
-    python bench/loader.py            # 3 sizes, 48 images each, 7 rounds (about a minute on one core)
-    python bench/loader.py --quick    # 2 sizes, 4 images each, 2 rounds (the CI smoke test)
+    python bench/loader.py            # 3 sizes, 48-144 images each, 11 rounds (about a minute on one core)
+    python bench/loader.py --quick    # 2 sizes, 4-12 images each, 2 rounds (the CI smoke test)
 """
 
 import argparse
@@ -41,7 +41,9 @@ from miniproclip.image import OPENAI_CLIP_STD, ImageTransform, RandomResizedCrop
 from miniproclip.loader import ImageTextDataset
 from scale import DATASETS, GPU_PEAK, MFU  # bench/scale.py: the paper-scale projection's H100 and data sets
 
-SIZES = [(500, 375), (1024, 768), (2048, 1536)]  # (width, height) of the photos, one table row each
+# (width, height) of the photos, one table row each -> how many times --images rows a pass reads: small photos load
+# fast, and more of them keep a pass long enough (≈ 0.5 s) that a burst of load on a shared machine averages out
+SIZES = {(500, 375): 3, (1024, 768): 1, (2048, 1536): 1}
 QUALITY = 90
 # Stage-2 step FLOPs per image: bench/train_step.py's count (ViT-B/16 student forward + backward, frozen teacher
 # forward, a 576-wide head) plus the head at the paper's width (d = 4096, r = 8: 2 × 8d² weights, 6 FLOPs per weight
@@ -96,10 +98,10 @@ def level_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() * std).mean().item() * 255
 
 
-def measure(folder: Path, width: int, height: int, args) -> dict:
-    """Both ways over `args.images` rows of `args.photos` distinct photos: times, pixel difference, scales used."""
+def measure(folder: Path, width: int, height: int, count: int, args) -> dict:
+    """Both ways over `count` rows of `args.photos` distinct photos: times, pixel difference, scales used."""
     paths = write_photos(folder, width, height, args.photos)
-    rows = [Row(str(paths[i % len(paths)]), "a photo") for i in range(args.images)]  # every row its own crop
+    rows = [Row(str(paths[i % len(paths)]), "a photo") for i in range(count)]  # every row its own crop
     datasets = {way: ImageTextDataset(rows, RandomResizedCropTransform(base=ImageTransform(), draft=way == "draft"))
                 for way in ("plain", "draft")}
     with counted_scales() as scales:  # untimed: the two ways' outputs, and which decodes were drafted
@@ -108,7 +110,7 @@ def measure(folder: Path, width: int, height: int, args) -> dict:
     passes = {way: (lambda dataset=dataset: [dataset[i]["pixels"] for i in range(len(rows))])
               for way, dataset in datasets.items()}
     times = common.interleaved_times(passes, torch.device("cpu"), warmup=1, repeats=args.repeats)
-    return {"size": (width, height), "bytes": statistics.mean(path.stat().st_size for path in paths),
+    return {"size": (width, height), "images": count, "bytes": statistics.mean(path.stat().st_size for path in paths),
             "scales": scales, "difference": statistics.mean(differences), "times": times,
             "rate": {way: len(rows) / statistics.median(seconds) for way, seconds in times.items()}}
 
@@ -153,19 +155,23 @@ def epoch_table(results: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Stage-2 image loading per worker: JPEG draft vs full decode.")
     common.add_machine_args(parser)
-    parser.add_argument("--images", type=int, default=None, help="rows per size and pass (default 48; 4 --quick)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="rows a pass reads per size, 3× that for 500×375 (default 48; 4 --quick)")
     parser.add_argument("--photos", type=int, default=None, help="distinct photos per size (default 16; 2 --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed passes per way (default 7; 2 --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes per way (default 11; 2 --quick)")
     args = parser.parse_args(argv)
     args.threads = args.threads or 1  # a DataLoader worker runs torch on one thread
     common.setup(args)
     args.images = args.images or (4 if args.quick else 48)
     args.photos = args.photos or (2 if args.quick else 16)
-    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.repeats = args.repeats or (2 if args.quick else 11)
     with tempfile.TemporaryDirectory() as folder:
-        results = [measure(Path(folder), width, height, args) for width, height in SIZES[:2 if args.quick else 3]]
-    print(f"Stage-2 image pipeline per worker, quality-{QUALITY} JPEGs, {args.images} images per size "
-          f"({args.photos} distinct photos), median of {args.repeats} interleaved passes per way:")
+        results = [measure(Path(folder), width, height, args.images * factor, args)
+                   for (width, height), factor in list(SIZES.items())[:2 if args.quick else 3]]
+    print(f"Stage-2 image pipeline per worker, quality-{QUALITY} JPEGs, "
+          + ", ".join(f"{r['images']} {r['size'][0]}×{r['size'][1]}" for r in results)
+          + f" images a pass ({args.photos} distinct photos of each size), median of {args.repeats} interleaved "
+          "passes per way:")
     print(speed_table(results))
     print(f"\nA CC3M epoch ({DATASETS['CC3M'] / 1e6:.1f}M images) on one node of {GPUS_PER_NODE} H100s and "
           f"{NODE_CORES} cores, one per training process and one per loader worker:")

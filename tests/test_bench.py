@@ -108,7 +108,7 @@ def test_loader_quick():
     output = run("loader.py", timeout=120)
     small, large, _, *epochs = table_rows(output)  # two tables; the second's header is the `_` row
     assert [small[0], large[0]] == ["500×375", "1024×768"]
-    assert small[2] == "full: 4" and large[2] == "1/2: 4"  # which decodes were drafted (4 images per size)
+    assert small[2] == "full: 12" and large[2] == "1/2: 4"  # which decodes were drafted (4 images, 12 of 500×375)
     assert float(small[6]) == 0 and 0 < float(large[6]) < 1  # mean |diff| in levels of 0..255
     per_gpu = float(re.search(r"= ([\d,]+) images/s per H100", output).group(1).replace(",", ""))
     assert 2000 < per_gpu < 4000  # 40% of 989 TFLOP/s over ≈ 135 GFLOP per image
