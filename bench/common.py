@@ -44,8 +44,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(contenders: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each `name -> fn()`, after `warmup` calls each, with calls alternating between them."""
+def interleaved_times(contenders: dict, device: torch.device, warmup: int, repeats: int,
+                      clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each `name -> fn()`, after `warmup` calls each, with calls alternating between them.
+    `clock`: wall time by default; time.process_time counts only this process's CPU time (single-threaded work on
+    a shared machine, where waiting for a core is not the work's cost)."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
@@ -53,10 +56,10 @@ def interleaved_times(contenders: dict, device: torch.device, warmup: int, repea
     for _ in range(repeats):
         for name, fn in contenders.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

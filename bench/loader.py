@@ -3,7 +3,9 @@
 Each image goes through what a DataLoader worker of train.py runs for stage 2: `ImageTextDataset.__getitem__` with
 the training crop (`RandomResizedCropTransform` on CLIP's preprocessing: read the file, decode, RandomResizedCrop of
 90-100% of the area to 224×224, bicubic, rescale and normalise), on one thread, as a DataLoader worker runs. Two
-ways, interleaved pass by pass over the same files (common.interleaved_times):
+ways, interleaved pass by pass over the same files (common.interleaved_times), each timed in CPU seconds of this
+process (what a worker costs on a core of its own; wall time on the shared 2-core machine also counts the waits
+for a core that other work holds):
 - plain: decode the whole JPEG, then crop and resize (`draft=False`, the code before this change);
 - draft: draw the crop box on the file's size first, and let libjpeg decode at 1/2, 1/4 or 1/8 size (Pillow's
   `draft`) when the crop still has ≥ 224 pixels a side there (`RandomResizedCropTransform.load`, now the default).
@@ -26,6 +28,7 @@ import math
 import statistics
 import sys
 import tempfile
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,7 +112,9 @@ def measure(folder: Path, width: int, height: int, count: int, args) -> dict:
                        for i in range(len(rows))]
     passes = {way: (lambda dataset=dataset: [dataset[i]["pixels"] for i in range(len(rows))])
               for way, dataset in datasets.items()}
-    times = common.interleaved_times(passes, torch.device("cpu"), warmup=1, repeats=args.repeats)
+    # CPU time of this process: a worker's cost on a core of its own, whatever else the shared machine runs
+    times = common.interleaved_times(passes, torch.device("cpu"), warmup=1, repeats=args.repeats,
+                                     clock=time.process_time)
     return {"size": (width, height), "images": count, "bytes": statistics.mean(path.stat().st_size for path in paths),
             "scales": scales, "difference": statistics.mean(differences), "times": times,
             "rate": {way: len(rows) / statistics.median(seconds) for way, seconds in times.items()}}
@@ -171,7 +176,7 @@ def main(argv=None):
     print(f"Stage-2 image pipeline per worker, quality-{QUALITY} JPEGs, "
           + ", ".join(f"{r['images']} {r['size'][0]}×{r['size'][1]}" for r in results)
           + f" images a pass ({args.photos} distinct photos of each size), median of {args.repeats} interleaved "
-          "passes per way:")
+          "passes per way, in CPU seconds of this process (one thread):")
     print(speed_table(results))
     print(f"\nA CC3M epoch ({DATASETS['CC3M'] / 1e6:.1f}M images) on one node of {GPUS_PER_NODE} H100s and "
           f"{NODE_CORES} cores, one per training process and one per loader worker:")
