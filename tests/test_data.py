@@ -269,8 +269,7 @@ def bad_image_rows(tmp_path, shards):
 @pytest.mark.parametrize("transform", [TRANSFORM, RandomResizedCropTransform(base=TRANSFORM)],
                          ids=["eval transform", "training crop (its own load: JPEG draft)"])
 def test_bad_images_dropped_in_collate_and_reported(bad_image_rows, transform):
-    """Through the eval transform and the training crop, which opens files itself and drafts the 64×64 truncated
-    JPEG to 1/4 before it fails to decode."""
+    """Both transforms; the training crop opens files itself and drafts the truncated 64×64 JPEG before it fails."""
     rows, folder = bad_image_rows
     # a shard that disappears after indexing (a lost disk) also gives bad images, not a crash
     write_tar(folder / "gone.tar", {"0.png": image_bytes(RED), "0.txt": b"gone"})
