@@ -223,7 +223,7 @@ class RandomResizedCropTransform:
 
     def load(self, source, generator: torch.Generator | None = None) -> torch.Tensor:
         """Read an image file (a path or a binary file) and transform it: the pixels of
-        `self(load_image(source), generator)` (equal for every format but JPEG), with the same crop box and the same
+        `self(load_image(source), generator)` (equal unless a JPEG is drafted), with the same crop box and the same
         draws from the generator, but a JPEG whose crop is ≥ 2× the output size in both dimensions is decoded at
         1/2, 1/4 or 1/8 size (`draft_jpeg`), which costs a fraction of the full decode and of the resize after it.
         Raises ImageReadError if the file cannot be opened or decoded."""
