@@ -1,7 +1,7 @@
 """Train ProCLIP (arXiv 2510.18795) in its two stages, and optionally its LLM embedder first (stage 0).
 
 On one CPU, on the built-in toy world (built into ./toyworld on first use, a few minutes):
-    python train.py --stage 0 --batch-size 8 --max-steps 30 --warmup 3  # LoRA on SmolLM2 -> RUN/llm (stage0.py)
+    python train.py --stage 0              # optional: LoRA on SmolLM2 -> RUN/llm (stage0.py; the world builds one)
     python train.py --stage 1
     python train.py --stage 2 --init runs/<stage-1 run>
 On one GPU, on your data (JSONL/CSV rows or webdataset tar shards; the LLM embeddings are cached on first use):
@@ -86,6 +86,7 @@ class Run:
     world: int
     total_steps: int
     cursor: Cursor
+    sources: list | None = None  # stage 0: the source file of each group (a batch holds one source's groups)
 
 
 def main(argv=None):
@@ -233,8 +234,9 @@ def restore(args, optimizer, device, resume_path, train_state, log):
     return scaler, Cursor(**train_state["cursor"])
 
 
-def total_steps(args, rows, rank, world):
-    steps_per_epoch = len(epoch_batches(rows, args.batch_size, seed=args.seed, epoch=0, rank=rank, world_size=world))
+def total_steps(args, rows, rank, world, sources=None):
+    steps_per_epoch = len(epoch_batches(rows, args.batch_size, seed=args.seed, epoch=0, rank=rank, world_size=world,
+                                        sources=sources))
     return args.max_steps or args.epochs * steps_per_epoch
 
 
@@ -242,13 +244,17 @@ def setup_stage0(args, device, rank, world, resume_path, train_state, log) -> Ru
     """Stage 0: the LoRA-wrapped LLM (its adapters resumed), AdamW on the adapters, the CaptionContrastive stage."""
     settings = embed_settings(vars(args))
     model, groups = stage0.setup_model(args, settings, device, resume_path, log)
+    steps = total_steps(args, len(groups), rank, world, groups.sources)
+    args.warmup = max(1, steps // 10) if args.warmup is None else args.warmup  # stage 0's default: 10% of the steps
     optimizer = torch.optim.AdamW(param_groups(model, args.wd, lambda name: ("lora", args.lr)), lr=args.lr,
                                   betas=(args.beta1, args.beta2), eps=args.eps)
     scaler, cursor = restore(args, optimizer, device, resume_path, train_state, log)
     stage, no_sync = stage0.build_stage(args, model, groups, settings, cursor, device, rank, world)
+    log(f"stage 0: {steps} steps of {args.batch_size} pairs, lr {args.lr} (warmup {args.warmup}), temperature "
+        f"{args.temperature}, precision {args.precision}, output {args.output}")
     return Run(model=model, teacher=None, stage=stage, optimizer=optimizer, scaler=scaler, no_sync=no_sync,
-               dataset=stage0.GroupDataset(groups), rows=groups, val_rows=[], cache=None, head=None, device=device,
-               rank=rank, world=world, total_steps=total_steps(args, len(groups), rank, world), cursor=cursor)
+               dataset=stage0.GroupDataset(groups), rows=groups.texts, val_rows=[], cache=None, head=None,
+               device=device, rank=rank, world=world, total_steps=steps, cursor=cursor, sources=groups.sources)
 
 
 def build_stage(args, forward, model, teacher, llm, taught, device, autocast, rank, world):
@@ -329,7 +335,7 @@ def training_batches(args, run: Run, log):
     cursor = run.cursor
     while cursor.step < run.total_steps:
         batches = epoch_batches(len(run.rows), args.batch_size, seed=args.seed, epoch=cursor.epoch, rank=run.rank,
-                                world_size=run.world)
+                                world_size=run.world, sources=run.sources)
         # a coin per row and epoch, so the choice does not depend on how rows are split over ranks or resumes
         coins = torch.Generator().manual_seed(args.seed * 1_000_003 + cursor.epoch)
         pick_long = (torch.rand(len(run.rows), generator=coins) < args.long_prob).numpy()
@@ -429,6 +435,11 @@ def finish_message(args, run: Run, stop: StopSignal, record: dict, log):
         log(f"{stop.received}: saved step {run.cursor.step} to {args.output}; continue with "
             f"`python train.py --stage {args.stage} --output {args.output} --resume latest`")
     elif run.rank == 0:
+        if args.stage == 0:  # the held-out groups' anchor recall, then the merged LLM
+            validation = stage0.validate(args, run.stage, run.model, log)
+            if validation:  # metrics.jsonl's last line: the final step's numbers with the validation's
+                record.update(validation)
+                append_metrics(args, record)
         next_command = (stage0.finish(args, run.model, log) if args.stage == 0 else
                         f"python train.py --stage 2 --init {args.output}" if args.stage == 1
                         else f"python eval.py --task retrieval --model {args.output}")

@@ -100,11 +100,16 @@ def count_bad_images(paths, cursor, log):
 
 
 def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
+                  world_size: int = 1, sources: list[int] | None = None) -> list[list[int]]:
     """This rank's row indices for each step of one epoch. A permutation seeded by (seed, epoch) is cut into global
     batches of batch_size * world_size (the incomplete tail dropped) and rank r takes slice r of each, so the ranks'
     step-t batches, concatenated, are the step-t batch of a 1-rank run with batch_size * world_size. Resuming
-    mid-epoch is skipping the batches already done (make_loader's start_batch)."""
+    mid-epoch is skipping the batches already done (make_loader's start_batch).
+
+    With `sources` (a source id per row), every global batch holds rows of one source: each source's rows are cut
+    into global batches (its tail dropped) and the batches of all sources are shuffled together. Stage 0 draws its
+    batches so (LLM2Vec's data loader, one dataset per batch): texts of different kinds in one batch would make the
+    kind, not the meaning, the easiest thing to tell apart."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     global_batch = batch_size * world_size
@@ -114,9 +119,15 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank
     # torch's CPU generator keeps only 32 bits of its seed: numpy's SeedSequence hashes the pair into them
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     order = torch.randperm(num_rows, generator=generator).tolist()
+    by_source = {}  # source id -> its rows in this epoch's order (one source when `sources` is None)
+    for row in order:
+        by_source.setdefault(sources[row] if sources is not None else 0, []).append(row)
+    global_batches = [rows[step * global_batch:(step + 1) * global_batch]
+                      for _, rows in sorted(by_source.items()) for step in range(len(rows) // global_batch)]
+    if sources is not None:  # interleave the sources' batches
+        global_batches = [global_batches[i] for i in torch.randperm(len(global_batches), generator=generator)]
     start = rank * batch_size  # this rank's offset inside each global batch
-    return [order[step * global_batch + start : step * global_batch + start + batch_size]
-            for step in range(num_rows // global_batch)]
+    return [batch[start:start + batch_size] for batch in global_batches]
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -45,11 +45,15 @@ class LoRALinear(nn.Module):
         return y + (self.scaling * update).to(y.dtype)
 
     @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """(out, in) fp32: the update (alpha/r) B A that merging adds to the base weight."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The base layer with W += (alpha/r) B A, summed in fp32 and stored in the base's dtype."""
         weight = self.base.weight
-        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
-        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        weight.copy_((weight.float() + self.delta().to(weight.device)).to(weight.dtype))
         return self.base
 
     def extra_repr(self) -> str:

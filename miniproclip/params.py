@@ -53,7 +53,8 @@ def parse_args(argv=None):
     # data
     p.add_argument("--train-data", default=None,
                    help="JSONL, CSV/TSV, or tar shards ('a/{000..009}.tar'); default: the toy world")
-    p.add_argument("--val-data", default=None, help="held-out rows (JSONL/CSV), for --eval-every")
+    p.add_argument("--val-data", default=None, help="held-out rows (JSONL/CSV), for --eval-every; stage 0: held-out "
+                                                    "groups, measured at the end of the run")
     p.add_argument("--eval-every", type=int, default=0, help="retrieval R@K on --val-data every N steps (0: never)")
     p.add_argument("--csv-img-key", default="filepath", help="CSV/TSV column of the image paths")
     p.add_argument("--csv-caption-key", default="title", help="CSV/TSV column of the captions")

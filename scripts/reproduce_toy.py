@@ -62,25 +62,25 @@ def r1(row, name):
     return statistics.mean(row[f"{s} {d}"] for s in sets for d in ("I→T", "T→I"))
 
 
-# (claim, row A, row B, measure, margin): holds when A - B > margin in every seed (the teacher is one model)
+# (claim, row A, row B, measure, margin): holds when A - B > margin in every seed (the teacher is one model).
+# The margins are issue 23's: R@1 of a few % is near chance (0.23% on 432 pictures) and within seed noise.
 CLAIMS = [
-    ("(a) stage 1 alone comes within 5 points of the teacher's zero-shot", "ProCLIP stage 1 only", "CLIP teacher",
-     lambda r: r["zs all"], -0.05),
+    ("(a) stage 1 alone comes within 10 points of the teacher's zero-shot", "ProCLIP stage 1 only", "CLIP teacher",
+     lambda r: r["zs all"], -0.10),
     ("(b) ProCLIP beats direct alignment: zero-shot", "ProCLIP", "direct alignment (LLM2CLIP-style)",
      lambda r: r["zs all"], 0.0),
     ("(b) ProCLIP beats direct alignment: short R@1", "ProCLIP", "direct alignment (LLM2CLIP-style)",
      lambda r: r1(r, "short"), 0.0),
     ("(c) L_reg keeps held-out-class accuracy", "ProCLIP", "ProCLIP w/o L_reg", lambda r: r["zs held-out"], 0.0),
-    # R@1 of a few % is near chance (0.23% on 432 pictures) and within seed noise: these must clear 1 point
-    ("(d) long-caption R@1 beats the CLIP teacher's by over 1 point", "ProCLIP", "CLIP teacher",
-     lambda r: r1(r, "long"), 0.01),
-    ("(e) de/fr/es/ja R@1 beats the CLIP teacher's by over 1 point", "ProCLIP", "CLIP teacher",
-     lambda r: r1(r, "languages"), 0.01),
-    ("(f) stage 0 helps: long R@1, by over 1 point", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "long"), 0.01),
-    ("(f) stage 0 helps: de/fr/es/ja R@1, by over 1 point", "ProCLIP", "ProCLIP, raw LLM",
-     lambda r: r1(r, "languages"), 0.01),
-    ("(f) stage 0 helps: short R@1", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "short"), 0.0),
-    ("(f) stage 0 helps: zero-shot", "ProCLIP", "ProCLIP, raw LLM", lambda r: r["zs all"], 0.0),
+    ("(d) long-caption R@1 beats the CLIP teacher's by 5 points", "ProCLIP", "CLIP teacher",
+     lambda r: r1(r, "long"), 0.05),
+    ("(e) de/fr/es/ja R@1 beats the CLIP teacher's by 5 points", "ProCLIP", "CLIP teacher",
+     lambda r: r1(r, "languages"), 0.05),
+    ("(f) stage 0 helps: long R@1, by 5 points", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "long"), 0.05),
+    ("(f) stage 0 helps: de/fr/es/ja R@1, by 5 points", "ProCLIP", "ProCLIP, raw LLM",
+     lambda r: r1(r, "languages"), 0.05),
+    ("stage 2 keeps stage 1's short R@1 (within 5 points)", "ProCLIP", "ProCLIP stage 1 only",
+     lambda r: r1(r, "short"), -0.05),
 ]
 
 

@@ -1,6 +1,7 @@
 """Stage 0: groups reader, pair choice, the loss against a hand computation, accumulation, 2 ranks, merged folder."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 from miniproclip.data import DataError  # noqa: E402
 from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, folder_fingerprint  # noqa: E402
 from miniproclip.lora import lora_state_dict  # noqa: E402
-from miniproclip.stage0 import (CaptionContrastive, LoRASettings, load_stage0_llm,  # noqa: E402
+from miniproclip.loader import epoch_batches  # noqa: E402
+from miniproclip.stage0 import (CaptionContrastive, LoRASettings, anchor_recall, load_stage0_llm,  # noqa: E402
                                 nearest_neighbour_accuracy, pick_pairs, read_groups, write_merged_llm)
 from miniproclip.stages import accumulated_backward  # noqa: E402
 
@@ -40,7 +42,8 @@ def test_read_groups_both_row_kinds_and_malformed_rows(tmp_path):
         json.dumps({"texts": ["alone"]}), json.dumps({"caption": "no long one"}), "{not json", "[1, 2]",
         json.dumps({"texts": "a cat"}), json.dumps({"texts": ["a", 3]})])
     logged = []
-    assert read_groups(path, log=logged.append) == [["a cat", "one cat"], ["a dog", "a dog on the grass"]]
+    groups = read_groups(path, log=logged.append)
+    assert groups.texts == [["a cat", "one cat"], ["a dog", "a dog on the grass"]] and groups.kinds is None
     assert logged[-1] == f"warning: skipped 6 malformed rows in {path}"
     with pytest.raises(DataError, match=f"{path}:3: a group needs two different texts"):
         read_groups(path, strict=True)
@@ -49,12 +52,38 @@ def test_read_groups_both_row_kinds_and_malformed_rows(tmp_path):
         read_groups(empty, log=lambda _: None)
 
 
-def test_pairs_depend_on_seed_epoch_and_row_only():
+def test_pairs_are_the_anchor_and_another_text_drawn_by_seed_epoch_and_row_only():
     together = pick_pairs(GROUPS, [0, 1, 2, 3], seed=0, epoch=0)
     assert together == pick_pairs(GROUPS, [0, 1], 0, 0) + pick_pairs(GROUPS, [2, 3], 0, 0)  # any rank layout
-    assert all(a != b and {a, b} <= set(GROUPS[i]) for i, (a, b) in enumerate(together))
+    assert all(a == GROUPS[i][0] and b in GROUPS[i][1:] for i, (a, b) in enumerate(together))  # anchor first
     draws = {pick_pairs(GROUPS, [0], seed=0, epoch=epoch)[0] for epoch in range(20)}
-    assert len(draws) == 6  # all ordered pairs of the 3-text group turn up across epochs
+    assert draws == {(GROUPS[0][0], GROUPS[0][1]), (GROUPS[0][0], GROUPS[0][2])}  # both positives turn up
+
+
+def test_sources_kinds_and_one_source_per_batch(tmp_path):
+    first = write_lines(tmp_path / "a.jsonl", [json.dumps({"texts": [f"a{i}", f"b{i}"]}) for i in range(10)])
+    second = write_lines(tmp_path / "b.jsonl", [json.dumps({"texts": [f"c{i}", f"d{i}"]}) for i in range(7)])
+    groups = read_groups(f"{first}::{second}")
+    assert groups.sources == [0] * 10 + [1] * 7 and len(groups) == 17
+    batches = epoch_batches(len(groups), 3, seed=0, epoch=0, sources=groups.sources)
+    assert len(batches) == 3 + 2  # each source's tail is dropped
+    assert all(len({groups.sources[i] for i in batch}) == 1 for batch in batches)
+    orders = [[groups.sources[b[0]] for b in epoch_batches(17, 3, seed=0, epoch=e, sources=groups.sources)]
+              for e in range(4)]
+    assert any(order != sorted(order) for order in orders)  # the sources' batches are interleaved
+    ranks = [epoch_batches(len(groups), 3, seed=0, epoch=0, rank=r, world_size=2, sources=groups.sources)
+             for r in range(2)]  # 2 ranks: the halves of 1 rank's global batches of 6
+    assert [a + b for a, b in zip(*ranks)] == epoch_batches(len(groups), 6, seed=0, epoch=0, sources=groups.sources)
+    val = write_lines(tmp_path / "v.jsonl", [json.dumps({"texts": ["x", "y", "z"], "kinds": ["s", "l", "de"]})])
+    assert read_groups(val).kinds == [["s", "l", "de"]]
+
+
+def test_anchor_recall_by_hand():
+    vectors = {"a": [1.0, 0.0], "b": [0.0, 1.0], "a-long": [0.9, 0.1], "b-long": [0.8, 0.2], "b-de": [0.1, 0.9]}
+    embed = lambda texts: torch.tensor([vectors[t] for t in texts])
+    groups, kinds = [["a", "a-long"], ["b", "b-long", "b-de"]], [["short", "long"], ["short", "long", "de"]]
+    assert anchor_recall(embed, groups, kinds) == {"long": 0.5, "de": 1.0}  # b-long's nearest anchor is a
+    assert anchor_recall(embed, groups) == {"1": 0.5, "2": 1.0}
 
 
 def test_loss_is_symmetric_infonce_by_hand():
@@ -177,6 +206,20 @@ def test_toy_paraphrase_groups_hold_out_scenes_and_templates():
     assert not {t for g in train for t in g["texts"]} & {t for g in test for t in g["texts"]}
 
 
+def test_smollm2_first_loss_on_translation_groups_is_near_ln_batch(smollm2_dir):
+    """The toy world's translation groups ([English, de, fr, es, ja] of one scene) on the real SmolLM2: with the
+    English caption as every pair's anchor the first loss is 3.90 (ln 32 = 3.47); pairs of any two texts of a group
+    started at 6.19, far above the collapsed ln 32 that training then fell into (issue 23)."""
+    from miniproclip.toy.groups import paraphrase_groups
+    groups = [g["texts"] for g in paraphrase_groups(32, seed=3, templates=[0], languages=("de", "fr", "es", "ja"))]
+    settings = EmbedSettings()
+    model = load_stage0_llm(str(smollm2_dir), settings, LoRASettings(dropout=0.0))
+    stage = CaptionContrastive(model.eval(), CaptionTokenizer(str(smollm2_dir), settings), temperature=0.05)
+    with torch.no_grad():
+        loss, _ = stage.loss(stage.features(pick_pairs(groups, list(range(32)), seed=0, epoch=0)))
+    assert loss.item() < math.log(32) + 1
+
+
 # -----------------------------------------------------------------------------
 # `python train.py --stage 0`: the training loop of stages 1-2 running stage 0
 
@@ -239,22 +282,24 @@ def test_train_stage0_checkpoints_the_adapters_only_and_writes_the_merged_llm(ti
 
 
 def test_train_stage0_accumulation_equals_the_full_batch(tiny_llm, groups_file, tmp_path):
-    flags = ["--max-steps", "3", "--lora-dropout", "0"]
+    # fp32 and Adam eps 1e-6: stage 0's 1e-8 turns the rounding noise of near-zero gradients into full-size steps.
+    # The CPU training attention (math kernel) rounds differently at another padded length: adapters within 1e-4
+    flags = ["--max-steps", "3", "--lora-dropout", "0", "--precision", "fp32", "--eps", "1e-6"]
     train.main(stage0_args(tiny_llm, groups_file, tmp_path / "full", *flags))
     train.main(stage0_args(tiny_llm, groups_file, tmp_path / "accum", *flags, "--accum-freq", "2"))
-    assert_same_runs(tmp_path / "full", tmp_path / "accum", steps=3, loss_tol={"rel": 1e-5})
+    assert_same_runs(tmp_path / "full", tmp_path / "accum", steps=3, loss_tol={"rel": 1e-5}, weight_tol=1e-4)
 
 
 def test_train_stage0_two_gloo_ranks_equal_one_process(tiny_llm, groups_file, tmp_path):
     """torchrun with 2 gloo ranks × 2 groups and --gather-with-grad == 1 process × 4 groups."""
-    flags = ["--max-steps", "3", "--lora-dropout", "0", "--gather-with-grad"]
+    flags = ["--max-steps", "3", "--lora-dropout", "0", "--gather-with-grad", "--precision", "fp32", "--eps", "1e-6"]
     train.main(stage0_args(tiny_llm, groups_file, tmp_path / "one", *flags))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              "29541", train.__file__, *stage0_args(tiny_llm, groups_file, tmp_path / "two", *flags),
                              "--batch-size", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"rel": 1e-5})
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"rel": 1e-5}, weight_tol=1e-4)
 
 
 def test_train_stage0_resumes_after_kill_9_with_the_same_losses(tiny_llm, groups_file, tmp_path):

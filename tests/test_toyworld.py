@@ -43,7 +43,8 @@ def test_quick_world_has_every_file(quick_world, smollm2_dir):
                  "zeroshot/classnames.txt", "zeroshot/templates.json", "zeroshot/heldout_classes.txt",
                  *(toyworld.eval_set_name(split, kind) for split in ("val", "test")
                    for kind in ["short", "long", "de", "fr", "es", "ja"]),
-                 "stage0_groups.jsonl", "stage0/llm/config.json", "stage0/llm/model.safetensors",
+                 *(f"stage0_{kind}.jsonl" for kind in toyworld.STAGE0_KINDS), "stage0_val.jsonl",
+                 "stage0/llm/config.json", "stage0/llm/model.safetensors", "stage0/metrics.jsonl",
                  *(f"clip/{f}" for f in ["config.json", "model.safetensors", "tokenizer.json",
                                          "tokenizer_config.json", "preprocessor_config.json"])]:
         assert (toy_dir / name).is_file(), name
@@ -67,18 +68,25 @@ def test_quick_world_has_every_file(quick_world, smollm2_dir):
     # the splits are disjoint pictures; stage 0's groups come from the training rows only
     images = {split: {r["image"] for r in read_jsonl(toy_dir / f"{split}.jsonl")} for split in toyworld.SPLITS}
     assert not (images["train"] & images["val"] or images["train"] & images["test"] or images["val"] & images["test"])
-    groups = [json.loads(line)["texts"] for line in (toy_dir / "stage0_groups.jsonl").read_text().splitlines()]
+    # stage 0's pairs: a training picture's short caption with its text of one kind; no val or test text in them
     held_out = {t for split in ("val", "test") for r in read_jsonl(toy_dir / f"{split}.jsonl")
                 for t in [r["caption"], r["long_caption"], *r["translations"].values()]}
-    train_groups = [g for r in read_jsonl(toy_dir / "train.jsonl") for g in toyworld.caption_groups(r)]
-    assert groups == [kept for g in train_groups if len(kept := [t for t in g if t not in held_out]) > 1]
-    assert len(train_groups) / 2 < len(groups) <= len(train_groups) and not held_out & {t for g in groups for t in g}
+    train = read_jsonl(toy_dir / "train.jsonl")
+    for kind in toyworld.STAGE0_KINDS:
+        pairs = [json.loads(line)["texts"] for line in (toy_dir / f"stage0_{kind}.jsonl").read_text().splitlines()]
+        expected = [[r["caption"], r["long_caption"] if kind == "long" else r["translations"][kind]] for r in train]
+        assert pairs == [p for p in expected if not held_out.intersection(p)] and len(pairs) > len(train) / 2
+    val = [json.loads(line) for line in (toy_dir / "stage0_val.jsonl").read_text().splitlines()]
+    assert [v["texts"][:2] for v in val] == [[r["caption"], r["long_caption"]] for r in read_jsonl(toy_dir / "val.jsonl")]
+    assert all(v["kinds"] == ["short", "long", "de", "fr", "es", "ja"] for v in val)
     templates = json.loads((toy_dir / "zeroshot" / "templates.json").read_text())
     assert all("{c}" in t for t in templates)
     assert set(manifest["steps"]) == {"world", "llm", "tokens", "teacher", "stage0"}
-    assert manifest["stage0"]["groups"] == len(groups) and manifest["embedder_dir"] == str(toy_dir / "stage0/llm")
+    # the embedder is `train.py --stage 0`'s run: its steps, and the validation measure of its groups
+    assert manifest["stage0"]["steps"] == 2 and manifest["embedder_dir"] == str(toy_dir / "stage0/llm")
+    assert set(manifest["stage0"]["validation"]) == {"long", "de", "fr", "es", "ja"}
     tokens = manifest["llm_tokens"]
-    cached = [v for k, v in tokens.items() if k not in ("cached_total", "distinct_texts", "stage0_groups")]
+    cached = [v for k, v in tokens.items() if k not in ("cached_total", "distinct_texts", "stage0_pairs")]
     assert max(cached) < tokens["cached_total"] <= sum(cached)
     smollm2 = Tokenizer.from_file(str(Path(smollm2_dir) / "tokenizer.json"))
     captions = {r["caption"] for r in read_jsonl(toy_dir / "test.jsonl")}

@@ -1,41 +1,88 @@
-"""Paraphrase groups of the toy world for stage 0, and a short stage-0 run that measures what it buys.
+"""Stage 0 on the toy world: its data, the embedder the world is built with, its measure, and a paraphrase demo.
 
-A group is one random scene (all seven attributes of `world.py`: count, size, texture, colour, shape, position,
-background) described by several of the world's English templates, plus optionally its translations: texts that
-mean exactly the same thing. Training and held-out groups show different scenes; held-out groups can also use
-templates the training never saw, so the accuracy measures meaning, not memorised phrasings.
+The world's stage-0 data (`world.write_stage0_data`) pairs each training picture's short caption with its long
+caption and with each translation, one file per kind; `train.py --stage 0` without --train-data trains on them
+with `stage0.TOY_RECIPE`, and the world's build runs exactly that command to make its embedder (`build_toy_embedder`,
+TOY_DIR/stage0/llm), the LLM stages 1-2 use by default. The measure (`stage0.anchor_recall` on the first 144
+validation pictures): is a long caption's or a translation's own short caption its nearest of the 144 short
+captions? Chance is 0.7%.
 
-`run_paraphrase_demo` is the run the README reports: nearest-neighbour paraphrase accuracy of the raw LLM, a short
-stage 0 (LoRA, CaptionContrastive, AdamW with warmup + cosine), the merged HF folder, and its accuracy.
+    python -m miniproclip.toy.groups [--toy-dir toyworld] [--llm DIR ...]  # the measure: raw SmolLM2, embedder, ...
+    python -m miniproclip.toy.groups --paraphrase-demo runs/paraphrase --llm toyworld/smollm2
 
-    python -m miniproclip.toy.groups --llm SMOLLM2_DIR --output runs/stage0_toy
-    python -m miniproclip.toy.groups --llm SMOLLM2_DIR --evaluate RUN/llm  # after `train.py --stage 0`
+The paraphrase demo: groups of one random scene described by several English templates (held-out groups show other
+scenes in templates training never saw), a short stage 0 on them, and held-out nearest-neighbour accuracy before
+and after (README, "Stage 0").
 """
 
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..loader import epoch_batches
-from ..embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder
-from ..optim import cosine_lr_factor, param_groups
-from ..stage0 import (LLM2CLIP_LR, TOY_TEMPERATURE, CaptionContrastive, LoRASettings, load_stage0_llm,
-                      nearest_neighbour_accuracy, pick_pairs, write_merged_llm)
-from ..stages import accumulated_backward
+from ..embedder import EmbedSettings, LLMEmbedder
+from ..stage0 import anchor_recall, cpu_has_bf16, nearest_neighbour_accuracy, read_groups
 from .translate import TRANSLATE
 from .world import BACKGROUNDS, COLOURS, EN_TEMPLATES, OPTIONAL, POSITIONS, SHAPES, SIZES, TEXTURES, english_caption
 
-TRAIN_TEMPLATES = tuple(range(8))  # the held-out groups use templates 8-11, never seen in training
-# The toy embedder trains at LLM2CLIP's lr. The world's groups pair texts of different kinds (short with long,
-# English with other languages), which raw SmolLM2 places far apart. Measured on 2 CPU cores, 24 steps of 16
-# groups (about 4 minutes): at lr 2e-3 (the paraphrase demo's rate) or 5e-4 the loss falls to ln(16) and stays
-# (the embeddings collapse); at 2e-4 it falls more slowly; in every case a validation long caption or
-# translation finds its own short caption among 144 no more often than chance (RESULTS.md).
+TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"  # the stage-0 trainer every toy run goes through
+TRAIN_TEMPLATES = tuple(range(8))  # the held-out paraphrase groups use templates 8-11, never seen in training
+QUICK_STAGE0 = ["--max-steps", "2", "--batch-size", "4"]  # a quick world's embedder (smoke tests)
 
+
+def toy_stage0_data(toy_dir: str, llm: str | None, log=print) -> tuple[str, str, str]:
+    """`train.py --stage 0` without --train-data: (training pairs, validation groups, LLM folder) of the toy world,
+    the LLM `llm` or the world's SmolLM2. Builds the world up to its teacher first, not its own stage-0 embedder."""
+    from .world import build_toyworld, stage0_sources
+
+    manifest = build_toyworld(toy_dir, llm_dir=llm, stage0=False, log=log)
+    return (*stage0_sources(toy_dir), manifest["llm_dir"])
+
+
+def run_train_stage0(flags: list[str], log=print) -> None:
+    """`python train.py --stage 0 FLAGS` in a child process (its output shown), raising if it fails."""
+    if not TRAIN_PY.is_file():
+        raise FileNotFoundError(f"{TRAIN_PY} not found: the toy world runs stage 0 through the repository's train.py")
+    command = [sys.executable, str(TRAIN_PY), "--stage", "0", *flags]
+    log("running: " + " ".join(command[1:]))
+    if subprocess.run(command).returncode != 0:
+        raise RuntimeError(f"stage 0 failed: {' '.join(command[1:])}")
+
+
+def build_toy_embedder(toy_dir, llm_dir, quick: bool, log=print) -> dict:
+    """The toy world's stage-0 embedder: `python train.py --stage 0 --toy-dir TOY_DIR --output TOY_DIR/stage0`
+    (the command a user runs, with its toy defaults; tiny when `quick`), whose merged LLM is TOY_DIR/stage0/llm.
+    Returns the manifest entry: the run's settings, validation numbers and time."""
+    start, output = time.time(), Path(toy_dir) / "stage0"
+    shutil.rmtree(output, ignore_errors=True)  # an interrupted earlier build: start again
+    run_train_stage0(["--toy-dir", str(toy_dir), "--llm", str(llm_dir), "--output", str(output),
+                      *(QUICK_STAGE0 if quick else [])], log)
+    with open(output / "meta.json") as f:
+        args = json.load(f)["args"]
+    with open(output / "metrics.jsonl") as f:
+        last = json.loads(f.readlines()[-1])
+    return {"steps": last["step"], "batch_size": args["batch_size"], "lr": args["lr"], "final_loss": last["loss"],
+            "validation": {k[4:]: v for k, v in last.items() if k.startswith("val/")},
+            "seconds": round(time.time() - start, 1)}
+
+
+def embedder_recall(folder: str, val_data: str, log=print) -> dict[str, float]:
+    """The toy measure (anchor recall on the world's validation groups) of the LLM in `folder`."""
+    groups = read_groups(val_data, log=log)
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    embedder = LLMEmbedder(folder, EmbedSettings(), dtype)
+    return anchor_recall(lambda texts: embedder.embed(texts)[0], groups.texts, groups.kinds)
+
+
+# -----------------------------------------------------------------------------
+# the paraphrase demo
 
 def random_scene(rng: np.random.Generator) -> dict:
     return {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
@@ -66,39 +113,6 @@ def toy_groups(train_groups: int = 512, test_groups: int = 100) -> tuple[list, l
                                     exclude={g["scene"] for g in train})
 
 
-def write_toy_groups(output: str, train_groups: int = 512, test_groups: int = 100) -> tuple[list, list]:
-    """`toy_groups` written to `output`/{train,test}_groups.jsonl as stage-0 data rows; returns both lists."""
-    os.makedirs(output, exist_ok=True)
-    train, test = toy_groups(train_groups, test_groups)
-    for name, rows in (("train", train), ("test", test)):
-        with open(os.path.join(output, f"{name}_groups.jsonl"), "w") as f:
-            f.writelines(json.dumps({"texts": g["texts"]}) + "\n" for g in rows)
-    return train, test
-
-
-def toy_stage0_data(toy_dir: str, llm: str | None, log=print) -> tuple[str, str]:
-    """`train.py --stage 0` without --train-data: the toy world's groups (TOY_DIR/stage0_groups.jsonl: each
-    training picture's short caption with its long caption, and with its translations) and the LLM folder,
-    `llm` or the toy world's SmolLM2. Builds the world up to its teacher first, not its own stage-0 embedder."""
-    from .world import build_toyworld
-
-    manifest = build_toyworld(toy_dir, llm_dir=llm, stage0=False, log=log)
-    return os.path.join(toy_dir, "stage0_groups.jsonl"), manifest["llm_dir"]
-
-
-def build_toy_embedder(toy_dir, llm_dir, steps: int, batch_size: int, log=print) -> dict:
-    """The toy world's stage-0 embedder: `steps` steps of LLM2CLIP's caption contrastive LoRA fine-tuning of
-    `llm_dir` on TOY_DIR/stage0_groups.jsonl, merged into TOY_DIR/stage0/llm (what `train.py --stage 0` trains,
-    at LLM2CLIP's lr and the toy temperature). Returns the manifest entry."""
-    from ..stage0 import read_groups
-
-    start, groups = time.time(), read_groups(os.path.join(toy_dir, "stage0_groups.jsonl"), log=log)
-    train_stage0(str(llm_dir), os.path.join(toy_dir, "stage0"), groups, EmbedSettings(), LoRASettings(), steps,
-                 batch_size, lr=LLM2CLIP_LR, temperature=TOY_TEMPERATURE, log=log)
-    return {"steps": steps, "batch_size": batch_size, "groups": len(groups), "base_llm": str(llm_dir),
-            "seconds": round(time.time() - start, 1)}
-
-
 def held_out_accuracy(folder: str, settings: EmbedSettings, groups: list[dict], dtype=torch.float32) -> float:
     texts = [t for g in groups for t in g["texts"]]
     group_ids = [i for i, g in enumerate(groups) for _ in g["texts"]]
@@ -106,71 +120,51 @@ def held_out_accuracy(folder: str, settings: EmbedSettings, groups: list[dict], 
     return nearest_neighbour_accuracy(embeddings, group_ids)
 
 
-def train_stage0(llm: str, output: str, groups: list[list[str]], settings: EmbedSettings, lora: LoRASettings,
-                 steps: int, batch_size: int, lr: float, temperature: float, seed: int = 0, log=print) -> str:
-    """A short single-process stage 0 (what `train.py --stage 0` runs, without its checkpoints and DDP)."""
-    torch.manual_seed(seed)
-    model = load_stage0_llm(llm, settings, lora)
-    stage = CaptionContrastive(model, CaptionTokenizer(llm, settings), temperature)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.0), lr=lr)
-    per_epoch = len(groups) // batch_size
-    start = time.time()
-    for step in range(steps):
-        epoch = step // per_epoch
-        batch = epoch_batches(len(groups), batch_size, seed=seed, epoch=epoch)[step % per_epoch]
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine_lr_factor(step, max(1, steps // 10), steps)
-        # fp32: on 2 CPU cores a bf16-autocast step measured 190 s against 50 s in fp32 (16 pairs, SmolLM2)
-        loss, _ = accumulated_backward([pick_pairs(groups, batch, seed, epoch)], stage.features, stage.loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == steps - 1:
-            log(f"step {step:4d}/{steps}  loss {loss.item():.4f}  {time.time() - start:.0f}s")
-    return write_merged_llm(model, llm, os.path.join(output, "llm"), lora)
-
-
 def run_paraphrase_demo(llm: str, output: str, steps: int = 60, batch_size: int = 16, lr: float = 2e-3,
-                        temperature: float = TOY_TEMPERATURE, train_groups: int = 512, test_groups: int = 100,
-                        causal: bool = True, log=print) -> dict:
-    """Raw vs stage-0 held-out nearest-neighbour paraphrase accuracy; writes groups, the merged LLM and
-    results.json under `output`."""
-    train, test = write_toy_groups(output, train_groups, test_groups)
-    settings = EmbedSettings(causal=causal)
-    results = {"raw": held_out_accuracy(llm, settings, test)}
+                        log=print) -> dict:
+    """Raw vs stage-0 held-out nearest-neighbour paraphrase accuracy: the groups, `train.py --stage 0` on them
+    (OUTPUT/run, its merged LLM OUTPUT/run/llm) and results.json under `output`."""
+    os.makedirs(output, exist_ok=True)
+    train, test = toy_groups()
+    with open(os.path.join(output, "train_groups.jsonl"), "w") as f:
+        f.writelines(json.dumps({"texts": g["texts"]}) + "\n" for g in train)
+    results = {"raw": held_out_accuracy(llm, EmbedSettings(), test)}
     log(f"raw LLM: held-out paraphrase nearest-neighbour accuracy {results['raw']:.3f}")
-    merged = train_stage0(llm, output, [g["texts"] for g in train], settings, LoRASettings(), steps, batch_size,
-                          lr, temperature, log=log)
-    results["stage0"] = held_out_accuracy(merged, settings, test)
+    run = os.path.join(output, "run")
+    shutil.rmtree(run, ignore_errors=True)
+    run_train_stage0(["--train-data", os.path.join(output, "train_groups.jsonl"), "--llm", llm, "--output", run,
+                      "--max-steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
+                      "--lora-dropout", "0"], log)
+    results["stage0"] = held_out_accuracy(os.path.join(run, "llm"), EmbedSettings(), test)
     log(f"after stage 0 ({steps} steps): held-out accuracy {results['stage0']:.3f}")
     with open(os.path.join(output, "results.json"), "w") as f:
-        json.dump({**results, "steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-                   "train_groups": train_groups, "test_groups": test_groups, "causal": causal}, f, indent=1)
+        json.dump({**results, "steps": steps, "batch_size": batch_size, "lr": lr}, f, indent=1)
     return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llm", required=True, help="HF LLM folder (e.g. SmolLM2 from scripts/convert_smollm2.py)")
-    parser.add_argument("--output", help="folder for the groups, the merged llm/ and results.json")
-    parser.add_argument("--evaluate", nargs="+", metavar="LLM_DIR",
-                        help="no training: held-out accuracy of --llm and these folders (e.g. RUN/llm of `train.py "
-                             "--stage 0`) on the held-out groups")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=16, help="groups per step")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--temperature", type=float, default=TOY_TEMPERATURE)
-    parser.add_argument("--bidirectional", action="store_true", help="train and embed with bidirectional attention")
+    parser.add_argument("--toy-dir", default="toyworld", help="the toy world (built with `train.py`)")
+    parser.add_argument("--llm", nargs="+", default=None,
+                        help="LLM folders to measure (default: the world's SmolLM2 and its stage-0 embedder); with "
+                             "--paraphrase-demo, the LLM to fine-tune")
+    parser.add_argument("--paraphrase-demo", metavar="OUTPUT", help="run the paraphrase demo into OUTPUT")
+    parser.add_argument("--steps", type=int, default=60, help="the demo's stage-0 steps")
     args = parser.parse_args(argv)
-    if args.evaluate:
-        test = toy_groups()[1]
-        for folder in [args.llm, *args.evaluate]:
-            accuracy = held_out_accuracy(folder, EmbedSettings(causal=not args.bidirectional), test)
-            print(f"{folder}: held-out paraphrase nearest-neighbour accuracy {accuracy:.3f}")
+    if args.paraphrase_demo:
+        if not args.llm:
+            parser.error("--paraphrase-demo needs --llm LLM_DIR")
+        run_paraphrase_demo(args.llm[0], args.paraphrase_demo, args.steps)
         return
-    if not args.output:
-        parser.error("--output is needed unless --evaluate is given")
-    run_paraphrase_demo(args.llm, args.output, args.steps, args.batch_size, args.lr, args.temperature,
-                        causal=not args.bidirectional)
+    from .world import stage0_sources
+
+    val_data = stage0_sources(args.toy_dir)[1]
+    if not os.path.isfile(val_data):
+        sys.exit(f"error: {val_data} not found: build the toy world first (python train.py --stage 1)")
+    for folder in args.llm or [os.path.join(args.toy_dir, "smollm2"), os.path.join(args.toy_dir, "stage0", "llm")]:
+        recall = embedder_recall(folder, val_data, log=lambda *a: None)
+        print(f"{folder}: own short caption nearest of the anchors: " +
+              ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in recall.items()))
 
 
 if __name__ == "__main__":

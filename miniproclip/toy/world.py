@@ -9,9 +9,9 @@ picture has a short caption, a long caption (as the paper's recaptioned data has
 is neutral filler of at least 76 CLIP tokens, then the full description, so a 77-token text encoder sees filler
 only. Translations (de, fr, es, ja) come from word tables with gender and number agreement (`translate.py`). Splits:
 train (stages 0-2), val (every choice is made on it) and test (reported), each with retrieval sets and a zero-shot
-folder. Stage 0's groups (`stage0_groups.jsonl`) pair each training picture's short caption with its long caption
-and with its translations; no val or test text is in them. The build ends with the stage-0 embedder (SmolLM2
-fine-tuned on those groups, `toy/groups.py`), which train.py uses by default.
+folder. Stage 0's data (`stage0_<kind>.jsonl`) pairs each training picture's short caption with its long caption
+and with each translation, one file per kind; no val or test text is in them. The build ends with the stage-0
+embedder (`python train.py --stage 0` on those pairs, `toy/groups.py`), which train.py uses by default.
 Deterministic given the seed; manifest.json marks finished steps, so a second or resumed build redoes only the rest.
 
     python -m miniproclip.toy.world --toy-dir toyworld --seed 0 [--quick]
@@ -57,13 +57,13 @@ FULL_COUNTS = {"train": 5400, "val": 432, "test": 432}
 QUICK_COUNTS = {"train": 72, "val": 36, "test": 36}
 EVAL_SPLITS = ("val", "test")  # choices are made on val; test is reported once per configuration
 TEACHER_STEPS, TEACHER_STEPS_QUICK = 1200, 30  # about 2.5 minutes and 4 seconds on two CPU cores
-STAGE0_STEPS, STAGE0_STEPS_QUICK = 24, 2  # stage-0 steps of 16 groups: about 4 minutes on two CPU cores
+STAGE0_VAL = 144  # validation pictures whose texts measure stage 0 (stage0_val.jsonl)
 MIN_FILLER_TOKENS = 76  # a 77-token row keeps BOS + 75 BPE tokens + EOS: no detail word survives the cut
 IMAGE_SIZE, SUPERSAMPLE = 64, 4  # drawn at 256x256, box-filtered down to 64x64 (antialiasing)
 LANGUAGES = ("de", "fr", "es", "ja")
 TEMPLATES = ["a photo of the {c}.", "a picture of the {c}.", "an image showing the {c}.", "a drawing of the {c}.",
              "the {c}."]
-WORLD_VERSION = 3  # bump when the generator changes, so an old toy world is not silently reused
+WORLD_VERSION = 4  # bump when the generator changes, so an old toy world is not silently reused
 
 
 def classname(label: int) -> str:
@@ -231,10 +231,34 @@ def write_eval_sets(toy_dir: Path, split: str, rows: list[dict]) -> None:
         shutil.copyfile(toy_dir / row["image"], folder / Path(row["image"]).name)
 
 
-def caption_groups(row: dict) -> list[list[str]]:
-    """Stage 0's groups of positives from one training picture (LLM2CLIP's caption contrastive data): its short
-    caption with its long caption, and its short caption with its translations."""
-    return [[row["caption"], row["long_caption"]], [row["caption"], *(row["translations"][l] for l in LANGUAGES)]]
+STAGE0_KINDS = ("long", *LANGUAGES)  # what stage 0 pairs a short caption with; one training file per kind
+
+
+def stage0_texts(row: dict) -> dict[str, str]:
+    """A picture's texts by kind: "short" (the anchor of its stage-0 pairs), "long", "de", "fr", "es", "ja"."""
+    return {"short": row["caption"], "long": row["long_caption"], **row["translations"]}
+
+
+def write_stage0_data(toy_dir: Path, rows: dict) -> None:
+    """Stage 0's data (LLM2CLIP's caption contrastive pairs): stage0_<kind>.jsonl holds a {"texts": [short, X]}
+    pair per training picture, X its long caption or one of its translations; stage 0 draws each batch from one
+    file. stage0_val.jsonl holds the first STAGE0_VAL validation pictures' six texts with their kinds, for the
+    anchor recall that `train.py --stage 0` reports. No val or test text is in the training pairs: a training
+    picture with the same attributes as a val/test one has the same translations (and maybe short caption)."""
+    held_out = {text for split in EVAL_SPLITS for r in rows[split] for text in stage0_texts(r).values()}
+    for kind in STAGE0_KINDS:
+        pairs = [[t["short"], t[kind]] for t in map(stage0_texts, rows["train"])]
+        write_jsonl(toy_dir / f"stage0_{kind}.jsonl",
+                    [{"texts": pair} for pair in pairs if not held_out.intersection(pair)])
+    write_jsonl(toy_dir / "stage0_val.jsonl", [{"texts": list(stage0_texts(r).values()), "kinds": list(stage0_texts(r))}
+                                               for r in rows["val"][:STAGE0_VAL]])
+
+
+def stage0_sources(toy_dir) -> tuple[str, str]:
+    """(training data, validation data) of the toy world's stage 0, as `--train-data` / `--val-data` take them."""
+    toy_dir = Path(toy_dir)
+    return ("::".join(str(toy_dir / f"stage0_{kind}.jsonl") for kind in STAGE0_KINDS),
+            str(toy_dir / "stage0_val.jsonl"))
 
 
 def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
@@ -244,11 +268,7 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
     rows["train_stage2"] = [r for r in rows["train"] if r["label"] not in heldout]
     for name, split_rows in rows.items():
         write_jsonl(toy_dir / f"{name}.jsonl", split_rows)
-    # stage 0 never sees a val or test text: a training picture with the same attributes as a val/test one has the
-    # same translations (and maybe the same short caption), so such texts leave its groups
-    held_out = {text for split in EVAL_SPLITS for r in rows[split] for group in caption_groups(r) for text in group}
-    groups = [[text for text in group if text not in held_out] for r in rows["train"] for group in caption_groups(r)]
-    write_jsonl(toy_dir / "stage0_groups.jsonl", [{"texts": group} for group in groups if len(group) > 1])
+    write_stage0_data(toy_dir, rows)
     for split in EVAL_SPLITS:
         write_eval_sets(toy_dir, split, rows[split])
     zeroshot = toy_dir / "zeroshot"
@@ -267,7 +287,7 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
 
 def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
     """LLM tokens of the distinct texts per kind: what the text cache embeds (English training captions, every
-    eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_groups`), and the cache's total."""
+    eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_pairs`), and the cache's total."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(llm_dir / "tokenizer.json"))
@@ -278,7 +298,7 @@ def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
                   for split in EVAL_SPLITS for lang in LANGUAGES})
     texts["zeroshot_prompts"] = [t.format(c=classname(k)) for k in range(len(CLASSES)) for t in TEMPLATES]
     texts["cached_total"] = [t for items in list(texts.values()) for t in items]
-    texts["stage0_groups"] = [t for r in rows["train"] for group in caption_groups(r) for t in group]
+    texts["stage0_pairs"] = [t for r in rows["train"] for t in stage0_texts(r).values()]
     count = lambda items: sum(len(e.ids) for e in tokenizer.encode_batch(sorted(set(items)), add_special_tokens=False))
     return {**{kind: count(items) for kind, items in texts.items()}, "distinct_texts": len(set(texts["cached_total"]))}
 
@@ -332,8 +352,7 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     def build_embedder() -> dict:
         from .groups import build_toy_embedder
 
-        steps, batch_size = (STAGE0_STEPS_QUICK, 4) if quick else (STAGE0_STEPS, 16)
-        return {"stage0": build_toy_embedder(toy_dir, llm_path, steps, batch_size, log)}
+        return {"stage0": build_toy_embedder(toy_dir, llm_path, quick, log)}
 
     steps = [  # (name, output that must exist for the mark to count, work returning manifest entries)
         ("world", toy_dir / "zeroshot" / "templates.json", lambda: build_world(toy_dir, seed, quick)),
