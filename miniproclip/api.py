@@ -31,7 +31,7 @@ from .embedder import DTYPES, EmbedSettings, LLMEmbedder, default_batch_tokens
 from .head import HeadConfig
 from .image import ImageTransform, load_image
 from .model import ProCLIP
-from .weights import PICKLE_SUFFIXES, ModelFolderError, load_state_dict_strict, read_config
+from .weights import PICKLE_SUFFIXES, ModelFolderError, is_open_clip_folder, load_state_dict_strict, read_config
 
 EXPORT_JSON = "proclip.json"  # marks an exported folder: head config, LLM folder, embedding settings
 HEAD_FILE = "text_head.safetensors"  # the head's weights in an exported folder, under TextHead's own names
@@ -116,7 +116,7 @@ def embed_settings(args: dict) -> EmbedSettings:
 
 
 def _check_folder(source: str, kind: str, folder: str, keyword: str) -> None:
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    if not os.path.isfile(os.path.join(folder, "config.json")) and not is_open_clip_folder(folder):
         raise ModelFolderError(f"the {kind} folder {folder} of {source} is not there (no config.json; a relative path "
                                f"is taken from the current folder): run from where train.py ran, or give the folder "
                                f"where it is now ({keyword}=DIR to load_model, --{keyword} DIR to export)")

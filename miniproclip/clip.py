@@ -269,10 +269,10 @@ class CLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "CLIP":
         """Load an HF CLIP folder (`config.json` + safetensors); built on the meta device, so never held twice.
-        An open_clip folder or a released eva_clip checkpoint (no config.json) is read by formats.py."""
+        An open_clip folder or a released eva_clip checkpoint (no config.json) is read by openclip.py."""
         from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            from .formats import load_clip
+            from .openclip import load_clip
             return load_clip(folder, dtype=dtype, device=device)
         config = read_config(folder)
         if config.get("model_type") != "clip":

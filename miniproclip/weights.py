@@ -38,6 +38,28 @@ def read_config(folder: str) -> dict:
         raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
 
 
+def is_open_clip_folder(folder: str) -> bool:
+    """An open_clip folder as the hub serves it: open_clip_config.json and no HF config.json (openclip.py)."""
+    return (os.path.isfile(os.path.join(folder, "open_clip_config.json"))
+            and not os.path.isfile(os.path.join(folder, "config.json")))
+
+
+def read_model_config(folder: str) -> dict:
+    """`read_config`, or an open_clip folder's open_clip_config.json (to fingerprint either kind of folder)."""
+    if is_open_clip_folder(folder):
+        from .openclip import read_config as read_open_clip_config
+        return read_open_clip_config(folder)
+    return read_config(folder)
+
+
+def model_weight_files(folder: str) -> list[str]:
+    """`weight_files`, or an open_clip folder's one weights file (its safetensors, else its pickle)."""
+    if is_open_clip_folder(folder):
+        from .openclip import weight_file
+        return [weight_file(folder)]
+    return weight_files(folder)
+
+
 def weight_files(folder: str) -> list[str]:
     """The safetensors files holding a folder's weights, in shard order."""
     index_path = os.path.join(folder, INDEX_FILE)
