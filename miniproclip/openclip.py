@@ -292,7 +292,8 @@ def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cp
                for k, v in to_ours(read_tensors(path)).items()}
     with torch.device("meta"):
         model = CLIP(clip_config(config["model_cfg"], weights, path))
-    load_state_dict_strict(model, weights, path, assign=True)
+    load_state_dict_strict(model, weights, path, assign=True,
+                           remedy=f"download the folder again, or use the {CONFIG_NAME} that came with these weights")
     return model.eval()
 
 

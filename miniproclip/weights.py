@@ -106,12 +106,13 @@ def load_safetensors_folder(folder: str, dtype: torch.dtype | None = None, devic
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                           assign: bool = False, show: int = 5) -> None:
+                           assign: bool = False, show: int = 5, remedy: str = "") -> None:
     """`module.load_state_dict(state_dict, strict=True)` with one readable error naming `source`.
 
     The error lists the first `show` missing, unexpected and wrong-shape keys, which is what one needs to
     tell a wrong folder (a CLIP given as LLM) from a wrong config (hidden size) from a truncated download.
-    With `assign=True` the tensors become the parameters (used after building on the meta device).
+    With `assign=True` the tensors become the parameters (used after building on the meta device); `remedy` ends
+    the message with what to do.
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -125,5 +126,5 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
                 more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
                 parts.append(f"{len(keys)} {name}: {', '.join(keys[:show])}{more}")
         raise ModelFolderError(f"{source}: weights do not match the model built from its config; "
-                               + "; ".join(parts))
+                               + "; ".join(parts) + (f"; {remedy}" if remedy else ""))
     module.load_state_dict(state_dict, strict=True, assign=assign)
