@@ -316,3 +316,18 @@ def image_transform(folder: str) -> ImageTransform:
                           crop_size=(size, size) if mode == "shortest" else None,
                           mean=tuple(pre.get("mean", OPENAI_CLIP_MEAN)), std=tuple(pre.get("std", OPENAI_CLIP_STD)),
                           resample=RESAMPLE[interpolation])
+
+
+def write_tuned_folder(source: str, tuned: dict[str, torch.Tensor], out: str) -> None:
+    """An open_clip folder in `out`: `source`'s config, its text tower, and the `tuned` tensors (clip.py's names:
+    the trained image tower, projection and temperature) in open_clip's layout, as open_clip_model.safetensors.
+    `open_clip.create_model('local-dir:OUT')` and `CLIP.from_pretrained(OUT)` both load it."""
+    original = read_tensors(weight_file(source))
+    text_prefix = "text." if any(k.startswith("text.") for k in original) else ""  # CustomTextCLIP or CLIP
+    eva = any(k.startswith("visual.trunk.") for k in original)
+    weights = {**to_ours(original), **{k: v.detach().float().cpu() for k, v in tuned.items()}}
+    weights = from_ours({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, eva, text_prefix)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out, WEIGHT_NAMES[0]))
+    config = read_config(source)
+    with open(os.path.join(out, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
