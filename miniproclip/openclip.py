@@ -88,7 +88,8 @@ def vit_to_ours(weights: dict) -> dict:
     """open_clip ViT + text transformer names -> clip.py's; the fused in_proj (3C, C) splits into q, k, v."""
     out = {}
     for key, value in weights.items():
-        key = key.removeprefix("text.")  # CustomTextCLIP nests the text tower
+        inner = key.removeprefix("text.")  # CustomTextCLIP nests the text tower (other `text.*`: not ours)
+        key = inner if inner in VIT_OUTER or inner in VIT_TRANSPOSED or inner.startswith("transformer.") else key
         if key in VIT_OUTER:
             out[VIT_OUTER[key]] = value
         elif key in VIT_TRANSPOSED:  # open_clip applies x @ P with P (in, out); nn.Linear holds (out, in)
