@@ -151,3 +151,32 @@ def test_llama_bi_model_folder_embeds_as_llm2vec(tmp_path):
     reference, _, _ = llm2vec_encode(str(tmp_path / "bi"), TEXTS)
     ours, _ = LLMEmbedder(str(tmp_path / "bi"), EmbedSettings.preset("llm2vec-llama3")).embed(TEXTS)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_llm2clip_hf_folder_gives_the_features_of_its_source(world, tmp_path):
+    """LLM2CLIPModel's folder: HF CLIP vision names, `visual_projection`, `text_adapter.adaptor.N` (4 x 2)."""
+    from fixtures import write_tiny_clip
+    from safetensors.torch import load_file, save_file
+    source = write_tiny_clip(tmp_path / "clip")  # HF CLIPModel: D = 16
+    reference = transformers.CLIPModel.from_pretrained(source).eval()
+    adaptor = text_adaptor(32, 16, 4, 2)
+    folder = tmp_path / "llm2clip"
+    folder.mkdir()
+    weights = {k: v for k, v in load_file(Path(source) / "model.safetensors").items()
+               if k.startswith(("vision_model.", "visual_projection.")) or k == "logit_scale"}
+    weights.update({f"text_adapter.adaptor.{k}": v for k, v in adaptor.state_dict().items()})
+    save_file(weights, folder / "model.safetensors")
+    config = json.loads((Path(source) / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LLM2CLIPModel"], "model_type": "llm2clip",
+                                                    "projection_dim": 16, "vision_config": config["vision_config"]}))
+    (folder / "preprocessor_config.json").write_bytes((Path(source) / "preprocessor_config.json").read_bytes())
+    trained = load_model(folder, llm=world["llm"], device="cpu", dtype=torch.float32)
+    images = [str(world["root"] / "data" / r["image"]) for r in world["rows"][:4]]
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(source)
+    pixels = torch.from_numpy(processor([Image.open(p) for p in images], return_tensors="np")["pixel_values"])
+    embeddings, _ = LLMEmbedder(world["llm"], EmbedSettings.preset("llm2vec-llama3")).embed(TEXTS)
+    with torch.no_grad():
+        image_ref = F.normalize(reference.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        text_ref = F.normalize(adaptor(embeddings), dim=-1)
+    assert (trained.encode_image(images) - image_ref).abs().max() < TOL
+    assert (trained.encode_text(TEXTS) - text_ref).abs().max() < TOL
