@@ -77,7 +77,7 @@ def rotary_tables(grid: int, reference_grid: int, head_dim: int, theta: float, d
 
 
 def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved pairs: (x0, x1) -> (x0·cos - x1·sin, x1·cos + x0·sin), in fp32, cast back to x's dtype."""
+    """RoPE on interleaved pairs: (x0, x1) -> (x0·cos - x1·sin, x1·cos + x0·sin) in fp32, cast back to x's dtype."""
     pairs = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)  # (-x1, x0, -x3, x2, ...)
     return (x * cos + pairs * sin).to(x.dtype)
 
@@ -178,7 +178,7 @@ class EvaVisionTransformer(nn.Module):
         x = torch.cat([class_token, patches], dim=1) + self.embeddings.position_embedding.weight  # (B, N+1, C)
         # RoPE tables, recomputed each call (a few KB; no buffer to go stale on the meta device or in a cast)
         config = self.config
-        sin, cos = rotary_tables(self.grid, config.rope_reference_grid, config.hidden_size // config.num_attention_heads,
-                                 config.rope_theta, device=x.device)
+        head_dim = config.hidden_size // config.num_attention_heads
+        sin, cos = rotary_tables(self.grid, config.rope_reference_grid, head_dim, config.rope_theta, device=x.device)
         x = self.encoder(self.pre_layrnorm(x), sin, cos)
         return self.post_layernorm(x[:, 0])  # the class token: (B, C)

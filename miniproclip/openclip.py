@@ -269,7 +269,8 @@ def clip_config(model_cfg: dict, weights: dict, source: str) -> CLIPConfig:
         size = size[0] if isinstance(size, (list, tuple)) and size[0] == size[-1] else size
         vision = CLIPVisionConfig(
             hidden_size=width, intermediate_size=int(width * vision_cfg.get("mlp_ratio", 4.0)),
-            num_hidden_layers=vision_cfg.get("layers", 12), num_attention_heads=width // vision_cfg.get("head_width", 64),
+            num_hidden_layers=vision_cfg.get("layers", 12),
+            num_attention_heads=width // vision_cfg.get("head_width", 64),
             image_size=size, patch_size=vision_cfg.get("patch_size", 16), hidden_act=act,
             layer_scale="vision_model.encoder.layers.0.layer_scale1" in weights)
     width = text_cfg.get("width", 512)

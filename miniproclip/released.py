@@ -70,7 +70,8 @@ def adapter_to_head(weights: dict, prefix: str) -> tuple[dict, HeadConfig]:
     n = len(blocks)
     names = {f"{prefix}{n}.": "text_head.norm.", f"{prefix}{n + 1}.": "text_head.proj."}  # LayerNorm, Linear
     for i in blocks:
-        names.update({f"{prefix}{i}.ln.": f"text_head.blocks.{i}.norm.", f"{prefix}{i}.fn.0.": f"text_head.blocks.{i}.fc1.",
+        names.update({f"{prefix}{i}.ln.": f"text_head.blocks.{i}.norm.",
+                      f"{prefix}{i}.fn.0.": f"text_head.blocks.{i}.fc1.",  # fn.1: GELU, fn.2: dropout
                       f"{prefix}{i}.fn.3.": f"text_head.blocks.{i}.fc2."})
     out = {}
     for key, value in weights.items():

@@ -27,8 +27,9 @@ def _declare_missing_torchvision_ops():
         torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
     except (OSError, RuntimeError):  # the CUDA build on a CPU torch: declare what its import registers kernels for
         for op in ("nms", "qnms"):
+            schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
             try:
-                torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+                torch.library.define(f"torchvision::{op}", schema)
             except RuntimeError:  # declared already (an earlier test module)
                 pass
 

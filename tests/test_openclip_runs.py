@@ -42,14 +42,15 @@ def test_eval_retrieval_on_an_open_clip_folder_matches_open_clip(world, tmp_path
     tiny_timm(monkeypatch)
     config = vit_config() if tower == "vit" else eva_config("eva02_base_patch16_clip_224")
     reference = write_open_clip(tmp_path / tower, config, {"interpolation": "bicubic", "resize_mode": "shortest"})
-    report = eval_cli.main(["--task", "retrieval", "--clip", str(tmp_path / tower), "--dataset", str(world["retrieval"]),
-                            "--workers", "0", "--batch-size", "4", "--ks", "1,5", "--output", str(tmp_path / "out.json")])
+    report = eval_cli.main(["--task", "retrieval", "--clip", str(tmp_path / tower), "--dataset",
+                            str(world["retrieval"]), "--workers", "0", "--batch-size", "4", "--ks", "1,5"])
     # the reference: open_clip's own preprocessing, tokenizer and model
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / tower}")
     images = torch.stack([preprocess(Image.open(world["root"] / "data" / r["image"])) for r in world["rows"]])
     ids = open_clip.get_tokenizer("ViT-B-32")([r["caption"] for r in world["rows"]])
     with torch.no_grad():
-        image, text = F.normalize(reference.encode_image(images), dim=-1), F.normalize(reference.encode_text(ids), dim=-1)
+        image = F.normalize(reference.encode_image(images), dim=-1)
+        text = F.normalize(reference.encode_text(ids), dim=-1)
     expected = retrieval_metrics(image, text, torch.arange(len(world["rows"])), ks=(1, 5))
     assert report["metrics"].keys() == expected.keys()
     assert all(report["metrics"][k] == pytest.approx(expected[k], abs=1e-6) for k in expected)

@@ -29,8 +29,9 @@ spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
 eval_cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(eval_cli)
 TOL = 1e-4
-TO_EVA_CLIP = {"attn.q_proj.bias": "attn.q_bias", "attn.v_proj.bias": "attn.v_bias", "attn.norm.": "attn.inner_attn_ln.",
-               "mlp.fc1_g.": "mlp.w1.", "mlp.fc1_x.": "mlp.w2.", "mlp.fc2.": "mlp.w3.", "mlp.norm.": "mlp.ffn_ln."}
+TO_EVA_CLIP = {"attn.q_proj.bias": "attn.q_bias", "attn.v_proj.bias": "attn.v_bias",
+               "attn.norm.": "attn.inner_attn_ln.", "mlp.fc1_g.": "mlp.w1.", "mlp.fc1_x.": "mlp.w2.",
+               "mlp.fc2.": "mlp.w3.", "mlp.norm.": "mlp.ffn_ln."}  # timm -> eva_clip, inside a block
 
 
 class LinearBlock(nn.Module):
