@@ -1,13 +1,10 @@
 """Tiny random open_clip models written as the hub serves them (open_clip_config.json + weights), by open_clip and
 timm themselves: the references of the parity tests (test-only packages, requirements-dev.txt).
 
-PyPI's torchvision wheels are CUDA builds: on a CPU-only torch their C ops do not load, and torchvision 0.28 then
-fails at import while registering fake kernels for two of them (`torchvision::nms`, `qnms`). timm and open_clip
-import torchvision but use none of its C ops, so `import_references` declares those two schemas first when, and
-only when, torchvision's extension cannot load.
+timm and open_clip import torchvision, whose PyPI wheel does not load its C ops on a CPU-only torch:
+conftest.py's `declare_missing_torchvision_ops` lets it import.
 """
 
-import importlib.util
 import json
 import os
 
@@ -19,24 +16,8 @@ TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "lay
 EVA_TINY = {"embed_dim": 128, "depth": 2, "num_heads": 2}  # 64-wide heads, as every EVA02-CLIP
 
 
-def _declare_missing_torchvision_ops():
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
-    try:
-        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
-    except (OSError, RuntimeError):  # the CUDA build on a CPU torch: declare what its import registers kernels for
-        for op in ("nms", "qnms"):
-            schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-            try:
-                torch.library.define(f"torchvision::{op}", schema)
-            except RuntimeError:  # declared already (an earlier test module)
-                pass
-
-
 def import_references():
-    """(open_clip, timm), or a skip when either is not installed."""
-    _declare_missing_torchvision_ops()
+    """(open_clip, timm), or a skip when either is not installed (conftest.py makes torchvision importable)."""
     return pytest.importorskip("open_clip"), pytest.importorskip("timm")
 
 
