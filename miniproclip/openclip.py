@@ -183,8 +183,8 @@ def read_config(folder: str) -> dict:
         raise ModelFolderError(f"{folder}: not a folder; expected a Hugging Face CLIPModel folder (config.json) or "
                                f"an open_clip folder ({CONFIG_NAME})")
     if not os.path.isfile(path):
-        raise ModelFolderError(f"{folder}: neither config.json nor {CONFIG_NAME}; expected a Hugging Face CLIPModel "
-                               f"folder or an open_clip folder as the hub serves them")
+        raise ModelFolderError(f"{folder}: no config.json; expected a Hugging Face model folder (CLIPModel), or an "
+                               f"open_clip folder with {CONFIG_NAME}")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

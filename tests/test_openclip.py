@@ -143,7 +143,8 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_remedy(tmp_path, 
     save_file({"logit_scale": torch.zeros(())}, tmp_path / "pool" / "open_clip_model.safetensors")
     with pytest.raises(ModelFolderError, match=r"open_clip option vision_cfg.pool_type='avg' is not supported"):
         CLIP.from_pretrained(str(tmp_path / "pool"))
-    with pytest.raises(ModelFolderError, match="neither config.json nor open_clip_config.json"):
+    with pytest.raises(ModelFolderError, match="no config.json; expected a Hugging Face model folder .CLIPModel., "
+                       "or an open_clip folder with open_clip_config.json"):
         CLIP.from_pretrained(str(tmp_path))
 
 
