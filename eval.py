@@ -40,9 +40,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot retrieval and classification with CLIP_benchmark's metrics.")
     p.add_argument("--task", choices=("retrieval", "zeroshot"), required=True)
     # model (default: the newest run under --runs)
-    p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder: the baseline")
-    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint), checkpoint file or "
-                   "exported folder (python -m miniproclip.export)")
+    p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder or an open_clip folder (ViT, EVA02-CLIP): "
+                                                "the baseline")
+    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint), checkpoint file, "
+                   "exported folder (python -m miniproclip.export), or released LLM2CLIP/ProCLIP model (with --llm)")
     p.add_argument("--llm", default=None, help="--model: the LLM folder (needed by a released LLM2CLIP/ProCLIP model; "
                    "for a run, when the one it names has moved)")
     p.add_argument("--runs", default="runs", help="where the newest run is looked for when neither model flag is given")

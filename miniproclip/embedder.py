@@ -48,10 +48,12 @@ WEIGHT_SAMPLES, SAMPLE_BYTES = 64, 65536  # evenly spaced chunks of each weight 
 def safetensors_content_sample(path: str) -> bytes:
     """The header (8-byte length + JSON, with `__metadata__`) and WEIGHT_SAMPLES chunks of the data section."""
     with open(path, "rb") as f:
-        # an open_clip .bin (a torch pickle, never unpickled here) has no header: the whole file is sampled
-        header_size = int.from_bytes(f.read(8), "little") if path.endswith(".safetensors") else -8
-        parts = [f.read(max(header_size, 0))]
-        data_start, data_size = 8 + header_size, os.path.getsize(path) - 8 - header_size
+        if path.endswith(".safetensors"):
+            header_size = int.from_bytes(f.read(8), "little")
+            parts, data_start = [f.read(header_size)], 8 + header_size
+        else:  # an open_clip .bin (a torch pickle, never unpickled here) has no header: the whole file is sampled
+            parts, data_start = [], 0
+        data_size = os.path.getsize(path) - data_start
         stride = max(data_size // WEIGHT_SAMPLES, SAMPLE_BYTES)
         for offset in range(0, data_size, stride):
             f.seek(data_start + offset)

@@ -4,14 +4,14 @@
     python -m miniproclip.export runs/stage2 exported/ --copy-llm # the LLM folder is copied inside
 
 OUT holds what transformers' `CLIPModel.from_pretrained(OUT)` loads: `config.json` (the CLIP folder's own),
-`model.safetensors` (the trained image tower, projection and temperature with the original text tower, all
-float32), `preprocessor_config.json` and the tokenizer files. Next to them: `text_head.safetensors` (the head,
-under `TextHead`'s names) and `proclip.json` (head config, LLM folder, embedding settings, where it came from),
-so that `miniproclip.load_model(OUT)` gives the same encoders as the run. A run from an open_clip folder (ViT or
-EVA02) exports in open_clip's format instead: `open_clip_config.json` + `open_clip_model.safetensors`, which
-`open_clip.create_model('local-dir:OUT')` loads. A stage-1 run exports too: its image
-tower is the original one. OUT is written under a temporary name beside it and renamed when complete, and an
-existing non-empty OUT is never written into.
+`model.safetensors` (the trained image tower, projection and temperature with the original text tower, all float32),
+`preprocessor_config.json` and the tokenizer files. Next to them: `text_head.safetensors` (the head, under
+`TextHead`'s names) and `proclip.json` (head config, LLM folder, embedding settings, where it came from), so that
+`miniproclip.load_model(OUT)` gives the same encoders as the run. A run from an open_clip folder (ViT or EVA02)
+exports in open_clip's format instead: `open_clip_config.json` + `open_clip_model.safetensors`, which
+`open_clip.create_model('local-dir:OUT')` loads. A stage-1 run exports too: its image tower is the original one. OUT
+is written under a temporary name beside it and renamed when complete, and an existing non-empty OUT is never
+written into.
 """
 
 import argparse

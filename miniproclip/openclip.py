@@ -150,13 +150,13 @@ def eva_to_ours(weights: dict) -> dict:
 
 def eva_from_ours(weights: dict) -> dict:
     """The inverse of eva_to_ours, for the vision tower and projection (`visual.trunk.*`)."""
-    outer, block_names = invert(EVA_OUTER), invert(EVA_BLOCK)
+    outer, reshaped, block_names = invert(EVA_OUTER), invert(EVA_RESHAPED), invert(EVA_BLOCK)
     out = {}
     for key, value in weights.items():
         if key in outer:
             out["visual.trunk." + outer[key]] = value
-        elif key in invert(EVA_RESHAPED):
-            out["visual.trunk." + invert(EVA_RESHAPED)[key]] = value.reshape(1, -1, value.shape[-1])
+        elif key in reshaped:  # (C,) -> (1, 1, C), (N+1, C) -> (1, N+1, C)
+            out["visual.trunk." + reshaped[key]] = value.reshape(1, -1, value.shape[-1])
         elif (block := _block_key(key, {"vision_model.encoder.layers.": "blocks."})) and block[2] in block_names:
             out[f"visual.trunk.{block[0]}{block[1]}.{block_names[block[2]]}"] = value
         else:
