@@ -10,6 +10,9 @@ On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--mo
     python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy.json --images flickr30k --output out.json
     python eval.py --task retrieval --model runs/stage2 --dataset xm3600.jsonl --language de --show 8
     python eval.py --task zeroshot --model runs/stage2 --dataset imagenet/val --classnames names.txt --output out.json
+The CLIP baseline may be an open_clip folder (ViT or EVA02-CLIP); --model may be a released LLM2CLIP/ProCLIP model:
+    python eval.py --task retrieval --clip EVA02-L-14-336_DIR --dataset karpathy.json --images flickr30k
+    python eval.py --task retrieval --model LLM2CLIP-EVA02-L-14-336.pt --llm LLM2CLIP_LLAMA3_DIR --dataset my.jsonl
 Metric definitions are LAION-AI/CLIP_benchmark's (see miniproclip/metrics.py); this file is orchestration, the
 readers and runners live in miniproclip/evaluation.py.
 """
@@ -27,6 +30,7 @@ from miniproclip import evaluation
 from miniproclip.api import EXPORT_JSON
 from miniproclip.checkpoint import LATEST, CheckpointError, resolve_checkpoint
 from miniproclip.metrics import load_templates
+from miniproclip.released import is_released
 from miniproclip.weights import ModelFolderError
 
 USER_ERRORS = (evaluation.BenchmarkError, ModelFolderError, CheckpointError, OSError, ValueError)
@@ -36,9 +40,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot retrieval and classification with CLIP_benchmark's metrics.")
     p.add_argument("--task", choices=("retrieval", "zeroshot"), required=True)
     # model (default: the newest run under --runs)
-    p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder: the baseline")
-    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint), checkpoint file or "
-                   "exported folder (python -m miniproclip.export)")
+    p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder or an open_clip folder (ViT, EVA02-CLIP): "
+                                                "the baseline")
+    p.add_argument("--model", default=None, help="a ProCLIP run folder (its latest checkpoint), checkpoint file, "
+                   "exported folder (python -m miniproclip.export), or released LLM2CLIP/ProCLIP model (with --llm)")
+    p.add_argument("--llm", default=None, help="--model: the LLM folder (needed by a released LLM2CLIP/ProCLIP model; "
+                   "for a run, when the one it names has moved)")
     p.add_argument("--runs", default="runs", help="where the newest run is looked for when neither model flag is given")
     p.add_argument("--text-cache", default=None, help="--model: LLM embedding cache (default: the training one; for "
                    "an exported folder, text_cache.safetensors inside it)")
@@ -107,7 +114,11 @@ def fill_defaults(args):
         args.templates = args.templates or toy_path(args, "zeroshot", "templates.json")
         heldout = os.path.join(args.toy_dir, "zeroshot", "heldout_classes.txt")  # optional in a toy world
         args.heldout_classes = args.heldout_classes or (heldout if os.path.exists(heldout) else None)
-    if args.model:
+    if args.model and is_released(args.model):  # LLM2CLIP/ProCLIP weights: no run folder, no training cache
+        name = re.sub(r"\W", "_", os.path.basename(os.path.normpath(args.llm or "llm")))
+        args.text_cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.dataset)),
+                                                          f"text_cache_{name}.safetensors")  # beside the data
+    elif args.model:
         if os.path.isfile(os.path.join(args.model, EXPORT_JSON)):  # an exported folder (python -m miniproclip.export)
             args.model = folder = os.path.normpath(args.model)
             step = "export"
@@ -138,7 +149,7 @@ def fill_defaults(args):
 def evaluate(args):
     """Load the model and the data, run the task; returns (report, retrieval gallery or None)."""
     if args.model:
-        encoders = evaluation.proclip_encoders(args.model, args.text_cache, args.device, args.precision)
+        encoders = evaluation.proclip_encoders(args.model, args.text_cache, args.device, args.precision, llm=args.llm)
     else:
         encoders = evaluation.clip_encoders(args.clip, args.device, args.precision)
     if args.task == "retrieval":
@@ -179,6 +190,8 @@ def next_step(args, clip_dir):
     data = [("--dataset", args.dataset), ("--images", args.images), ("--language", args.language),
             ("--classnames", args.classnames), ("--templates", args.templates)]
     same_data = " ".join(f"{flag} {shlex.quote(value)}" for flag, value in data if value)
+    if args.model and is_released(args.model):  # its CLIP folder is not known: the one it was tuned from
+        return f"compare with its CLIP baseline: python eval.py --task {args.task} --clip CLIP_DIR {same_data}"
     if args.model:
         return f"compare with the CLIP baseline: python eval.py --task {args.task} --clip {clip_dir} {same_data}"
     return f"evaluate a ProCLIP run on the same data: python eval.py --task {args.task} --model RUN {same_data}"

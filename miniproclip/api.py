@@ -11,7 +11,9 @@
   folders and the embedding settings come from the checkpoint's meta. A stage-1 checkpoint holds the head only,
   so the image tower is the CLIP folder's own; a stage-2 one holds the tuned image tower too;
 - a folder written by `python -m miniproclip.export` (an HF CLIP folder plus `text_head.safetensors` and
-  `proclip.json`, which names the LLM folder and the embedding settings).
+  `proclip.json`, which names the LLM folder and the embedding settings);
+- a released LLM2CLIP/ProCLIP model (an eva_clip `.pt` or an LLM2CLIP HF folder, released.py), with `llm=` its
+  LLM folder: captions are embedded with the llm2vec-llama3 preset.
 This is the one place where a checkpoint becomes encoders: eval.py (`evaluation.proclip_encoders`) builds on it,
 reading the LLM embeddings from the training text cache instead of running the LLM, so the numbers are the same.
 """
@@ -30,14 +32,16 @@ from .clip import CLIP
 from .embedder import DTYPES, EmbedSettings, LLMEmbedder, default_batch_tokens
 from .head import HeadConfig
 from .image import ImageTransform, load_image
+from .llm import LLMConfig
 from .model import ProCLIP
-from .weights import PICKLE_SUFFIXES, ModelFolderError, load_state_dict_strict, read_config
+from .released import is_released, load_released, released_transform
+from .weights import PICKLE_SUFFIXES, ModelFolderError, is_open_clip_folder, load_state_dict_strict, read_config
 
 EXPORT_JSON = "proclip.json"  # marks an exported folder: head config, LLM folder, embedding settings
 HEAD_FILE = "text_head.safetensors"  # the head's weights in an exported folder, under TextHead's own names
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-WHAT_PATH_IS = ("pass a train.py run folder, a step_NNNNNN.safetensors checkpoint, or a folder written by "
-                "`python -m miniproclip.export`")
+WHAT_PATH_IS = ("pass a train.py run folder, a step_NNNNNN.safetensors checkpoint, a folder written by "
+                "`python -m miniproclip.export`, or a released LLM2CLIP/ProCLIP model")
 
 
 @dataclass
@@ -116,7 +120,7 @@ def embed_settings(args: dict) -> EmbedSettings:
 
 
 def _check_folder(source: str, kind: str, folder: str, keyword: str) -> None:
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    if not os.path.isfile(os.path.join(folder, "config.json")) and not is_open_clip_folder(folder):
         raise ModelFolderError(f"the {kind} folder {folder} of {source} is not there (no config.json; a relative path "
                                f"is taken from the current folder): run from where train.py ran, or give the folder "
                                f"where it is now ({keyword}=DIR to load_model, --{keyword} DIR to export)")
@@ -167,10 +171,31 @@ def _from_export(folder: str, clip: str | None, llm: str | None, device: torch.d
     return model, text, folder, config.get("source", {}), folder
 
 
+def _from_released(path: str, clip: str | None, llm: str | None, device: torch.device):
+    """(ProCLIP, TextSide, path, meta, path) of a released LLM2CLIP/ProCLIP model (released.py); its LLM is the
+    folder given as llm=, embedding captions as llm2vec does for Llama-3 (the preset both were trained with)."""
+    if clip is not None:
+        raise ModelFolderError(f"{path} is a released LLM2CLIP/ProCLIP model and holds its own image tower; clip= "
+                               f"applies to run folders and checkpoints only")
+    if llm is None:
+        raise ModelFolderError(f"{path} is a released LLM2CLIP/ProCLIP model: pass the LLM its head was trained on, "
+                               f"llm=DIR (eval.py --llm DIR), e.g. LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
+    _check_folder(path, "LLM", llm, "llm")
+    model = load_released(path)
+    width = LLMConfig.from_folder(llm).hidden_size
+    if width != model.text_head.config.input_dim:
+        raise ModelFolderError(f"{path}: its text head takes {model.text_head.config.input_dim}-dim LLM embeddings but "
+                               f"{llm} is {width} wide; pass the LLM it was trained on")
+    text = TextSide(llm, EmbedSettings.preset("llm2vec-llama3"), DTYPES["bf16"], default_batch_tokens(device))
+    return model, text, path, {"stage": "released"}, path
+
+
 def _kind_of(path: str) -> str:
-    """'export' or 'checkpoint', or a one-line error for a path that is neither."""
+    """'export', 'released' or 'checkpoint', or a one-line error for a path that is none of them."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, EXPORT_JSON)):
         return "export"
+    if os.path.exists(path) and is_released(path):
+        return "released"
     if not os.path.exists(path) and not os.path.isfile(path + ".safetensors"):  # a step_NNNNNN stem is fine
         raise ModelFolderError(f"{path} does not exist; {WHAT_PATH_IS}")
     if os.path.isfile(path) and not path.endswith((".safetensors", *PICKLE_SUFFIXES)):  # pickles: refused later
@@ -195,7 +220,8 @@ def load_model(path: str, *, clip: str | None = None, llm: str | None = None, de
     if dtype not in (None, *COMPUTE_DTYPES):
         raise ValueError(f"dtype {dtype} is not one of torch.float32, torch.bfloat16, torch.float16")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    read = _from_export if _kind_of(path) == "export" else _from_checkpoint
+    kind = _kind_of(path)
+    read = {"export": _from_export, "released": _from_released, "checkpoint": _from_checkpoint}[kind]
     model, text, clip_dir, meta, name = read(path, clip, llm, device)
-    return TrainedModel(model.eval().to(device), ImageTransform.from_folder(clip_dir), text, clip_dir, name, meta,
-                        device, dtype)
+    transform = released_transform(path, model) if kind == "released" else ImageTransform.from_folder(clip_dir)
+    return TrainedModel(model.eval().to(device), transform, text, clip_dir, name, meta, device, dtype)

@@ -37,6 +37,8 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"  # OpenAI checkpoints use QuickGELU; some retrained ones use "gelu"
     layer_norm_eps: float = 1e-5
+    layer_scale: bool = False  # not in HF: open_clip's per-channel residual scales (ls_1/ls_2.gamma)
+    projection_bias: bool = False  # not in HF: a biased visual projection (EVA02's head, eva.py)
 
     @classmethod
     def from_hf(cls, config: dict) -> "CLIPVisionConfig":
@@ -58,6 +60,7 @@ class CLIPTextConfig:
     # argmax(input_ids) (the EOS has the largest id in CLIP's vocabulary); newer ones give the real EOS id and
     # HF pools at its first occurrence. Both are reproduced.
     eos_token_id: int = 49407
+    layer_scale: bool = False  # not in HF: open_clip's per-channel residual scales (ls_1/ls_2.gamma)
 
     @classmethod
     def from_hf(cls, config: dict) -> "CLIPTextConfig":
@@ -128,7 +131,8 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)); with layer scale (open_clip's
+    `ls_1`/`ls_2`), each branch is first multiplied by a learned per-channel vector."""
 
     def __init__(self, config: CLIPVisionConfig | CLIPTextConfig):
         super().__init__()
@@ -136,10 +140,16 @@ class CLIPEncoderLayer(nn.Module):
         self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        if config.layer_scale:
+            self.layer_scale1 = nn.Parameter(torch.ones(config.hidden_size))  # (C,)
+            self.layer_scale2 = nn.Parameter(torch.ones(config.hidden_size))
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), causal)
-        return x + self.mlp(self.layer_norm2(x))
+        if not hasattr(self, "layer_scale1"):
+            x = x + self.self_attn(self.layer_norm1(x), causal)
+            return x + self.mlp(self.layer_norm2(x))
+        x = x + self.layer_scale1 * self.self_attn(self.layer_norm1(x), causal)
+        return x + self.layer_scale2 * self.mlp(self.layer_norm2(x))
 
 
 class CLIPEncoder(nn.Module):
@@ -199,6 +209,12 @@ class CLIPVisionTransformer(nn.Module):
         return self.post_layernorm(x[:, 0])  # the class token only: (B, C)
 
 
+def vision_tower(config) -> nn.Module:
+    """The image tower a vision config describes: HF's ViT here; a config of another file (eva.py's EVA02)
+    builds its own tower with `build_tower()`, so this file needs no import of it."""
+    return config.build_tower() if hasattr(config, "build_tower") else CLIPVisionTransformer(config)
+
+
 class CLIPTextTransformer(nn.Module):
     """HF `CLIPTextTransformer`: token + position embeddings, causal encoder, `final_layer_norm`, EOS pooling."""
 
@@ -230,8 +246,9 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.text_model = CLIPTextTransformer(config.text)
-        self.vision_model = CLIPVisionTransformer(config.vision)
-        self.visual_projection = nn.Linear(config.vision.hidden_size, config.projection_dim, bias=False)
+        self.vision_model = vision_tower(config.vision)
+        self.visual_projection = nn.Linear(config.vision.hidden_size, config.projection_dim,
+                                           bias=config.vision.projection_bias)
         self.text_projection = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))  # log of 1/temperature
 
@@ -251,8 +268,12 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "CLIP":
-        """Load an HF CLIP folder (`config.json` + safetensors); built on the meta device, so never held twice."""
+        """Load an HF CLIP folder (`config.json` + safetensors); built on the meta device, so never held twice.
+        An open_clip folder or a released eva_clip checkpoint (no config.json) is read by openclip.py."""
         from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            from .openclip import load_clip
+            return load_clip(folder, dtype=dtype, device=device)
         config = read_config(folder)
         if config.get("model_type") != "clip":
             kind = "an LLM folder: pass it as --llm" if "num_key_value_heads" in config else "not a CLIP model"
@@ -268,8 +289,9 @@ class CLIP(nn.Module):
 
 def save_hf_config(config: CLIPConfig, folder: str) -> None:
     """Write `config.json` in HF's `CLIPModel` layout, so the folder loads in miniproclip and transformers."""
-    text = {**config.text.__dict__, "model_type": "clip_text_model", "projection_dim": config.projection_dim}
-    vision = {**config.vision.__dict__, "model_type": "clip_vision_model", "projection_dim": config.projection_dim}
+    hf_only = lambda tower: {k: v for k, v in tower.__dict__.items() if k not in ("layer_scale", "projection_bias")}
+    text = {**hf_only(config.text), "model_type": "clip_text_model", "projection_dim": config.projection_dim}
+    vision = {**hf_only(config.vision), "model_type": "clip_vision_model", "projection_dim": config.projection_dim}
     hf = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.projection_dim,
           "logit_scale_init_value": config.logit_scale_init_value, "text_config": text, "vision_config": vision}
     with open(os.path.join(folder, "config.json"), "w") as f:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .llm import DecoderLM, mean_pool
-from .weights import ModelFolderError, read_config, weight_files
+from .weights import ModelFolderError, model_weight_files, read_config, read_model_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,8 +35,8 @@ def folder_fingerprint(folder: str) -> str:
     and file sizes. The header holds the metadata stage 0 writes (a hash of the merged adapters, exact); the
     sample (WEIGHT_SAMPLES chunks) catches other same-layout fine-tunes at a cost of a few MB read per file.
     """
-    digest = hashlib.sha256(json.dumps(read_config(folder), sort_keys=True).encode())
-    for path in weight_files(folder):
+    digest = hashlib.sha256(json.dumps(read_model_config(folder), sort_keys=True).encode())
+    for path in model_weight_files(folder):
         digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode())
         digest.update(safetensors_content_sample(path))
     return digest.hexdigest()[:16]
@@ -48,9 +48,12 @@ WEIGHT_SAMPLES, SAMPLE_BYTES = 64, 65536  # evenly spaced chunks of each weight 
 def safetensors_content_sample(path: str) -> bytes:
     """The header (8-byte length + JSON, with `__metadata__`) and WEIGHT_SAMPLES chunks of the data section."""
     with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        parts = [f.read(header_size)]
-        data_start, data_size = 8 + header_size, os.path.getsize(path) - 8 - header_size
+        if path.endswith(".safetensors"):
+            header_size = int.from_bytes(f.read(8), "little")
+            parts, data_start = [f.read(header_size)], 8 + header_size
+        else:  # an open_clip .bin (a torch pickle, never unpickled here) has no header: the whole file is sampled
+            parts, data_start = [], 0
+        data_size = os.path.getsize(path) - data_start
         stride = max(data_size // WEIGHT_SAMPLES, SAMPLE_BYTES)
         for offset in range(0, data_size, stride):
             f.seek(data_start + offset)

@@ -195,9 +195,10 @@ def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
                     lambda texts: tokenizer(texts).num_truncated)
 
 
-def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, precision: str, log=print) -> Encoders:
+def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, precision: str, log=print,
+                     llm: str | None = None) -> Encoders:
     """A ProCLIP checkpoint as `load_model` reads it (api.py), with the LLM embeddings from the text cache."""
-    trained = load_model(checkpoint, device=device)
+    trained = load_model(checkpoint, llm=llm, device=device)
     model, text, device = trained.model, trained.text, trained.device
     text_cache = text_cache or text.cache
     cache = None

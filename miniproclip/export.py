@@ -4,12 +4,14 @@
     python -m miniproclip.export runs/stage2 exported/ --copy-llm # the LLM folder is copied inside
 
 OUT holds what transformers' `CLIPModel.from_pretrained(OUT)` loads: `config.json` (the CLIP folder's own),
-`model.safetensors` (the trained image tower, projection and temperature with the original text tower, all
-float32), `preprocessor_config.json` and the tokenizer files. Next to them: `text_head.safetensors` (the head,
-under `TextHead`'s names) and `proclip.json` (head config, LLM folder, embedding settings, where it came from),
-so that `miniproclip.load_model(OUT)` gives the same encoders as the run. A stage-1 run exports too: its image
-tower is the original one. OUT is written under a temporary name beside it and renamed when complete, and an
-existing non-empty OUT is never written into.
+`model.safetensors` (the trained image tower, projection and temperature with the original text tower, all float32),
+`preprocessor_config.json` and the tokenizer files. Next to them: `text_head.safetensors` (the head, under
+`TextHead`'s names) and `proclip.json` (head config, LLM folder, embedding settings, where it came from), so that
+`miniproclip.load_model(OUT)` gives the same encoders as the run. A run from an open_clip folder (ViT or EVA02)
+exports in open_clip's format instead: `open_clip_config.json` + `open_clip_model.safetensors`, which
+`open_clip.create_model('local-dir:OUT')` loads. A stage-1 run exports too: its image tower is the original one. OUT
+is written under a temporary name beside it and renamed when complete, and an existing non-empty OUT is never
+written into.
 """
 
 import argparse
@@ -25,7 +27,9 @@ from safetensors.torch import save_file
 from .api import EXPORT_JSON, HEAD_FILE, load_model
 from .checkpoint import CheckpointError
 from .embedder import DTYPES
-from .weights import INDEX_FILE, SINGLE_FILE, ModelFolderError, load_safetensors_folder, weight_files
+from .openclip import write_tuned_folder
+from .weights import INDEX_FILE, SINGLE_FILE, ModelFolderError, is_open_clip_folder, load_safetensors_folder, \
+    weight_files
 
 CLIP_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
               "special_tokens_map.json", "added_tokens.json")  # copied as they are when the CLIP folder has them
@@ -40,7 +44,13 @@ def _copy_present(source: str, target: str, names) -> None:
 
 
 def _write_clip_folder(trained, folder: str) -> None:
-    """config.json, model.safetensors (tuned image side + original text side), preprocessing and tokenizer."""
+    """config.json, model.safetensors (tuned image side + original text side), preprocessing and tokenizer; for a
+    run from an open_clip folder (ViT or EVA02), open_clip_config.json + open_clip_model.safetensors instead."""
+    if is_open_clip_folder(trained.clip_dir):
+        tuned = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("text_head.")}
+        write_tuned_folder(trained.clip_dir, tuned, folder)
+        _copy_present(trained.clip_dir, folder, CLIP_FILES)
+        return
     # the CLIP folder's tensors, whose image tower and temperature are then replaced by the trained ones
     weights = load_safetensors_folder(trained.clip_dir, dtype=torch.float32, ignore=("position_ids",))
     tuned = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("text_head.")}
@@ -110,8 +120,10 @@ def main(argv=None):
         out = export(args.run, args.out, args.copy_llm, args.clip, args.llm)
     except (ModelFolderError, CheckpointError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")
+    reader = (f"open_clip: open_clip.create_model('local-dir:{out}').encode_image(...)" if is_open_clip_folder(out)
+              else f"transformers: CLIPModel.from_pretrained({out!r}).get_image_features(...)")
     print(f"exported {args.run} to {out}\n"
-          f"  transformers: CLIPModel.from_pretrained({out!r}).get_image_features(...)  (the tuned image tower)\n"
+          f"  {reader}  (the tuned image tower)\n"
           f"  miniproclip:  miniproclip.load_model({out!r}).encode_text([...])  (the LLM text side)")
 
 

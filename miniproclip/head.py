@@ -23,6 +23,7 @@ class HeadConfig:
     num_blocks: int = 1  # N residual MLP blocks
     mlp_ratio: int = 8  # r, width of each block's hidden layer relative to d
     dropout: float = 0.0
+    normalize_input: bool = True  # ProCLIP's TextProj L2-normalises e; LLM2CLIP's adapter does not (released.py)
 
 
 class ResidualMLPBlock(nn.Module):
@@ -53,7 +54,8 @@ class TextHead(nn.Module):
     def forward(self, llm_embedding: torch.Tensor) -> torch.Tensor:
         # The cached embeddings are fp32 means of hidden states whose norm varies with the LLM; the official
         # code L2-normalises them first so the head sees unit vectors.
-        x = F.normalize(llm_embedding.float(), dim=-1)  # (B, d)
+        x = llm_embedding.float()  # (B, d)
+        x = F.normalize(x, dim=-1) if self.config.normalize_input else x
         for block in self.blocks:
             x = block(x)
         return self.proj(self.norm(x))  # (B, D)

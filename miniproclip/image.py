@@ -104,8 +104,12 @@ class ImageTransform:
 
     @classmethod
     def from_folder(cls, folder: str) -> "ImageTransform":
-        """Read HF's preprocessor_config.json in `folder`; CLIP's defaults when the file is absent."""
+        """Read HF's preprocessor_config.json in `folder` (an open_clip folder's preprocess_cfg: openclip.py);
+        CLIP's defaults when neither is there."""
         path = os.path.join(folder, "preprocessor_config.json")
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            from .openclip import image_transform
+            return image_transform(folder)
         if not os.path.isfile(path):
             return cls()
         try:

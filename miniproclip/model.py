@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip import CLIP, CLIPConfig, CLIPVisionTransformer
+from .clip import CLIP, CLIPConfig, vision_tower
 from .head import HeadConfig, TextHead
 
 
@@ -24,8 +24,9 @@ class ProCLIP(nn.Module):
         if head_config.output_dim != clip_config.projection_dim:
             raise ValueError(f"the head maps to {head_config.output_dim} dims but CLIP's joint space has "
                              f"{clip_config.projection_dim}; they must match")
-        self.vision_model = CLIPVisionTransformer(clip_config.vision)
-        self.visual_projection = nn.Linear(clip_config.vision.hidden_size, clip_config.projection_dim, bias=False)
+        self.vision_model = vision_tower(clip_config.vision)  # HF's ViT, or EVA02's (eva.py)
+        self.visual_projection = nn.Linear(clip_config.vision.hidden_size, clip_config.projection_dim,
+                                           bias=clip_config.vision.projection_bias)
         self.text_head = TextHead(head_config)
         self.logit_scale = nn.Parameter(torch.tensor(clip_config.logit_scale_init_value))
 

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=1, help="append to metrics.jsonl every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and caption choice")
     # models
-    p.add_argument("--clip", default=None, help="Hugging Face CLIP folder (default: the toy world's teacher)")
+    p.add_argument("--clip", default=None, help="Hugging Face CLIP folder, or open_clip folder (ViT, EVA02-CLIP) "
+                                                "(default: the toy world's teacher)")
     p.add_argument("--llm", default=None, help="Hugging Face LLM folder (default: the toy world's SmolLM2-135M)")
     p.add_argument("--toy-dir", default="toyworld", help="where the toy world is built when no --train-data is given")
     p.add_argument("--head-blocks", type=int, default=1,

@@ -117,8 +117,12 @@ def caption_columns(rows) -> list[Iterable[str | None]]:
 
 def clip_text_identity(clip_dir: str, tokenizer: CLIPTokenizer) -> dict[str, str]:
     """What the text teacher's vectors mean: the CLIP folder and how captions become its 77 tokens."""
-    with open(os.path.join(clip_dir, "tokenizer.json"), "rb") as f:
-        tokenizer_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    path = os.path.join(clip_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            tokenizer_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    else:  # an open_clip folder without one: the bundled BPE it is built from
+        tokenizer_digest = hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()[:16]
     return {"clip_fingerprint": folder_fingerprint(clip_dir), "tokenizer": tokenizer_digest,
             "context_length": str(tokenizer.context_length), "pad_id": str(tokenizer.pad_id),
             "columns": "L2-normalised text features, then 1.0 where the caption was cut"}

@@ -135,6 +135,11 @@ class CLIPTokenizer:
     @classmethod
     def from_folder(cls, folder: str, context_length: int = 77) -> "CLIPTokenizer":
         path = os.path.join(folder, "tokenizer.json")
+        open_clip_config = os.path.join(folder, "open_clip_config.json")
+        if not os.path.isfile(path) and os.path.isfile(open_clip_config):  # open_clip's own BPE, pads with 0
+            with open(open_clip_config, encoding="utf-8") as f:
+                text_cfg = json.load(f).get("model_cfg", {}).get("text_cfg", {})
+            return cls(build_clip_tokenizer(), text_cfg.get("context_length", context_length), pad_id=0)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer.json there "
                                     f"or write one with miniproclip.tokenizer.save_clip_tokenizer_json")

@@ -38,6 +38,28 @@ def read_config(folder: str) -> dict:
         raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
 
 
+def is_open_clip_folder(folder: str) -> bool:
+    """An open_clip folder as the hub serves it: open_clip_config.json and no HF config.json (openclip.py)."""
+    return (os.path.isfile(os.path.join(folder, "open_clip_config.json"))
+            and not os.path.isfile(os.path.join(folder, "config.json")))
+
+
+def read_model_config(folder: str) -> dict:
+    """`read_config`, or an open_clip folder's open_clip_config.json (to fingerprint either kind of folder)."""
+    if is_open_clip_folder(folder):
+        from .openclip import read_config as read_open_clip_config
+        return read_open_clip_config(folder)
+    return read_config(folder)
+
+
+def model_weight_files(folder: str) -> list[str]:
+    """`weight_files`, or an open_clip folder's one weights file (its safetensors, else its pickle)."""
+    if is_open_clip_folder(folder):
+        from .openclip import weight_file
+        return [weight_file(folder)]
+    return weight_files(folder)
+
+
 def weight_files(folder: str) -> list[str]:
     """The safetensors files holding a folder's weights, in shard order."""
     index_path = os.path.join(folder, INDEX_FILE)
@@ -84,12 +106,13 @@ def load_safetensors_folder(folder: str, dtype: torch.dtype | None = None, devic
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                           assign: bool = False, show: int = 5) -> None:
+                           assign: bool = False, show: int = 5, remedy: str = "") -> None:
     """`module.load_state_dict(state_dict, strict=True)` with one readable error naming `source`.
 
     The error lists the first `show` missing, unexpected and wrong-shape keys, which is what one needs to
     tell a wrong folder (a CLIP given as LLM) from a wrong config (hidden size) from a truncated download.
-    With `assign=True` the tensors become the parameters (used after building on the meta device).
+    With `assign=True` the tensors become the parameters (used after building on the meta device); `remedy` ends
+    the message with what to do.
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -103,5 +126,5 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
                 more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
                 parts.append(f"{len(keys)} {name}: {', '.join(keys[:show])}{more}")
         raise ModelFolderError(f"{source}: weights do not match the model built from its config; "
-                               + "; ".join(parts))
+                               + "; ".join(parts) + (f"; {remedy}" if remedy else ""))
     module.load_state_dict(state_dict, strict=True, assign=assign)

@@ -6,10 +6,17 @@ reading of the same GGUF, the reference for parity tests. Both skip when `gguf` 
 """
 
 import os
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
+
+
+# torchvision's CUDA wheel on a CPU torch (requirements-dev.txt): made importable here and in every subprocess
+COMPAT = Path(__file__).resolve().parent / "compat"
+runpy.run_path(str(COMPAT / "sitecustomize.py"))  # before any test module imports transformers, timm or open_clip
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COMPAT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
