@@ -79,7 +79,7 @@ CLAIMS = [
     ("(f) stage 0 helps: long R@1, by 5 points", "ProCLIP", "ProCLIP, raw LLM", lambda r: r1(r, "long"), 0.05),
     ("(f) stage 0 helps: de/fr/es/ja R@1, by 5 points", "ProCLIP", "ProCLIP, raw LLM",
      lambda r: r1(r, "languages"), 0.05),
-    ("stage 2 keeps stage 1's short R@1 (within 5 points)", "ProCLIP", "ProCLIP stage 1 only",
+    ("(g) stage 2 keeps stage 1's short R@1 (within 5 points)", "ProCLIP", "ProCLIP stage 1 only",
      lambda r: r1(r, "short"), -0.05),
 ]
 
