@@ -40,9 +40,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        # (..., in) -> (..., r) -> (..., out); fp32 weights, so without autocast the update is computed in fp32
-        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (self.scaling * update).to(y.dtype)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # fp32 weights: without autocast the update runs in fp32
+            x = x.to(self.lora_A.dtype)  # (under autocast F.linear casts to bf16 itself: an fp32 copy is waste)
+        # (..., in) -> (..., r) -> (..., out); the scaling multiplies the rank-r middle, not the wide output
+        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return y + update.to(y.dtype)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:

@@ -52,6 +52,24 @@ def test_merge_matches_hand_computed_weight():
     torch.testing.assert_close(layer.merged().weight, expected)
 
 
+def test_forward_is_w_x_plus_scaled_b_a_x_in_each_precision():
+    """y = W x + b + (alpha/r) B A x: fp32; a bf16 base without autocast (the adapter in fp32, cast to bf16 at the
+    end); under bf16 autocast (everything in bf16): each within its dtype's rounding of the fp32 formula."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 24)
+    layer = LoRALinear(base, rank=4, alpha=12.0)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 32)
+    expected = x @ base.weight.T + base.bias + 3.0 * (x @ layer.lora_A.T) @ layer.lora_B.T  # alpha/r = 3
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    layer.base.to(torch.bfloat16)
+    out = layer(x.bfloat16())  # no autocast: the fp32 adapter takes the bf16 input cast up, the sum is bf16
+    assert out.dtype == torch.bfloat16 and (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_only_adapters_get_gradients(tiny_model):
     apply_lora(tiny_model, rank=2, alpha=4, targets=("q_proj", "v_proj", "down_proj"))
     randomize_adapters(tiny_model)
