@@ -28,12 +28,11 @@ import torch
 
 from miniproclip import evaluation
 from miniproclip.api import EXPORT_JSON
-from miniproclip.checkpoint import LATEST, CheckpointError, resolve_checkpoint
+from miniproclip.checkpoint import LATEST, resolve_checkpoint
+from miniproclip.errors import USER_ERRORS
 from miniproclip.metrics import load_templates
+from miniproclip.precision import PRECISIONS, default_precision
 from miniproclip.released import is_released
-from miniproclip.weights import ModelFolderError
-
-USER_ERRORS = (evaluation.BenchmarkError, ModelFolderError, CheckpointError, OSError, ValueError)
 
 
 def parse_args(argv=None):
@@ -69,10 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images / texts per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in-process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("amp_bf16", "amp", "fp32"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
-    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.precision = args.precision or default_precision(args.device)
     return args
 
 
@@ -159,7 +158,10 @@ def evaluate(args):
                                                    args.ks)
     else:
         dataset = evaluation.read_image_folder(args.dataset, args.classnames)
-        templates = load_templates(args.templates)
+        try:
+            templates = load_templates(args.templates)
+        except (OSError, ValueError) as err:  # metrics.py stands alone: its errors are the plain types
+            raise evaluation.BenchmarkError(str(err)) from None
         print(f"zeroshot: {len(dataset.images)} images of {len(dataset.classnames)} classes from {args.dataset}, "
               f"{len(templates)} templates")
         heldout = evaluation.read_lines(args.heldout_classes) if args.heldout_classes else None

@@ -23,6 +23,7 @@ process; for stage 1 also the head's step on inputs already on the device, the b
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -41,7 +42,7 @@ from miniproclip.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from miniproclip.head import HeadConfig
 from miniproclip.losses import ClipLoss, clamp_logit_scale_
 from miniproclip.model import ProCLIP
-from miniproclip.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
+from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 
 CONFIGS = {"eager": [], "grad-checkpointing": ["--grad-checkpointing"], "compile": ["--compile"],
            "compile + grad-checkpointing": ["--compile", "--grad-checkpointing"]}
@@ -158,8 +159,8 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
     """name -> one training step: stage 1 and stage 2, each with the teacher live (the code before the caches:
     CLIP tokenisation, caption hashing and the teacher forward every step) and with the caches (train.py's)."""
     from miniproclip.embed import ensure_vector_cache
-    from miniproclip.stages import Stage1, Stage2, TextSide
-    from miniproclip.teacher_cache import RowVectors, caption_columns, stage1_vectors
+    from miniproclip.training.stages import Stage1, Stage2, TextSide
+    from miniproclip.training.teacher_cache import RowVectors, caption_columns, stage1_vectors
     from miniproclip.tokenizer import CLIPTokenizer
     clip, rows, llm_cache, pixels = toy_folder(root, device, args.quick)
     tokenizer, autocast = CLIPTokenizer.from_folder(str(root)), torch.autocast(device.type, enabled=False)
@@ -192,11 +193,13 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
             with torch.no_grad():
                 return {"image": image, "text": text, "teacher_image": teacher.encode_image(pixels_on)}
 
-    common_args = dict(device=device, autocast=autocast, settings=settings)
-    stage1 = Stage1(forward=text_side, llm=llm, teacher=taught, skip_truncated_long=False, **common_args)
-    stage2 = Stage2(forward=model, model=model, teacher=None, llm=RowVectors.map(llm_cache, caption_columns(rows)),
+    # the Stage fields the loop alone uses (dataset, optimizer groups, validation, next command) are left out
+    common_args = dict(model=model, no_sync=contextlib.nullcontext, dataset=rows, lr_of=None, validate=None,
+                       next_command="", device=device, autocast=autocast, settings=settings)
+    stage1 = Stage1(forward=text_side, llm=llm, teacher_vectors=taught, skip_truncated_long=False, **common_args)
+    stage2 = Stage2(forward=model, teacher=None, llm=RowVectors.map(llm_cache, caption_columns(rows)),
                     teacher_vectors=RowVectors.map(images, [(row.image for row in rows)]), clip_loss=ClipLoss(),
-                    ema_momentum=1.0, **common_args)
+                    ema_momentum=1.0, long_prob=0.0, seed=0, **common_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step(features, loss_fn, prepare=lambda b: b):
@@ -222,7 +225,7 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
             "stage 1, head alone": step(head_alone, loss1),
             "stage 2, live frozen teacher": step(live_stage2, loss2),
             "stage 2, cached teacher": step(stage2.features, stage2.loss,
-                                            lambda b: stage2.prepare(b, np.zeros(len(rows), dtype=bool)))}
+                                            lambda b: stage2.prepare(b, 0))}
 
 
 def teacher_cache_table(args, device: torch.device) -> str:

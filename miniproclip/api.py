@@ -27,15 +27,16 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .backbones import load_clip, load_transform
 from .checkpoint import latest_checkpoint, load_meta, load_trained_weights, resolve_checkpoint
-from .clip import CLIP
-from .embedder import DTYPES, EmbedSettings, LLMEmbedder, default_batch_tokens
+from .embedder import EmbedSettings, LLMEmbedder, default_batch_tokens
 from .head import HeadConfig
 from .image import ImageTransform, load_image
 from .llm import LLMConfig
 from .model import ProCLIP
 from .released import is_released, load_released, released_transform
 from .weights import PICKLE_SUFFIXES, ModelFolderError, is_open_clip_folder, load_state_dict_strict, read_config
+from .precision import DTYPES, compute_dtype, default_precision
 
 EXPORT_JSON = "proclip.json"  # marks an exported folder: head config, LLM folder, embedding settings
 HEAD_FILE = "text_head.safetensors"  # the head's weights in an exported folder, under TextHead's own names
@@ -63,7 +64,7 @@ class TrainedModel:
         self.clip_dir = clip_dir  # the CLIP folder of the preprocessing (and of the original towers)
         self.name, self.meta, self.device = name, meta, device  # name: the checkpoint or exported folder
         # what eval.py does by default: bf16 autocast on CUDA, fp32 on CPU (the weights stay fp32)
-        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.dtype = dtype or compute_dtype(default_precision(device.type))
         self.llm_dtype = dtype or text.llm_dtype
         self.batch_size = 64  # images (or head inputs) per forward pass
         self._embedder = None
@@ -113,10 +114,10 @@ class TrainedModel:
         return torch.cat(features)
 
 
-def embed_settings(args: dict) -> EmbedSettings:
-    """The EmbedSettings train.py used, from a checkpoint's saved arguments."""
-    return EmbedSettings.from_flags(args.get("embed_preset", "default"), args["max_length"], args["instruction"],
-                                    args.get("append_eos", False), args["bidirectional"])
+def embed_settings(saved: dict) -> EmbedSettings:
+    """The EmbedSettings train.py used, from a checkpoint's saved arguments (`meta["args"]`)."""
+    return EmbedSettings.from_flags(saved.get("embed_preset", "default"), saved["max_length"], saved["instruction"],
+                                    saved.get("append_eos", False), saved["bidirectional"])
 
 
 def _check_folder(source: str, kind: str, folder: str, keyword: str) -> None:
@@ -139,7 +140,7 @@ def _from_checkpoint(path: str, clip: str | None, llm: str | None, device: torch
         raise ModelFolderError(f"{checkpoint}: its meta lacks {err}; is it a train.py checkpoint?") from None
     _check_folder(checkpoint, "CLIP", clip_dir, "clip")
     _check_folder(checkpoint, "LLM", text.llm_dir, "llm")
-    model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
+    model = ProCLIP.from_clip(load_clip(clip_dir), head)
     load_trained_weights(model, checkpoint)  # stage 1: the head; stage 2: everything (an EMA teacher is not used)
     return model, text, clip_dir, meta, checkpoint
 
@@ -162,7 +163,7 @@ def _from_export(folder: str, clip: str | None, llm: str | None, device: torch.d
     except (KeyError, TypeError) as err:
         raise ModelFolderError(f"{config_path}: lacks or mistypes {err}; export the run again") from None
     _check_folder(config_path, "LLM", text.llm_dir, "llm")
-    model = ProCLIP.from_clip(CLIP.from_pretrained(folder), head)  # the tuned image tower and temperature
+    model = ProCLIP.from_clip(load_clip(folder), head)  # the tuned image tower and temperature
     try:
         head_weights = load_file(head_path)
     except (OSError, SafetensorError) as err:
@@ -223,5 +224,5 @@ def load_model(path: str, *, clip: str | None = None, llm: str | None = None, de
     kind = _kind_of(path)
     read = {"export": _from_export, "released": _from_released, "checkpoint": _from_checkpoint}[kind]
     model, text, clip_dir, meta, name = read(path, clip, llm, device)
-    transform = released_transform(path, model) if kind == "released" else ImageTransform.from_folder(clip_dir)
+    transform = released_transform(path, model) if kind == "released" else load_transform(clip_dir)
     return TrainedModel(model.eval().to(device), transform, text, clip_dir, name, meta, device, dtype)

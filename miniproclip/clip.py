@@ -269,11 +269,8 @@ class CLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "CLIP":
         """Load an HF CLIP folder (`config.json` + safetensors); built on the meta device, so never held twice.
-        An open_clip folder or a released eva_clip checkpoint (no config.json) is read by openclip.py."""
+        (backbones.load_clip also reads open_clip folders.)"""
         from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            from .openclip import load_clip
-            return load_clip(folder, dtype=dtype, device=device)
         config = read_config(folder)
         if config.get("model_type") != "clip":
             kind = "an LLM folder: pass it as --llm" if "num_key_value_heads" in config else "not a CLIP model"

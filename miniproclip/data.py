@@ -39,7 +39,7 @@ class DataError(ValueError):
     """A data source that cannot be used: missing file, wrong columns, no valid rows, a bad row with strict=True."""
 
 
-class _Malformed(Exception):
+class MalformedRow(Exception):
     """One bad row or sample; the reader turns it into a warning, or a DataError when strict."""
 
 
@@ -161,7 +161,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [path for option in options for path in expand_braces(pattern[:start] + option + pattern[end + 1 :])]
 
 
-class _Skipper:
+class RowSkipper:
     """Malformed rows: raise at the first one when strict, else warn about the first few and count them all."""
 
     def __init__(self, strict: bool, log):
@@ -175,32 +175,32 @@ class _Skipper:
             self.log(f"warning: skipping {where}: {what}")
 
 
-def _clean_text(value, key: str, required: bool) -> str | None:
+def clean_text(value, key: str, required: bool) -> str | None:
     """`value` stripped of surrounding whitespace; an optional field that is absent, null or blank gives None."""
     if value is None:
         if required:
-            raise _Malformed(f'missing "{key}"')
+            raise MalformedRow(f'missing "{key}"')
         return None
     if not isinstance(value, str):
-        raise _Malformed(f'"{key}" must be a string, got {type(value).__name__}')
+        raise MalformedRow(f'"{key}" must be a string, got {type(value).__name__}')
     if not value.strip():
         if required:
-            raise _Malformed(f'empty "{key}"')
+            raise MalformedRow(f'empty "{key}"')
         return None
     return value.strip()
 
 
 def _file_row(record: dict, image_key: str, caption_key: str, folder: str) -> Row:
     """A Row from one JSONL/CSV record; a relative image path is taken from the data file's folder."""
-    image = _clean_text(record.get(image_key), image_key, required=True)
+    image = clean_text(record.get(image_key), image_key, required=True)
     return Row(image=os.path.normpath(os.path.join(folder, image)),
-               caption=_clean_text(record.get(caption_key), caption_key, required=True),
-               long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False))
+               caption=clean_text(record.get(caption_key), caption_key, required=True),
+               long_caption=clean_text(record.get("long_caption"), "long_caption", required=False))
 
 
-def jsonl_records(path: str, skip: _Skipper, parse) -> Iterator:
+def jsonl_records(path: str, skip: RowSkipper, parse) -> Iterator:
     """`parse(record)` of each JSON-object line of `path`; a malformed line (bad JSON, not an object, or `parse`
-    raising _Malformed) goes to `skip` with its file:line."""
+    raising MalformedRow) goes to `skip` with its file:line."""
     with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -208,9 +208,9 @@ def jsonl_records(path: str, skip: _Skipper, parse) -> Iterator:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
-                    raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
+                    raise MalformedRow(f"expected a JSON object, got {type(record).__name__}")
                 parsed = parse(record)
-            except _Malformed as error:
+            except MalformedRow as error:
                 skip(f"{path}:{line_number}", str(error))
                 continue
             except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
@@ -219,12 +219,12 @@ def jsonl_records(path: str, skip: _Skipper, parse) -> Iterator:
             yield parsed
 
 
-def _read_jsonl(path: str, skip: _Skipper) -> Iterator[Row]:
+def _read_jsonl(path: str, skip: RowSkipper) -> Iterator[Row]:
     folder = os.path.dirname(os.path.abspath(path))
     return jsonl_records(path, skip, lambda record: _file_row(record, "image", "caption", folder))
 
 
-def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: _Skipper) -> Iterator[Row]:
+def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip: RowSkipper) -> Iterator[Row]:
     folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
@@ -238,9 +238,9 @@ def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip:
                 try:
                     # DictReader files surplus fields under None and fills missing ones with None
                     if None in record or None in record.values():
-                        raise _Malformed(f"expected {len(columns)} fields separated by {separator!r}")
+                        raise MalformedRow(f"expected {len(columns)} fields separated by {separator!r}")
                     row = _file_row(record, image_key, caption_key, folder)
-                except _Malformed as error:
+                except MalformedRow as error:
                     skip(f"{path}:{reader.line_num}", str(error))
                     continue
                 yield row
@@ -253,17 +253,17 @@ def _tar_row(tar: tarfile.TarFile, path: str, key: str, members: dict[str, tarfi
     hold "long_caption"); only the text members are read now, the image's offset is recorded for later."""
     image = next((members[extension] for extension in IMAGE_EXTENSIONS if extension in members), None)
     if image is None:
-        raise _Malformed(f"no image member ({key}.jpg/.jpeg/.png/.webp)")
+        raise MalformedRow(f"no image member ({key}.jpg/.jpeg/.png/.webp)")
     if "txt" not in members and "json" not in members:
-        raise _Malformed(f"no caption member ({key}.txt or {key}.json)")
+        raise MalformedRow(f"no caption member ({key}.txt or {key}.json)")
     record = json.loads(tar.extractfile(members["json"]).read()) if "json" in members else {}
     if not isinstance(record, dict):
-        raise _Malformed(f"expected a JSON object, got {type(record).__name__}")
+        raise MalformedRow(f"expected a JSON object, got {type(record).__name__}")
     if "txt" in members:
         record["caption"] = tar.extractfile(members["txt"]).read().decode("utf-8")
     return Row(image=f"{TAR_PREFIX}{path}#{image.name}",
-               caption=_clean_text(record.get("caption"), "caption", required=True),
-               long_caption=_clean_text(record.get("long_caption"), "long_caption", required=False),
+               caption=clean_text(record.get("caption"), "caption", required=True),
+               long_caption=clean_text(record.get("long_caption"), "long_caption", required=False),
                tar_member=(path, image.offset_data, image.size))
 
 
@@ -277,7 +277,7 @@ def _scan_tar(path: str) -> tuple["Rows", list[tuple[str, str]]]:
             where = caption.name if caption else key
             try:
                 yield _tar_row(tar, path, key, members)
-            except _Malformed as error:
+            except MalformedRow as error:
                 problems.append((where, str(error)))
             except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
                 problems.append((where, f"unreadable caption ({error})"))
@@ -299,7 +299,7 @@ def _shard_stamp(path: str) -> np.ndarray:
     return np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
 
 
-def _read_tar(path: str, skip: _Skipper, log) -> "Rows":
+def _read_tar(path: str, skip: RowSkipper, log) -> "Rows":
     """A shard's rows from its sidecar index `SHARD.tar.index.npz`, or scanned (and the sidecar written) when the
     sidecar is missing or the shard's size or modification time changed. Malformed samples are reported either way."""
     path, sidecar = os.path.abspath(path), os.path.abspath(path) + INDEX_SUFFIX
@@ -336,7 +336,7 @@ def read_rows(source: str, *, csv_img_key: str = "filepath", csv_caption_key: st
     (`csv_separator` None: "," for .csv, tab for .tsv). Malformed rows are skipped with a warning through `log`,
     or raise DataError "FILE:LINE: what is wrong" when `strict`; a file with no valid row raises DataError.
     Tar shards are indexed once: the index is kept next to each shard (`SHARD.tar.index.npz`) for the next run."""
-    skip, parts = _Skipper(strict, log), []
+    skip, parts = RowSkipper(strict, log), []
     for part in source.split("::"):
         for path in expand_braces(part):
             if not os.path.isfile(path):

@@ -33,10 +33,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .distributed import close_distributed, init_distributed, rank_and_world
-from .embedder import DTYPES, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
+from .embedder import PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
     text_hash
 from .files import atomic_path
 from .weights import ModelFolderError
+from .precision import DTYPES
 
 # --store-dtype -> (torch dtype, safetensors dtype code); see BENCHMARKS.md "Storage dtype" for the default
 STORE_DTYPES = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16")}
@@ -82,6 +83,11 @@ def chunked(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 def hash_texts(texts: list[str]) -> np.ndarray:
     """(N, 16) uint8: the BLAKE2b digest of each text, the key a cache finds it by."""
     return np.frombuffer(b"".join(text_hash(t) for t in texts), dtype=np.uint8).reshape(len(texts), 16)
+
+
+class CacheError(ValueError):
+    """A cache file that cannot be used as it is (damaged, truncated, or built for other vectors); the message
+    names the file and what to do."""
 
 
 # ----------------------------------------------------------------------------- safetensors by bytes
@@ -147,8 +153,15 @@ class TextEmbeddingCache:
     """
 
     def __init__(self, path: str):
-        spans, self.metadata = tensor_spans(path)
-        code, (rows, self.dim), offset, _ = spans["embeddings"]
+        try:
+            spans, self.metadata = tensor_spans(path)
+            end = max(offset + size for _, _, offset, size in spans.values())
+            if os.path.getsize(path) < end:
+                raise ValueError(f"{os.path.getsize(path)} bytes, its header promises {end}")
+            code, (rows, self.dim), offset, _ = spans["embeddings"]
+        except (OSError, ValueError, KeyError, TypeError) as err:  # torn header, missing tensor, short file
+            raise CacheError(f"{path} is damaged or truncated ({err}): delete it and run the same command again, "
+                             "which rebuilds it") from err
         self.store_dtype = STORE_CODES[code]
         # numpy has no bfloat16: bf16 rows are mapped as raw 16-bit words and reinterpreted by torch on read
         element = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[code]
@@ -286,7 +299,7 @@ def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], C
         differing = [k for k, v in identity.items() if known.metadata.get(k) != v]
         if differing:
             key = differing[0]
-            raise ValueError(f"{path}: {what} was built with another {key.replace('_', ' ')} "
+            raise CacheError(f"{path}: {what} was built with another {key.replace('_', ' ')} "
                              f"({known.metadata.get(key)}, now {identity[key]}); pass a new {flag} or delete this file")
         todo = known.missing(texts)
         if not todo:

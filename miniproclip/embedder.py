@@ -19,7 +19,6 @@ from tqdm import tqdm
 from .llm import DecoderLM, mean_pool
 from .weights import ModelFolderError, model_weight_files, read_config, read_model_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def text_hash(text: str) -> bytes:

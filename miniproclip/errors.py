@@ -1,10 +1,26 @@
-"""The one exception type that ends a training run with a one-line message (`error: ...`) instead of a traceback.
+"""The project's own error types: what the entry points (train.py, eval.py, the CLIs) print as one line.
 
-train.py's `main()` catches it (and the library's user-error types: ModelFolderError, DataError,
-CheckpointError) and prints `error: <message>`, exit status 1. Raise it for bad flags and for fatal conditions
-met mid-run (a full disk, too many non-finite steps); say what to do next in the message.
+Every error a user can fix (a wrong model folder, a malformed data file, a damaged cache or checkpoint, a bad flag)
+is one of USER_ERRORS, and its message names the file and what to do; the entry points print `error: <message>`
+and exit with status 1. Any other exception is a bug and keeps its traceback. The library's types live beside the
+code that raises them (so a model file can be copied out with its error type); this module names them all.
 """
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .embed import CacheError
+from .evaluation import BenchmarkError
+from .image import ImageReadError
+from .weights import ModelFolderError
 
 
 class TrainingError(Exception):
-    """A user error or a fatal condition of a run; str(error) is the one line shown to the user."""
+    """A bad flag, or a fatal condition met mid-run (a full disk, too many non-finite steps); say what to do next."""
+
+
+class ToyWorldError(Exception):
+    """The toy world cannot be built as asked (another world in the folder, SmolLM2 missing, its stage 0 failed)."""
+
+
+USER_ERRORS = (TrainingError, ToyWorldError, ModelFolderError, DataError, CheckpointError, CacheError,
+               ImageReadError, BenchmarkError)

@@ -20,13 +20,14 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .backbones import load_clip, load_transform
 from .api import load_model
-from .clip import CLIP
 from .embed import ensure_text_cache
 from .embedder import CaptionTokenizer
 from .metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from .image import ImageReadError, ImageTransform, load_image
 from .tokenizer import CLIPTokenizer
+from .precision import autocast
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 THUMB, PAD, CAPTION_WIDTH = 112, 6, 260  # --show grid: thumbnail side, gap, caption column (pixels)
@@ -176,10 +177,8 @@ class Encoders:
 
 def inference(encode: Callable, device: torch.device, precision: str) -> Callable:
     """`encode` run without autograd, under the autocast of --precision (amp_bf16, amp = fp16, fp32 = none)."""
-    dtype = {"amp_bf16": torch.bfloat16, "amp": torch.float16}.get(precision)
-
     def run(inputs):
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.no_grad(), autocast(device.type, precision):
             return encode(inputs)
     return run
 
@@ -187,11 +186,11 @@ def inference(encode: Callable, device: torch.device, precision: str) -> Callabl
 def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
     """A plain HF CLIP folder: its own towers, tokenizer.json (77 tokens) and preprocessor_config.json."""
     device = torch.device(device)
-    clip, tokenizer = CLIP.from_pretrained(folder).to(device), CLIPTokenizer.from_folder(folder)
+    clip, tokenizer = load_clip(folder).to(device), CLIPTokenizer.from_folder(folder)
     encode_image = inference(lambda pixels: clip.encode_image(pixels, normalize=True), device, precision)
     encode_text = inference(lambda texts: clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True),
                              device, precision)
-    return Encoders(folder, folder, ImageTransform.from_folder(folder), encode_image, encode_text,
+    return Encoders(folder, folder, load_transform(folder), encode_image, encode_text,
                     lambda texts: tokenizer(texts).num_truncated)
 
 
@@ -273,7 +272,10 @@ def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, wo
     texts = [dataset.texts[t] for t in kept]
     text_to_image = torch.tensor([new_index[dataset.text_to_image[t]] for t in kept], dtype=torch.long)
     text_features, truncated = encode_texts(encoders, texts, batch_size)
-    metrics = retrieval_metrics(image_features, text_features, text_to_image, ks)
+    try:
+        metrics = retrieval_metrics(image_features, text_features, text_to_image, ks)
+    except ValueError as err:  # a K larger than the gallery: metrics.py names it and the remedy
+        raise BenchmarkError(f"{dataset.split} set: {err}") from None
     report = {"metrics": metrics, "n_images": len(readable), "n_texts": len(texts), "split": dataset.split,
               "truncated_captions": truncated, "skipped_images": unreadable}
     gallery = {"images": [dataset.images[i] for i in readable], "texts": texts, "text_to_image": text_to_image,

@@ -19,14 +19,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
 from .api import EXPORT_JSON, HEAD_FILE, load_model
 from .checkpoint import CheckpointError
-from .embedder import DTYPES
+from .files import atomic_folder
+from .precision import DTYPES
 from .openclip import write_tuned_folder
 from .weights import INDEX_FILE, SINGLE_FILE, ModelFolderError, is_open_clip_folder, load_safetensors_folder, \
     weight_files
@@ -82,9 +82,7 @@ def export(run: str, out: str, copy_llm: bool = False, clip: str | None = None, 
     trained = load_model(run, clip=clip, llm=llm, device="cpu", dtype=torch.float32)  # the LLM is not loaded
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # written under a fresh hidden name beside OUT, then renamed: OUT appears whole or not at all
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial",
-                               dir=os.path.dirname(os.path.abspath(out)))
-    try:
+    with atomic_folder(out) as partial:  # OUT (absent or empty, checked above) appears only once complete
         _write_clip_folder(trained, partial)
         head = {k: v.detach().float().contiguous() for k, v in trained.model.text_head.state_dict().items()}
         save_file(head, os.path.join(partial, HEAD_FILE))
@@ -99,12 +97,6 @@ def export(run: str, out: str, copy_llm: bool = False, clip: str | None = None, 
                              "step": trained.meta.get("step"), "clip": os.path.abspath(trained.clip_dir)}}
         with open(os.path.join(partial, EXPORT_JSON), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above), so the rename can take its place
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 

@@ -2,11 +2,12 @@
 
 A rename is atomic on POSIX file systems, so a reader (or a resumed run) sees either the old file or the new
 one, never half of one, whatever kills the writer (kill -9, a full disk, a lost node). Used by checkpoints,
-caches and the toy world.
+caches, exported and merged model folders and the toy world.
 """
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 TMP = ".tmp"  # `path + TMP` is the temporary name; checkpoint.py sweeps stale ones
@@ -45,3 +46,25 @@ def write_text_atomic(path: str, text: str) -> None:
     """Atomically make `path` hold `text`."""
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str, replace: bool = True):
+    """`with atomic_folder(p) as tmp: write(tmp/...)` makes the folder `p` appear whole only once the block has
+    succeeded: it is written as a hidden sibling (`.NAME.partial-PID`) and renamed into place. An existing `p` is
+    replaced (`replace=True`) or refused with FileExistsError; on failure the sibling is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an earlier writer with this process id
+    partial.mkdir()
+    try:
+        yield str(partial)
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists: delete it or choose another output folder")
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

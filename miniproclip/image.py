@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .weights import ModelFolderError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -88,7 +90,7 @@ def _size_from_config(value, key: str, path: str, square: bool):
         return (value["height"], value["width"])
     if isinstance(value, dict) and set(value) == {"shortest_edge"} and not square:
         return value["shortest_edge"]
-    raise ValueError(f"{path}: unsupported {key} {value!r}: use {{'shortest_edge': N}}, "
+    raise ModelFolderError(f"{path}: unsupported {key} {value!r}: use {{'shortest_edge': N}}, "
                      f"{{'height': H, 'width': W}} or an int")
 
 
@@ -104,19 +106,16 @@ class ImageTransform:
 
     @classmethod
     def from_folder(cls, folder: str) -> "ImageTransform":
-        """Read HF's preprocessor_config.json in `folder` (an open_clip folder's preprocess_cfg: openclip.py);
-        CLIP's defaults when neither is there."""
+        """Read HF's preprocessor_config.json in `folder`; CLIP's defaults when there is none (backbones.py also
+        reads an open_clip folder's preprocess_cfg)."""
         path = os.path.join(folder, "preprocessor_config.json")
-        if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-            from .openclip import image_transform
-            return image_transform(folder)
         if not os.path.isfile(path):
             return cls()
         try:
             with open(path, encoding="utf-8") as f:
                 config = json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}): fix or delete it") from error
+            raise ModelFolderError(f"{path} is not valid JSON ({error}): fix or delete it") from error
         size = _size_from_config(config.get("size", 224), "size", path, square=False)
         crop_size = _size_from_config(config.get("crop_size", 224), "crop_size", path, square=True)
         return cls(

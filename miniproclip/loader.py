@@ -75,18 +75,19 @@ class ImageTextDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Batch ImageTextDataset items, dropping those whose image could not be read. Returns "indices", "pixels"
-    (B, 3, H, W), or None when images are not loaded or all were bad, "captions", "long_captions" (None where a
-    row has none) and "bad_images", the references of the dropped images, for the caller to count and log."""
+    """Batch dataset items, dropping those whose image could not be read. Returns "indices", "bad_images" (the
+    references of the dropped images, for the caller to count and log) and, for ImageTextDataset items, "pixels"
+    (B, 3, H, W), or None when images are not loaded or all were bad, "captions" and "long_captions" (None where
+    a row has none). Items of other datasets (stage 0's groups) carry an "index" only."""
     kept = [sample for sample in samples if "bad_image" not in sample]
-    pixels = [sample["pixels"] for sample in kept if sample["pixels"] is not None]
-    return {
-        "indices": [sample["index"] for sample in kept],
-        "pixels": torch.stack(pixels) if pixels else None,  # (B, 3, H, W)
-        "captions": [sample["caption"] for sample in kept],
-        "long_captions": [sample["long_caption"] for sample in kept],
-        "bad_images": [sample["bad_image"] for sample in samples if "bad_image" in sample],
-    }
+    batch = {"indices": [sample["index"] for sample in kept],
+             "bad_images": [sample["bad_image"] for sample in samples if "bad_image" in sample]}
+    if samples and "caption" in samples[0]:
+        pixels = [sample["pixels"] for sample in kept if sample["pixels"] is not None]
+        batch["pixels"] = torch.stack(pixels) if pixels else None  # (B, 3, H, W)
+        batch["captions"] = [sample["caption"] for sample in kept]
+        batch["long_captions"] = [sample["long_caption"] for sample in kept]
+    return batch
 
 
 def count_bad_images(paths, cursor, log):

@@ -15,12 +15,22 @@ This file depends on torch only and can be copied into another codebase alone.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings:
+    """An adapter configuration: LLM2CLIP/LLM2Vec's by default (r 16, alpha 2r, dropout 0.05, every projection)."""
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
 
 
 class LoRALinear(nn.Module):

@@ -23,11 +23,9 @@ from safetensors.torch import load_file, save_file
 from .clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .eva import EvaVisionConfig
 from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
-from .weights import ModelFolderError, load_state_dict_strict
+from .weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, ModelFolderError, load_state_dict_strict, \
+    open_clip_weight_file, read_open_clip_config
 
-CONFIG_NAME = "open_clip_config.json"
-WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                "open_clip_pytorch_model.pth")  # open_clip's own order of preference
 # timm towers known by name -> (patch, image size); all EVA02-CLIPs scale RoPE onto a 16x16 grid. The other sizes
 # (width, depth, MLP width) come from the weights' shapes; heads are 64 wide.
 EVA02_TIMM = {"eva02_base_patch16_clip_224": (16, 224), "eva02_large_patch14_clip_224": (14, 224),
@@ -176,33 +174,6 @@ def from_ours(weights: dict, eva: bool, text_prefix: str) -> dict:
 
 # ----------------------------------------------------------------------------- config, weights, preprocessing
 
-def read_config(folder: str) -> dict:
-    """`open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) of an open_clip folder."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isdir(folder):
-        raise ModelFolderError(f"{folder}: not a folder; expected a Hugging Face CLIPModel folder (config.json) or "
-                               f"an open_clip folder ({CONFIG_NAME})")
-    if not os.path.isfile(path):
-        raise ModelFolderError(f"{folder}: no config.json; expected a Hugging Face model folder (CLIPModel), or an "
-                               f"open_clip folder with {CONFIG_NAME}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        return {"model_cfg": config["model_cfg"], "preprocess_cfg": config.get("preprocess_cfg") or {}}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ModelFolderError(f"{path}: not an open_clip config ({type(err).__name__}: {err}); download it "
-                               f"again") from None
-
-
-def weight_file(folder: str) -> str:
-    """The folder's open_clip weights: safetensors if present, else the pickle (read with weights_only)."""
-    for name in WEIGHT_NAMES:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise ModelFolderError(f"{folder}: {CONFIG_NAME} but no weights ({' or '.join(WEIGHT_NAMES[::2])}); download "
-                           f"the whole folder")
-
-
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
     """A safetensors file, or a torch pickle holding only tensors and plain data (`state_dict` unwrapped,
     DDP's `module.` stripped); a pickle that needs more is refused without running it."""
@@ -288,14 +259,14 @@ def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cp
     if os.path.isfile(folder):
         raise ModelFolderError(f"{folder}: a single weights file has no CLIP text tower; a released LLM2CLIP/ProCLIP "
                                f"checkpoint is evaluated with --model {folder} --llm LLM_DIR (load_model(path, llm=))")
-    config = read_config(folder)
-    path = weight_file(folder)
+    config = read_open_clip_config(folder)
+    path = open_clip_weight_file(folder)
     weights = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                for k, v in to_ours(read_tensors(path)).items()}
     with torch.device("meta"):
         model = CLIP(clip_config(config["model_cfg"], weights, path))
     load_state_dict_strict(model, weights, path, assign=True,
-                           remedy=f"download the folder again, or use the {CONFIG_NAME} that came with these weights")
+                           remedy=f"download the folder again, or use the {OPEN_CLIP_CONFIG} that came with these weights")
     return model.eval()
 
 
@@ -305,13 +276,13 @@ RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Imag
 def image_transform(folder: str) -> ImageTransform:
     """open_clip's eval transform from `preprocess_cfg`: resize (`shortest` side + centre crop, or `squash` to the
     square), mean/std, interpolation; the size is the model's image size, as open_clip sets it."""
-    config = read_config(folder)
+    config = read_open_clip_config(folder)
     pre, vision = config["preprocess_cfg"], config["model_cfg"].get("vision_cfg") or {}
     size = vision.get("image_size") or EVA02_TIMM.get(vision.get("timm_model_name"), (0, 224))[1]
     size = size[0] if isinstance(size, (list, tuple)) else size
     mode, interpolation = pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic")
     if mode not in ("shortest", "squash") or interpolation not in RESAMPLE:
-        raise ModelFolderError(f"{os.path.join(folder, CONFIG_NAME)}: preprocess_cfg resize_mode {mode!r} / "
+        raise ModelFolderError(f"{os.path.join(folder, OPEN_CLIP_CONFIG)}: preprocess_cfg resize_mode {mode!r} / "
                                f"interpolation {interpolation!r} is not supported (shortest or squash; "
                                f"{', '.join(RESAMPLE)})")
     return ImageTransform(size=size if mode == "shortest" else (size, size),
@@ -324,12 +295,12 @@ def write_tuned_folder(source: str, tuned: dict[str, torch.Tensor], out: str) ->
     """An open_clip folder in `out`: `source`'s config, its text tower, and the `tuned` tensors (clip.py's names:
     the trained image tower, projection and temperature) in open_clip's layout, as open_clip_model.safetensors.
     `open_clip.create_model('local-dir:OUT')` and `CLIP.from_pretrained(OUT)` both load it."""
-    original = read_tensors(weight_file(source))
+    original = read_tensors(open_clip_weight_file(source))
     text_prefix = "text." if any(k.startswith("text.") for k in original) else ""  # CustomTextCLIP or CLIP
     eva = any(k.startswith("visual.trunk.") for k in original)
     weights = {**to_ours(original), **{k: v.detach().float().cpu() for k, v in tuned.items()}}
     weights = from_ours({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, eva, text_prefix)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out, WEIGHT_NAMES[0]))
-    config = read_config(source)
-    with open(os.path.join(out, CONFIG_NAME), "w", encoding="utf-8") as f:
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out, OPEN_CLIP_WEIGHTS[0]))
+    config = read_open_clip_config(source)
+    with open(os.path.join(out, OPEN_CLIP_CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from .backbones import load_transform
 from .clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .eva import EvaVisionConfig
 from .head import HeadConfig
@@ -130,7 +131,7 @@ def released_transform(path: str, model: ProCLIP) -> ImageTransform:
     """The preprocessing: an HF folder's preprocessor_config.json, else eva_clip's eval transform (bicubic
     short-side resize to the tower's input size, centre crop, OpenAI mean/std)."""
     if os.path.isdir(path):
-        return ImageTransform.from_folder(path)
+        return load_transform(path)
     embeddings = model.vision_model.embeddings
     size = embeddings.patch_embedding.weight.shape[-1] * math.isqrt(embeddings.position_embedding.weight.shape[0] - 1)
     return ImageTransform(size=size, crop_size=(size, size))

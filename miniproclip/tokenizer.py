@@ -23,6 +23,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .weights import ModelFolderError
+
 DEFAULT_CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps 48,894 merges: 2*256 byte tokens + merges + 2 specials = 49,408 ids
@@ -42,7 +44,7 @@ def bytes_to_unicode() -> dict[int, str]:
 def read_clip_bpe(bpe_gz_path: str = DEFAULT_CLIP_BPE) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) exactly as OpenAI's simple_tokenizer.py derives them from the gzipped merges file."""
     if not os.path.isfile(bpe_gz_path):
-        raise FileNotFoundError(f"CLIP BPE merges file {bpe_gz_path} not found: "
+        raise ModelFolderError(f"CLIP BPE merges file {bpe_gz_path} not found: "
                                 f"pass the path of OpenAI's bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(bpe_gz_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
@@ -91,7 +93,7 @@ class TokenizedText:
 def _token_id(tokenizer: Tokenizer, token: str, where: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise ValueError(f"{where} has no {token} token: it is not a CLIP tokenizer")
+        raise ModelFolderError(f"{where} has no {token} token: it is not a CLIP tokenizer")
     return token_id
 
 
@@ -104,7 +106,7 @@ def _folder_pad_token(folder: str) -> str | None:
                 with open(path, encoding="utf-8") as f:
                     pad = json.load(f).get("pad_token")
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON ({error}): fix or delete it") from error
+                raise ModelFolderError(f"{path} is not valid JSON ({error}): fix or delete it") from error
             if pad is not None:
                 return pad["content"] if isinstance(pad, dict) else pad  # older files store an AddedToken dict
     return None
@@ -141,12 +143,12 @@ class CLIPTokenizer:
                 text_cfg = json.load(f).get("model_cfg", {}).get("text_cfg", {})
             return cls(build_clip_tokenizer(), text_cfg.get("context_length", context_length), pad_id=0)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer.json there "
+            raise ModelFolderError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer.json there "
                                     f"or write one with miniproclip.tokenizer.save_clip_tokenizer_json")
         try:
             tokenizer = Tokenizer.from_file(path)
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
-            raise ValueError(f"{path} is not a valid tokenizer.json ({error})") from error
+            raise ModelFolderError(f"{path} is not a valid tokenizer.json ({error})") from error
         pad_id = None
         if tokenizer.padding is None and (pad_token := _folder_pad_token(folder)) is not None:
             pad_id = _token_id(tokenizer, pad_token, path)

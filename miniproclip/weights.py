@@ -18,6 +18,9 @@ from safetensors import safe_open
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # an open_clip hub folder (openclip.py maps its weights)
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")  # open_clip's order of preference
 
 
 class ModelFolderError(ValueError):
@@ -40,14 +43,13 @@ def read_config(folder: str) -> dict:
 
 def is_open_clip_folder(folder: str) -> bool:
     """An open_clip folder as the hub serves it: open_clip_config.json and no HF config.json (openclip.py)."""
-    return (os.path.isfile(os.path.join(folder, "open_clip_config.json"))
+    return (os.path.isfile(os.path.join(folder, OPEN_CLIP_CONFIG))
             and not os.path.isfile(os.path.join(folder, "config.json")))
 
 
 def read_model_config(folder: str) -> dict:
     """`read_config`, or an open_clip folder's open_clip_config.json (to fingerprint either kind of folder)."""
     if is_open_clip_folder(folder):
-        from .openclip import read_config as read_open_clip_config
         return read_open_clip_config(folder)
     return read_config(folder)
 
@@ -55,8 +57,7 @@ def read_model_config(folder: str) -> dict:
 def model_weight_files(folder: str) -> list[str]:
     """`weight_files`, or an open_clip folder's one weights file (its safetensors, else its pickle)."""
     if is_open_clip_folder(folder):
-        from .openclip import weight_file
-        return [weight_file(folder)]
+        return [open_clip_weight_file(folder)]
     return weight_files(folder)
 
 
@@ -128,3 +129,30 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
         raise ModelFolderError(f"{source}: weights do not match the model built from its config; "
                                + "; ".join(parts) + (f"; {remedy}" if remedy else ""))
     module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def read_open_clip_config(folder: str) -> dict:
+    """`open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) of an open_clip folder."""
+    path = os.path.join(folder, OPEN_CLIP_CONFIG)
+    if not os.path.isdir(folder):
+        raise ModelFolderError(f"{folder}: not a folder; expected a Hugging Face CLIPModel folder (config.json) or "
+                               f"an open_clip folder ({OPEN_CLIP_CONFIG})")
+    if not os.path.isfile(path):
+        raise ModelFolderError(f"{folder}: no config.json; expected a Hugging Face model folder (CLIPModel), or an "
+                               f"open_clip folder with {OPEN_CLIP_CONFIG}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        return {"model_cfg": config["model_cfg"], "preprocess_cfg": config.get("preprocess_cfg") or {}}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelFolderError(f"{path}: not an open_clip config ({type(err).__name__}: {err}); download it "
+                               f"again") from None
+
+
+def open_clip_weight_file(folder: str) -> str:
+    """The folder's open_clip weights: safetensors if present, else the pickle (read with weights_only)."""
+    for name in OPEN_CLIP_WEIGHTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise ModelFolderError(f"{folder}: {OPEN_CLIP_CONFIG} but no weights ({' or '.join(OPEN_CLIP_WEIGHTS[::2])}); download "
+                           f"the whole folder")

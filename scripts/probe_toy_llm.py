@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from miniproclip.embed import ensure_text_cache  # noqa: E402
 from miniproclip.embedder import EmbedSettings  # noqa: E402
 from miniproclip.toy.teacher import read_jsonl  # noqa: E402
-from miniproclip.toy.world import LANGUAGES, toy_models  # noqa: E402
+from miniproclip.toy.defaults import toy_models  # noqa: E402
+from miniproclip.toy.world import LANGUAGES  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape", "position", "count")
 

@@ -33,6 +33,8 @@ import train  # noqa: E402  (the repository's train.py, run in-process)
 from miniproclip import evaluation  # noqa: E402
 from miniproclip.checkpoint import resolve_checkpoint  # noqa: E402
 from miniproclip.metrics import load_templates  # noqa: E402
+from miniproclip.precision import default_precision  # noqa: E402
+from miniproclip.training.curves import font  # noqa: E402
 from miniproclip.toy.world import LANGUAGES, build_toyworld, eval_set_name  # noqa: E402
 
 DIRECT = ["--init", "scratch", "--reg-weight", "0", "--head-blocks", "4", "--head-mlp-ratio", "2"]
@@ -104,7 +106,7 @@ def evaluate(model_flags, toy_dir, workers, split):
     loaded once."""
     kind, path = model_flags
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "amp_bf16" if device == "cuda" else "fp32"
+    precision = default_precision(device)
     encoders = (evaluation.proclip_encoders(resolve_checkpoint(path), None, device, precision) if kind == "--model"
                 else evaluation.clip_encoders(path, device, precision))
     zs_dir = os.path.join(toy_dir, "zeroshot")
@@ -153,8 +155,9 @@ def table(results):
 
 def plot(results, path):
     """Grouped bars (PIL only): zero-shot seen / held-out, and text-to-image R@1 on short and long captions and the
-    languages' mean, per model. (PIL's default font has no arrows.)"""
+    languages' mean, per model. (The fonts have no arrows.)"""
     from PIL import Image, ImageDraw
+    label_font = font(12)
     groups = {"zero-shot seen": lambda r: r["zs seen"], "zero-shot held-out": lambda r: r["zs held-out"],
               "short text-to-image": lambda r: r["short T→I"], "long text-to-image": lambda r: r["long T→I"],
               "languages text-to-image": lambda r: statistics.mean(r[f"{lang} T→I"] for lang in LANGUAGES)}
@@ -167,17 +170,17 @@ def plot(results, path):
     draw.line([(left, 20), (left, 20 + height)], fill="black")
     for tick in (0, 25, 50, 75, 100):
         y = 20 + height - tick * height / 100
-        draw.text((5, y - 6), f"{tick}%", fill="black")
+        draw.text((5, y - 6), f"{tick}%", fill="black", font=label_font)
     for g, (title, value) in enumerate(groups.items()):
         x0 = left + 10 + g * (len(results) * bar + gap)
         for m, rows in enumerate(results.values()):
             v = statistics.mean(value(r) for r in rows)
             draw.rectangle([x0 + m * bar, 20 + height * (1 - v), x0 + (m + 1) * bar - 2, 20 + height], fill=colours[m])
-        draw.text((x0, 25 + height), title, fill="black")
+        draw.text((x0, 25 + height), title, fill="black", font=label_font)
     for m, name in enumerate(results):
         y = 20 + m * 16
         draw.rectangle([width - 250, y, width - 240, y + 10], fill=colours[m])
-        draw.text((width - 235, y - 2), name, fill="black")
+        draw.text((width - 235, y - 2), name, fill="black", font=label_font)
     image.save(path)
 
 

@@ -5,7 +5,7 @@ import math
 
 from PIL import Image, ImageColor
 
-from miniproclip import curves
+from miniproclip.training import curves
 
 
 def write_metrics(path, records, tail=""):

@@ -238,3 +238,22 @@ def test_fp16_overflow_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"vectors up to 7e\+04 exceed fp16's range; pass --store-dtype bf16 or fp32"):
         ensure_vector_cache(str(tmp_path / "c.safetensors"), ["a"], huge, {})
     assert ensure_vector_cache(str(tmp_path / "d.safetensors"), ["a"], huge, {}, store_dtype="bf16")(["a"]).max() > 6e4
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_a_truncated_cache_names_its_file_and_the_remedy(tmp_path, cut):
+    """A cache cut short (a full disk, a copy that stopped) is refused with one line naming it, not numpy's
+    "mmap length is greater than file size"; deleting it rebuilds it with the same vectors."""
+    from miniproclip.errors import USER_ERRORS
+    path, texts = str(tmp_path / "c.safetensors"), [f"t{i}" for i in range(20)]
+    whole = ensure_vector_cache(path, texts, counting_encoder([]), {"k": "v"})(texts)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 10 if cut == "data" else 20)
+    with pytest.raises(embed.CacheError) as error:
+        ensure_vector_cache(path, texts, counting_encoder([]), {"k": "v"})
+    assert isinstance(error.value, USER_ERRORS)
+    assert str(error.value).startswith(f"{path} is damaged or truncated (")
+    assert str(error.value).endswith("delete it and run the same command again, which rebuilds it")
+    os.remove(path)
+    assert torch.equal(ensure_vector_cache(path, texts, counting_encoder([]), {"k": "v"})(texts), whole)

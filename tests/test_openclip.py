@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from openclip_models import eva_config, import_references, tiny_timm, vit_config, write_open_clip
 from miniproclip import openclip
-from miniproclip.clip import CLIP
-from miniproclip.image import ImageTransform
+from miniproclip.backbones import load_clip, load_transform
 from miniproclip.tokenizer import CLIPTokenizer
 from miniproclip.weights import ModelFolderError
 
@@ -40,7 +39,7 @@ def test_vit_features_match_open_clip(tmp_path, case):
     plain = case.startswith("gelu")
     config = vit_config(quick_gelu=not plain, layer_scale=not plain, custom_text=plain)
     reference = write_open_clip(tmp_path, config, weights="bin" if plain else "safetensors")
-    ours = CLIP.from_pretrained(str(tmp_path))
+    ours = load_clip(str(tmp_path))
     assert ours.vision_model.encoder.layers[0].mlp.act.__name__ == ("gelu" if plain else "quick_gelu")
     assert hasattr(ours.text_model.encoder.layers[1], "layer_scale2") == (not plain)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -58,7 +57,7 @@ def test_vit_features_match_open_clip(tmp_path, case):
 def test_eva02_features_match_open_clip_and_timm(tmp_path, monkeypatch, timm_name):
     tiny_timm(monkeypatch)
     reference = write_open_clip(tmp_path, eva_config(timm_name))
-    ours = CLIP.from_pretrained(str(tmp_path))
+    ours = load_clip(str(tmp_path))
     size = 336 if timm_name.endswith("336") else 224
     assert (ours.config.vision.image_size, ours.config.vision.num_attention_heads) == (size, 2)
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -80,7 +79,7 @@ def test_preprocessing_matches_open_clip(tmp_path, mode):
     preprocess = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "interpolation": "bilinear", "resize_mode": mode}
     write_open_clip(tmp_path, vit_config(), preprocess)
     _, _, reference = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
-    ours = ImageTransform.from_folder(str(tmp_path))
+    ours = load_transform(str(tmp_path))
     pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)  # even crop margins
     image = Image.fromarray(pixels)
     assert ours(image).shape == (3, 32, 32)
@@ -103,7 +102,7 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_remedy(tmp_path, 
     del weights["visual.ln_post.weight"]
     save_file(weights, weights_path)
     with pytest.raises(ModelFolderError) as error:
-        CLIP.from_pretrained(str(tmp_path / "cut"))
+        load_clip(str(tmp_path / "cut"))
     assert str(error.value) == (f"{weights_path}: weights do not match the model built from its config; 1 missing: "
                                 f"vision_model.post_layernorm.weight; download the folder again, or use the "
                                 f"open_clip_config.json that came with these weights")
@@ -113,7 +112,7 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_remedy(tmp_path, 
     marker, pickle_path = tmp_path / "pwned", tmp_path / "evil" / "open_clip_pytorch_model.bin"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": Exploit(marker)}, pickle_path)
     with pytest.raises(ModelFolderError) as error:
-        CLIP.from_pretrained(str(tmp_path / "evil"))
+        load_clip(str(tmp_path / "evil"))
     message = str(error.value)
     assert message.startswith(f"{pickle_path}: cannot be read as tensors only (") and "\n" not in message
     assert message.endswith("miniproclip never runs pickled code: save the state dict alone "
@@ -133,7 +132,7 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_remedy(tmp_path, 
     with pytest.raises(ModelFolderError, match=r"open_clip_model.safetensors: timm tower 'convnext_tiny' with weights "
                        r"that fit no EVA02 tower \(KeyError: .*\); miniproclip reads the timm towers "
                        r"eva02_base_patch16_clip_224, .* \(open_clip's EVA02-B-16, EVA02-L-14, EVA02-L-14-336\)$"):
-        CLIP.from_pretrained(str(tmp_path / "odd"))
+        load_clip(str(tmp_path / "odd"))
 
     # an architecture option this loader does not reproduce
     (tmp_path / "pool").mkdir()
@@ -142,10 +141,10 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_remedy(tmp_path, 
     (tmp_path / "pool" / "open_clip_config.json").write_text(json.dumps({"model_cfg": bad}))
     save_file({"logit_scale": torch.zeros(())}, tmp_path / "pool" / "open_clip_model.safetensors")
     with pytest.raises(ModelFolderError, match=r"open_clip option vision_cfg.pool_type='avg' is not supported"):
-        CLIP.from_pretrained(str(tmp_path / "pool"))
+        load_clip(str(tmp_path / "pool"))
     with pytest.raises(ModelFolderError, match="no config.json; expected a Hugging Face model folder .CLIPModel., "
                        "or an open_clip folder with open_clip_config.json"):
-        CLIP.from_pretrained(str(tmp_path))
+        load_clip(str(tmp_path))
 
 
 class Exploit:

@@ -19,9 +19,11 @@ from miniproclip.data import DataError  # noqa: E402
 from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, folder_fingerprint  # noqa: E402
 from miniproclip.lora import lora_state_dict  # noqa: E402
 from miniproclip.loader import epoch_batches  # noqa: E402
-from miniproclip.stage0 import (CaptionContrastive, LoRASettings, anchor_recall, load_stage0_llm,  # noqa: E402
-                                nearest_neighbour_accuracy, pick_pairs, read_groups, write_merged_llm)
-from miniproclip.stages import accumulated_backward  # noqa: E402
+from miniproclip.groups import anchor_recall, nearest_neighbour_accuracy, pick_pairs, read_groups  # noqa: E402
+from miniproclip.lora import LoRASettings  # noqa: E402
+from miniproclip.merge import write_merged_llm  # noqa: E402
+from miniproclip.training.stage0 import CaptionContrastive, load_stage0_llm  # noqa: E402
+from miniproclip.training.stages import accumulated_backward  # noqa: E402
 
 from fixtures import write_tiny_llm  # noqa: E402
 
@@ -88,7 +90,7 @@ def test_anchor_recall_by_hand():
 
 def test_loss_is_symmetric_infonce_by_hand():
     a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
-    stage = CaptionContrastive(model=None, tokenize=None, temperature=0.05)
+    stage = CaptionContrastive(forward=None, tokenize=None, temperature=0.05)
     loss, _ = stage.loss({"a": a, "b": b})
     logits = (a @ b.T) / 0.05
     rows = -torch.log_softmax(logits, 1).diagonal().mean()

@@ -15,7 +15,7 @@ from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
 from miniproclip.clip import CLIP
 from miniproclip.loader import collate
 from miniproclip.losses import ClipLoss, distillation_loss
-from miniproclip.stages import LossSettings, stage1_loss, stage2_loss
+from miniproclip.training.stages import LossSettings, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
 
 
@@ -26,15 +26,18 @@ def world(tmp_path_factory):
 
 
 def setup_run(world, out, *extra, device="cpu"):
-    args = train.parse_args(["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"],
-                             "--output", str(out), "--workers", "0", "--batch-size", "8", "--device", device, *extra])
-    return train.setup(args, 0, 1, lambda *a, **k: None)
+    argv = ["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"], "--output", str(out),
+            "--workers", "0", "--batch-size", "8", "--device", device, *extra]
+    args, checkpoints, rank, world, _ = train.resolve_settings(argv)
+    return train.setup(args, checkpoints, rank, world, lambda *a, **k: None)
 
 
 def first_batch(run, n=8):
-    """A collated batch of rows 0..n-1, as the loader gives it (with its stage's captions chosen)."""
-    batch = collate([run.dataset[i] for i in range(n)])
-    return run.stage.prepare(batch, np.arange(len(run.rows)) % 3 == 0)
+    """A collated batch of rows 0..n-1, as the loader gives it, prepared by its stage (stage 2: every third row
+    shows its long caption)."""
+    batch = collate([run.stage.dataset[i] for i in range(n)])
+    run.stage.pick_long, run.stage.coins_epoch = np.arange(len(run.stage.dataset)) % 3 == 0, 0
+    return run.stage.prepare(batch, 0)
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -54,7 +57,7 @@ def test_stage1_cached_losses_equal_the_live_teacher(world, tmp_path, skip):
     texts = batch["captions"] + long_
     with torch.no_grad():
         teacher = clip.encode_text(tokenizer(texts).input_ids, normalize=True)
-        student = run.model.encode_text(run.cache(texts))
+        student = run.stage.model.encode_text(run.stage.llm.cache(texts))
     n = len(batch["captions"])
     live = {"student_short": student[:n], "student_long": student[n:], "teacher_short": teacher[:n],
             "teacher_long": teacher[n:]}
@@ -69,22 +72,22 @@ def test_stage1_cached_losses_equal_the_live_teacher(world, tmp_path, skip):
 def test_stage2_cached_teacher_equals_the_live_one(world, tmp_path):
     """A frozen teacher with centre crops is read from the image cache: the same features and losses as running it."""
     cached = setup_run(world, tmp_path / "cached", "--stage", "2", "--init", "scratch", "--train-crop", "center")
-    assert cached.teacher is None and cached.stage.teacher_vectors is not None  # no teacher tower at all
+    assert cached.stage.teacher is None and cached.stage.teacher_vectors is not None  # no teacher tower at all
     batch = first_batch(cached)
     image_cache = cached.stage.teacher_vectors.cache.path
-    assert os.path.dirname(image_cache) == os.path.dirname(cached.cache.path)  # beside the LLM cache
+    assert os.path.dirname(image_cache) == os.path.dirname(cached.stage.llm.cache.path)  # beside the LLM cache
     with torch.no_grad():
         features = cached.stage.features(batch, student_only=False)
-        live = cached.model.image_teacher().encode_image(batch["pixels"])  # the initial tower, run on the pixels
+        live = cached.stage.model.image_teacher().encode_image(batch["pixels"])  # the initial tower, run on the pixels
     assert (features["teacher_image"] - live).abs().max() < 1e-5
     # the LLM rows follow the short/long choice: the text side equals a lookup by text
     chosen = [lc if lc and i % 3 == 0 else c for i, c, lc in zip(batch["indices"], batch["captions"],
                                                                    batch["long_captions"])]
     with torch.no_grad():
-        assert torch.equal(features["text"], cached.model.encode_text(cached.cache(chosen)))
-    loss, _ = stage2_loss(features, cached.stage.settings, cached.stage.clip_loss, cached.model.logit_scale)
+        assert torch.equal(features["text"], cached.stage.model.encode_text(cached.stage.llm.cache(chosen)))
+    loss, _ = stage2_loss(features, cached.stage.settings, cached.stage.clip_loss, cached.stage.model.logit_scale)
     ref, _ = stage2_loss({**features, "teacher_image": live}, cached.stage.settings, cached.stage.clip_loss,
-                         cached.model.logit_scale)
+                         cached.stage.model.logit_scale)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     # a second run reuses the file: nothing is encoded again
     again = setup_run(world, tmp_path / "again", "--stage", "2", "--init", "scratch", "--train-crop", "center")
@@ -108,7 +111,7 @@ def test_stage2_image_unreadable_when_the_cache_was_filled(world, tmp_path):
     writable.flush()
     run = setup_run(world, tmp_path / "run", *flags)
     batch = first_batch(run)
-    projection = run.model.visual_projection.weight
+    projection = run.stage.model.visual_projection.weight
     with torch.no_grad():
         projection.add_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(0)))  # a moved student
         features = run.stage.features(batch, student_only=False)
@@ -117,7 +120,7 @@ def test_stage2_image_unreadable_when_the_cache_was_filled(world, tmp_path):
     settings = run.stage.settings
     reg, _ = distillation_loss(features["image"][1:], features["teacher_image"][1:], settings.ins_weight,
                                settings.struct_weight, settings.reduction)
-    contrastive = run.stage.clip_loss(features["image"], features["text"], run.model.logit_scale.exp())
+    contrastive = run.stage.clip_loss(features["image"], features["text"], run.stage.model.logit_scale.exp())
     assert parts["reg"].item() == pytest.approx(reg.item(), rel=1e-6) and reg.item() > 0.1
     assert loss.item() == pytest.approx(contrastive.item() + settings.reg_weight * reg.item(), rel=1e-6)
 
@@ -148,8 +151,8 @@ def test_live_stage2_teacher_dtype(world, tmp_path, extra, dtype):
     """A live frozen teacher is cast once to bf16 under amp_bf16; an EMA teacher stays fp32 (its updates need it)."""
     run = setup_run(world, tmp_path / "run", "--stage", "2", "--init", "scratch", "--precision", "amp_bf16", *extra)
     assert run.stage.teacher_vectors is None
-    assert {p.dtype for p in run.teacher.parameters()} == {dtype}
-    assert {p.dtype for p in run.model.parameters()} == {torch.float32}  # fp32 master weights
+    assert {p.dtype for p in run.stage.teacher.parameters()} == {dtype}
+    assert {p.dtype for p in run.stage.model.parameters()} == {torch.float32}  # fp32 master weights
 
 
 def test_each_stage_keeps_only_what_it_uses_on_the_device(world, tmp_path, monkeypatch):
@@ -158,11 +161,11 @@ def test_each_stage_keeps_only_what_it_uses_on_the_device(world, tmp_path, monke
     setup_run(world, tmp_path / "fill2", "--stage", "2", "--init", "scratch", "--train-crop", "center")
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())  # none for `meta`
     run = setup_run(world, tmp_path / "s1", "--stage", "1", device="meta")
-    on_device = {name for name, p in run.model.named_parameters() if p.device.type == "meta"}
-    assert on_device == {name for name, _ in run.model.named_parameters() if name.startswith("text_head.")}
-    assert run.teacher is None  # the CLIP towers were only loaded to fill the cache (here not even that)
+    on_device = {name for name, p in run.stage.model.named_parameters() if p.device.type == "meta"}
+    assert on_device == {name for name, _ in run.stage.model.named_parameters() if name.startswith("text_head.")}
+    assert not hasattr(run.stage, "teacher")  # the CLIP towers were only loaded to fill the cache (here not even that)
     assert {name for name, _ in run.stage.forward.named_parameters()} == on_device
     run = setup_run(world, tmp_path / "s2", "--stage", "2", "--init", "scratch", "--train-crop", "center",
                     device="meta")
-    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in run.model.parameters())
-    assert run.teacher is None  # the frozen teacher's features come from the cache
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in run.stage.model.parameters())
+    assert run.stage.teacher is None  # the frozen teacher's features come from the cache

@@ -16,6 +16,7 @@ import regex
 import torch
 import transformers
 
+from miniproclip.weights import ModelFolderError
 from miniproclip.tokenizer import DEFAULT_CLIP_BPE, CLIPTokenizer, build_clip_tokenizer, save_clip_tokenizer_json
 
 CAPTIONS = [
@@ -198,7 +199,7 @@ def test_pad_id_from_folder(tmp_path):
 
 
 def test_missing_tokenizer_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(ModelFolderError, match=str(tmp_path)):
         CLIPTokenizer.from_folder(str(tmp_path))
 
 

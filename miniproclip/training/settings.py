@@ -1,19 +1,24 @@
-"""train.py's flags (open_clip's params.py) and the defaults that depend on other flags or on the toy world.
+"""train.py's flags (open_clip's params.py) and the rules that give the unset ones their values.
 
-argparse leaves the stage-dependent defaults None; `fill_defaults` (stages 1-2) and `fill_run_defaults` (every
-stage) set them once the checkpoint being resumed or started from and the data are known. `args.given_flags` lists the flags typed on the command line: a resumed run
-takes every other setting from its checkpoint (checkpoint.inherit_run_settings).
+argparse leaves the stage-dependent defaults None. train.py's `resolve_settings` is the one function that writes
+the settings: it applies, in this order, what a resumed run brings (`inherited_settings`), the toy world's
+(toy/defaults.py, without --train-data) and each stage's (`stage_defaults`). The functions here only read the
+flags and return values. `args.given_flags` lists the flags typed on the command line: a resumed run takes every
+other setting from its checkpoint.
 """
 
 import argparse
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
-from . import stage0
-from .embedder import PRESETS, default_batch_tokens
-from .errors import TrainingError
+from ..checkpoint import CheckpointError, load_meta, resolve_checkpoint
+from ..embedder import PRESETS, default_batch_tokens
+from ..errors import TrainingError
+from ..precision import PRECISIONS, default_precision
+from .stage0 import LLM2CLIP_LR, LLM2CLIP_TEMPERATURE, STAGE0_OPTIMIZER
 
 
 def parse_args(argv=None):
@@ -115,12 +120,19 @@ def parse_args(argv=None):
     # speed
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available); under torchrun each rank takes its LOCAL_RANK GPU")
-    p.add_argument("--precision", choices=("amp_bf16", "amp", "fp32"), default=None,
-                   help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU); weights stay fp32; amp = fp16 with "
-                        "a GradScaler")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU; stage 0 also amp_bf16 on CPUs with "
+                        "bf16 instructions); weights stay fp32; amp = fp16 with a GradScaler")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes in stage 1)")
-    stage0.add_arguments(p)
+    g = p.add_argument_group("stage 0 (caption-contrastive LoRA fine-tuning of the LLM, LLM2CLIP)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (LLM2CLIP: 16)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha/r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help="comma-separated projections that get adapters (q = q_proj, ...)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="InfoNCE temperature (default: 0.02, LLM2CLIP's scale 50; 0.05 on the toy groups)")
     args = p.parse_args(argv)
     # the flags given on this command line: a resumed run takes every other setting from its checkpoint
     for action in p._actions:
@@ -129,40 +141,104 @@ def parse_args(argv=None):
     return args
 
 
-def fill_defaults(args, resumed_meta, init_meta, log):
-    """Toy world when no data is given; models and settings from the checkpoint being resumed or started from."""
-    # a checkpoint names the CLIP and LLM it was trained with; explicit flags win
-    for meta in (resumed_meta, init_meta):
-        for key in ("clip", "llm"):
-            if meta and getattr(args, key) is None:
-                setattr(args, key, meta["args"][key])
-    # no data given: build (once) and use the toy world, its CLIP teacher and SmolLM2
-    toy = args.train_data is None
-    if toy:
-        from .toy.world import toy_models
-        args.llm, args.text_cache = toy_models(args.toy_dir, args.llm, args.text_cache, log)
-        args.train_data = os.path.join(args.toy_dir, "train.jsonl" if args.stage == 1 else "train_stage2.jsonl")
-        args.val_data = args.val_data or os.path.join(args.toy_dir, "val.jsonl")
-        args.clip = args.clip or os.path.join(args.toy_dir, "clip")
-    if args.clip is None or args.llm is None:
+# -----------------------------------------------------------------------------
+# --resume and --init: which checkpoints a run starts from, and the settings a resumed run keeps
+
+PER_LAUNCH = {"resume", "device", "workers", "given_flags"}  # settings of a launch, never taken from a checkpoint
+FIXED_ON_RESUME = ("train_data", "batch_size")  # the data cursor counts batches of these: a change is refused
+
+
+@dataclass
+class Checkpoints:
+    """The checkpoint a run resumes (--resume) and the one it starts from (--init), with their metas."""
+    resume_path: str | None = None
+    resumed_meta: dict | None = None
+    init_path: str | None = None
+    init_meta: dict | None = None
+
+
+def find_checkpoints(args, world: int) -> Checkpoints:
+    """The run's checkpoints, each checked against the flags; a bad one fails here, before any work."""
+    if args.stage == 2 and not (args.init or args.resume):
+        raise CheckpointError("--stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
+    if args.resume == "latest" and not args.output:
+        raise CheckpointError("--resume latest needs --output RUN naming the run to continue")
+    found = Checkpoints()
+    if args.resume:
+        found.resume_path = resolve_checkpoint(args.output if args.resume == "latest" else args.resume)
+        found.resumed_meta = load_meta(found.resume_path)
+        stage = found.resumed_meta.get("stage")
+        if stage != args.stage:
+            raise CheckpointError(f"{found.resume_path} is a stage-{stage} checkpoint: resume it with --stage "
+                                  f"{stage}, or start stage {args.stage} from it with --init")
+        if found.resumed_meta.get("world_size", world) != world:
+            raise CheckpointError(f"{found.resume_path} was trained on {found.resumed_meta['world_size']} rank(s), "
+                                  f"not {world}: its data position counts per-rank batches; resume it with the same "
+                                  "number of processes")
+    # a resumed stage-2 run rebuilds its teacher from its own --init; `--init scratch` is stage 2 with a fresh head
+    init = found.resumed_meta["args"].get("init") if found.resumed_meta and "init" not in args.given_flags \
+        else args.init
+    if args.stage != 0 and init and init != "scratch":
+        found.init_path = resolve_checkpoint(init)
+        found.init_meta = load_meta(found.init_path)
+        if found.init_meta.get("stage") == 0:  # LoRA weights of an LLM, not a ProCLIP model
+            raise CheckpointError(f"{found.init_path} is a stage-0 checkpoint: pass its run's merged LLM as --llm "
+                                  "RUN/llm")
+    return found
+
+
+def inherited_settings(args, found: Checkpoints) -> dict:
+    """`--resume`: every flag not given again comes from the run being resumed (its data, models, losses,
+    schedule, ...), so the command a stopped run prints continues the same run. Else the CLIP and LLM that the
+    --init checkpoint names, where not given."""
+    if not found.resumed_meta:
+        names = (found.init_meta or {}).get("args", {})
+        return {key: names[key] for key in ("clip", "llm") if getattr(args, key) is None and key in names}
+    saved = found.resumed_meta["args"]
+    for key in FIXED_ON_RESUME:
+        if key in args.given_flags and saved.get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{found.resume_path} was trained with {flag} {saved.get(key)}; a resumed run keeps "
+                                  f"it (its data position counts those batches): leave {flag} out, or start a new "
+                                  f"run with --init {found.resume_path}")
+    return {key: value for key, value in saved.items()
+            if key in vars(args) and key not in args.given_flags and key not in PER_LAUNCH}
+
+
+# -----------------------------------------------------------------------------
+# each stage's defaults
+
+def stage_defaults(args, fixed: set[str]) -> dict:
+    """The values of the flags still unset (and of those stage 0 sets differently, where not in `fixed`: typed, or
+    brought by a resumed run). Stage 0: LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch, warmup 10% of the
+    steps, set once they are counted) and LLM2Vec's optimizer. Stages 1-2: 20 / 10 epochs, the head's lr 1e-3 when
+    fresh (stage 1, --init scratch) else 1e-4, the image tower's 1e-5, the text cache beside the data."""
+    if args.llm is None:
+        raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune" if args.stage == 0 else
+                            "--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
+                            "names them)")
+    values = {"output": args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"),
+              "batch_tokens": args.batch_tokens or default_batch_tokens(args.device)}
+    if args.stage == 0:
+        if args.init:
+            raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
+        values.update({key: value for key, value in STAGE0_OPTIMIZER.items() if key not in fixed})
+        if "warmup" not in fixed:
+            values["warmup"] = None  # 10% of the steps (train.py, once counted)
+        return {**values, "epochs": args.epochs or 1, "lr": LLM2CLIP_LR if args.lr is None else args.lr,
+                "temperature": LLM2CLIP_TEMPERATURE if args.temperature is None else args.temperature,
+                "precision": args.precision or default_precision(args.device, bf16_on_cpu=True),
+                "workers": 0}  # the texts are in memory: no loader processes
+    if args.clip is None:
         raise TrainingError("--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
                             "names them)")
     # the text cache sits beside the (first) data source, so every run on that data shares it
     first_source = os.path.abspath(args.train_data.split("::")[0])
-    args.text_cache = args.text_cache or os.path.join(os.path.dirname(first_source), "text_cache.safetensors")
-    # the stage-dependent defaults (argparse leaves them None so that these rules can see the other flags)
-    args.epochs = args.epochs or (20 if args.stage == 1 else 10)
-    if args.lr is None:  # not `or`: --lr 0 (a frozen head) is a valid choice
-        args.lr = 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4
-    if args.lr_vision is None:
-        args.lr_vision = 1e-4 if toy else 1e-5
-    if args.skip_truncated_long is None:
-        args.skip_truncated_long = toy
-    args.batch_tokens = args.batch_tokens or default_batch_tokens(args.device)
-
-
-def fill_run_defaults(args) -> None:
-    """Every stage's (after `fill_defaults` or stage0.fill_defaults): bf16 autocast on GPUs, fp32 on CPUs (bf16
-    matmuls are slow on most of them), and a fresh run folder."""
-    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
-    args.output = args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return {**values, "text_cache": args.text_cache or os.path.join(os.path.dirname(first_source),
+                                                                    "text_cache.safetensors"),
+            "epochs": args.epochs or (20 if args.stage == 1 else 10),
+            # not `or`: --lr 0 (a frozen head) is a valid choice
+            "lr": args.lr if args.lr is not None else 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4,
+            "lr_vision": 1e-5 if args.lr_vision is None else args.lr_vision,
+            "skip_truncated_long": bool(args.skip_truncated_long),
+            "precision": args.precision or default_precision(args.device)}

@@ -24,13 +24,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .clip import CLIP
-from .data import caption_texts
-from .loader import ImageTextDataset, make_loader
-from .embed import TextEmbeddingCache, chunked, ensure_vector_cache, hash_texts
-from .embedder import folder_fingerprint
-from .stages import AUTOCAST
-from .tokenizer import CLIPTokenizer
+from ..backbones import load_clip
+from ..data import caption_texts
+from ..embed import TextEmbeddingCache, chunked, ensure_vector_cache, hash_texts
+from ..embedder import folder_fingerprint
+from ..loader import ImageTextDataset, make_loader
+from ..tokenizer import CLIPTokenizer
 
 TEXT_BATCH = 256  # captions per teacher forward when filling the text cache
 IMAGE_BATCH = 64  # images per teacher forward when filling the image cache
@@ -133,7 +132,7 @@ def clip_text_encoder(clip_dir: str, tokenizer: CLIPTokenizer, device: torch.dev
     """`make_encode` for `ensure_vector_cache`: loads CLIP's text tower when first needed (on `device`, fp32 weights
     under `autocast`, as the live teacher ran); encode(texts) -> (B, D + 1) float32, the last column the cut flag."""
     def make_encode():
-        clip = CLIP.from_pretrained(clip_dir)
+        clip = load_clip(clip_dir)
         del clip.vision_model, clip.visual_projection  # the text tower only
         clip.to(device)
 
@@ -214,28 +213,3 @@ def place_image_teacher(teacher: nn.Module, device: torch.device, dtype: torch.d
     amp_bf16), instead of autocast re-casting fp32 weights every forward; an EMA one stays fp32, since its
     per-step updates (1 - momentum)·(student - teacher) fall below bf16's resolution."""
     return teacher.to(device=device, dtype=dtype if frozen else torch.float32)
-
-
-# -----------------------------------------------------------------------------
-# train.py's stage setup
-
-def stage_teachers(args, model: nn.Module, rows, llm_cache: TextEmbeddingCache, transform, device: torch.device,
-                   autocast, log=print) -> tuple[nn.Module | None, RowVectors, RowVectors | None]:
-    """Place the model and set up the teachers: (live teacher or None, LLM vectors, teacher vectors or None).
-    Stage 1: CLIP's text features from their cache, and only the head on the device (the image tower too for
-    --eval-every, whose retrieval needs it). Stage 2: a frozen (or EMA) copy of the initial image tower, L_reg's
-    v̂: its features cached with --ema-momentum 1 and --train-crop center, else run live."""
-    release_memory(device)  # the LLM that filled the LLM cache has been dropped
-    if args.stage == 1:
-        llm, taught = stage1_vectors(llm_cache, rows, args.clip, device, autocast, log)
-        (model if args.eval_every and args.val_data else model.text_head).to(device)
-        return None, llm, taught
-    teacher, frozen = model.image_teacher(), args.ema_momentum == 1
-    model.to(device)
-    llm = RowVectors.map(llm_cache, caption_columns(rows))
-    if frozen and args.train_crop == "center":  # the teacher's features never change: computed once
-        taught = image_teacher_vectors(teacher, rows, transform, llm_cache.path, device, autocast, args.workers, log)
-        del teacher
-        release_memory(device)
-        return None, llm, taught
-    return place_image_teacher(teacher, device, AUTOCAST.get(args.precision, torch.float32), frozen), llm, None

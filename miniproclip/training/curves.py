@@ -19,7 +19,7 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic_path
+from ..files import atomic_path
 
 LOSS_KEYS = ("loss", "ins", "struct", "contrastive", "reg", "reg_ins", "reg_struct")  # stages.py's parts
 WIDTH, PANEL_HEIGHT = 960, 280  # pixels: the image's width, each panel's height
@@ -74,11 +74,15 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [round(i * step, 12) for i in range(first, math.floor(high / step + 1e-9) + 1)]
 
 
-def _font(size: int):
-    try:  # Pillow >= 10.1 with FreeType: a scalable font
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
+def font(size: int):
+    """DejaVu Sans where the system has it; else Pillow's own scalable font (>= 10.1 with FreeType), whose spaces
+    are 2 px wide at this size, so that labels read as run together; else its fixed bitmap font."""
+    for load in (lambda: ImageFont.truetype("DejaVuSans.ttf", size), lambda: ImageFont.load_default(size=size)):
+        try:
+            return load()
+        except (TypeError, OSError, ImportError):
+            continue
+    return ImageFont.load_default()
 
 
 def _label(value: float) -> str:
@@ -140,13 +144,13 @@ def write_curves(run_dir: str) -> str:
     """Draw RUN/curves.png from RUN/metrics.jsonl (a note in place of panels when it has no records yet)."""
     records, malformed = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     panels = curve_panels(records)
-    font, small = _font(15), _font(12)
+    title_font, small = font(15), font(12)
     image = Image.new("RGB", (WIDTH, PANEL_HEIGHT * max(1, len(panels))), "white")
     draw = ImageDraw.Draw(image)
     if not panels:
-        draw.text((LEFT, PANEL_HEIGHT // 2), f"no metrics in {run_dir}/metrics.jsonl yet", fill="black", font=font)
+        draw.text((LEFT, PANEL_HEIGHT // 2), f"no metrics in {run_dir}/metrics.jsonl yet", fill="black", font=title_font)
     for index, (title, series) in enumerate(panels):
-        draw_panel(draw, index * PANEL_HEIGHT, title, series, font, small)
+        draw_panel(draw, index * PANEL_HEIGHT, title, series, title_font, small)
     if malformed:  # said in the picture, so a torn line is not mistaken for a gap in training
         draw.text((WIDTH - 8, 8), f"{malformed} malformed line(s) left out", fill="#d62728", font=small, anchor="rt")
     path = os.path.join(run_dir, "curves.png")

@@ -25,23 +25,64 @@ from their cache, stage 2 reads its frozen teacher's image features from theirs 
 """
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, instance_loss, \
-    splice_micro_batch, structure_loss
-from .model import ProCLIP
-
-if TYPE_CHECKING:  # teacher_cache.py imports this module
-    from .teacher_cache import RowVectors
+from ..losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, \
+    instance_loss, splice_micro_batch, structure_loss
+from ..model import ProCLIP
+from .teacher_cache import RowVectors
 
 
-AUTOCAST = {"amp_bf16": torch.bfloat16, "amp": torch.float16}  # --precision -> autocast dtype (fp32: none)
+class Stage(Protocol):
+    """What train.py's loop runs. Stages 0 (stage0.Stage0), 1 and 2 (below) implement it, each built from the
+    settings by its setup function (stage0.setup_stage0, build.setup_clip_stage), which also loads a resumed run's
+    weights and wraps the forward for DDP and torch.compile (`wrap_forward`). A step is: `prepare` the collated
+    batch, `accumulated_backward` over its micro-batches with `features` and `loss`, the optimizer step, then
+    `after_step`."""
+    model: nn.Module  # what trains, unwrapped: the optimizer's parameters, checkpoints, validation
+    dataset: torch.utils.data.Dataset  # the loader's items, one per data row (or group): {"index": i, ...}
+    sources: list[int] | None  # a source id per row, where a batch must hold one source's rows (stage 0)
+    no_sync: Callable  # DDP's context deferring the gradient all-reduce (a null context on one process)
+    lr_of: Callable[[str], tuple[str, float]]  # parameter name -> (AdamW group, peak learning rate)
+    # --eval-every's measure of the model as it is now, {"val/<name>": value}; None where the stage has none
+    validate: Callable[[], dict[str, float]] | None
+
+    def prepare(self, batch: dict, epoch: int) -> dict:
+        """A collated batch (loader.collate) -> what `features` takes, e.g. which caption each row shows."""
+
+    def features(self, micro_batch: dict, student_only: bool) -> dict[str, torch.Tensor]:
+        """Row-aligned features; `student_only` may skip the no-grad teacher's (accumulation reuses them)."""
+
+    def loss(self, features: dict[str, torch.Tensor], last: bool) -> tuple[torch.Tensor, dict]:
+        """(loss, its detached parts); `last`: the final micro-batch (the temperature's gradient is taken there)."""
+
+    def after_step(self) -> None:
+        """After the optimizer step (stage 2: clamp the temperature, move an EMA teacher)."""
+
+    def counters(self) -> dict[str, int]:
+        """Running counts for the log record (e.g. captions the teacher saw cut)."""
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds: what trained (stage 0 its adapters, stage 1 its head)."""
+
+    def finish(self, log) -> tuple[dict[str, float], str]:
+        """The end of a completed run (stage 0: validation, the merged LLM): (final measures, the next command)."""
+
+
+def wrap_forward(module: nn.Module, world: int, compile: bool, dynamic: bool | None = None):
+    """(forward, no_sync): `module` wrapped for the forward passes of training, DDP under torchrun, then
+    torch.compile with --compile (`dynamic` shapes where row counts or text lengths vary); no_sync is DDP's context
+    deferring the gradient all-reduce, a null context on one process."""
+    forward = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+    no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
+    return (torch.compile(forward, dynamic=dynamic) if compile else forward), no_sync
 
 
 @dataclass(kw_only=True)
@@ -131,7 +172,7 @@ def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scal
 
 def split(batch, parts):
     """A collated batch -> `parts` micro-batches of (nearly) equal size."""
-    n = len(batch["captions"])
+    n = len(batch["indices"])
     # micro-batch j holds rows [round(j·n/parts), round((j+1)·n/parts)); the bad-image list stays with the batch
     bounds = [round(i * n / parts) for i in range(parts + 1)]
     return [{k: v[a:b] for k, v in batch.items() if v is not None and k != "bad_images"}
@@ -180,29 +221,43 @@ class TextSide(nn.Module):
         return ProCLIP.encode_text(self, llm_embeddings)  # encode_text reads self.text_head only
 
 
-class Stage1:
+class ClipStage:
+    """What stages 1 and 2 share as Stages: the model and its data, the loop's hooks and the run's next command."""
+
+    def __init__(self, *, model: ProCLIP, forward, no_sync, dataset, lr_of, validate, next_command: str,
+                 llm: RowVectors, device, autocast, settings: LossSettings):
+        self.model, self.forward, self.no_sync, self.dataset, self.sources = model, forward, no_sync, dataset, None
+        self.lr_of, self.validate, self.next_command = lr_of, validate, next_command
+        self.llm, self.device, self.autocast, self.settings = llm, device, autocast, settings
+        self.teacher_truncated = 0  # captions the 77-token text teacher saw cut (stage 1; logged)
+        self.teacher_unknown = 0  # rows whose cached v̂ is NaN (stage 2: image unreadable when cached; logged)
+
+    def counters(self) -> dict[str, int]:
+        return {"teacher_truncated": self.teacher_truncated, "teacher_unknown": self.teacher_unknown}
+
+    def finish(self, log) -> tuple[dict[str, float], str]:
+        return {}, self.next_command
+
+
+class Stage1(ClipStage):
     """Representation inheritance: the head learns to map cached LLM embeddings onto CLIP's text features.
 
     Both come from caches (teacher_cache.py), mapped to data rows at setup: a step gathers them by row index and
     runs the head alone. The teacher's vectors carry a last column, 1 where the teacher saw the caption cut.
     """
 
-    def __init__(self, *, forward, llm: "RowVectors", teacher: "RowVectors", device, autocast, settings,
-                 skip_truncated_long):
-        self.forward, self.llm, self.teacher = forward, llm, teacher
-        self.device, self.autocast, self.settings = device, autocast, settings
-        self.skip_truncated_long = skip_truncated_long
-        self.teacher_truncated = 0  # captions the 77-token teacher saw cut (logged)
-        self.teacher_unknown = 0  # the text cache has a row for every caption
+    def __init__(self, *, teacher_vectors: RowVectors, skip_truncated_long: bool, **shared):
+        super().__init__(**shared)
+        self.teacher_vectors, self.skip_truncated_long = teacher_vectors, skip_truncated_long
 
-    def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
+    def prepare(self, batch: dict, epoch: int) -> dict:
         return batch  # both caption sets are used
 
     def teacher_features(self, index: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """CLIP's cached text features (CPU, (B + L, D + 1): the cut flag last) of the rows' short captions, then
         of their L long ones, and which long ones enter the loss."""
-        short, long_ = self.teacher.rows[index, 0], self.teacher.rows[index, 1]
-        taught = self.teacher.cache.stored(np.concatenate([short, long_[long_ >= 0]]))
+        short, long_ = self.teacher_vectors.rows[index, 0], self.teacher_vectors.rows[index, 1]
+        taught = self.teacher_vectors.cache.stored(np.concatenate([short, long_[long_ >= 0]]))
         keep_long = np.ones(len(taught) - len(index), dtype=bool)
         if self.skip_truncated_long:  # a cut caption's target describes its first 77 tokens only
             keep_long = taught[len(index):, -1].numpy() == 0
@@ -219,7 +274,7 @@ class Stage1:
         if not student_only:
             taught = taught[torch.from_numpy(np.concatenate([np.ones(len(index), dtype=bool), keep_long]))]
             self.teacher_truncated += int(taught[:, -1].sum())
-            taught = self.teacher.upload(taught[:, :-1], self.device)  # (B + kept L, D) float32, L2-normalised
+            taught = self.teacher_vectors.upload(taught[:, :-1], self.device)  # (B + kept L, D) float32, L2-normalised
             f["teacher_short"], f["teacher_long"] = taught[:len(index)], taught[len(index):]
         return f
 
@@ -229,29 +284,36 @@ class Stage1:
     def after_step(self) -> None:
         pass  # nothing but the head changes
 
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """The head only: the image tower is CLIP's, unchanged."""
+        return {f"text_head.{k}": v for k, v in self.model.text_head.state_dict().items()}
 
-class Stage2:
+
+class Stage2(ClipStage):
     """Contrastive tuning: the image tower and temperature learn against LLM+head, with L_reg to the teacher.
 
     A frozen teacher shown a fixed crop reads its features from a cache (`teacher_vectors`); otherwise (EMA, or
     random crops) it runs live on the micro-batch's pixels.
     """
 
-    def __init__(self, *, forward, model, teacher, llm: "RowVectors", teacher_vectors: "RowVectors | None", device,
-                 autocast, settings, clip_loss, ema_momentum):
-        self.forward, self.model, self.teacher = forward, model, teacher
-        self.llm, self.teacher_vectors = llm, teacher_vectors
-        self.device, self.autocast, self.settings, self.clip_loss = device, autocast, settings, clip_loss
-        self.ema_momentum = ema_momentum
-        self.teacher_truncated = 0  # stage 2 has no text teacher
-        self.teacher_unknown = 0  # rows whose cached v̂ is NaN (image unreadable when the cache was filled; logged)
-        self.unknown_in_step = False  # such a row in this step's micro-batches (known on the host, no sync)
+    def __init__(self, *, teacher, teacher_vectors: RowVectors | None, clip_loss: ClipLoss, ema_momentum: float,
+                 long_prob: float, seed: int, **shared):
+        super().__init__(**shared)
+        self.teacher, self.teacher_vectors, self.clip_loss = teacher, teacher_vectors, clip_loss
+        self.ema_momentum, self.long_prob, self.seed = ema_momentum, long_prob, seed
+        self.unknown_in_step = False  # a NaN v̂ in this step's micro-batches (known on the host, no sync)
+        self.pick_long, self.coins_epoch = None, None  # this epoch's coin per row: show the long caption?
 
-    def prepare(self, batch: dict, pick_long: np.ndarray) -> dict:
-        """Per sample, the short or the long caption at random (the official loader): its LLM cache row."""
+    def prepare(self, batch: dict, epoch: int) -> dict:
+        """Per sample, the short or the long caption at random (the official loader): its LLM cache row. The coins
+        are drawn per row and epoch, so the choice does not depend on how rows are split over ranks or resumes."""
+        if epoch != self.coins_epoch:
+            coins = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.pick_long = (torch.rand(len(self.dataset), generator=coins) < self.long_prob).numpy()
+            self.coins_epoch = epoch
         index = np.asarray(batch["indices"], dtype=np.int64)
         short, long_ = self.llm.rows[index, 0], self.llm.rows[index, 1]
-        batch["text_rows"] = np.where((long_ >= 0) & pick_long[index], long_, short)  # (B,)
+        batch["text_rows"] = np.where((long_ >= 0) & self.pick_long[index], long_, short)  # (B,)
         self.unknown_in_step = False  # a new step
         return batch
 
@@ -288,3 +350,10 @@ class Stage2:
         """Clamp the temperature to τ ≤ 100 (CLIP), then move the EMA teacher (momentum 1: it stays frozen)."""
         clamp_logit_scale_(self.model.logit_scale)
         ema_update(self.teacher, self.model, self.ema_momentum)
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model, and an EMA teacher (which is state too)."""
+        weights = dict(self.model.state_dict())
+        if self.ema_momentum < 1:
+            weights.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        return weights

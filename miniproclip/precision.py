@@ -1,0 +1,43 @@
+"""Numeric precision in one place: the --precision names, their autocast, weight dtypes, and each device's default.
+
+Training keeps fp32 master weights and runs the matmuls under autocast (open_clip's `--precision amp_bf16`); a
+frozen tower that only ever runs under autocast may be stored in the autocast dtype instead. Norms, softmax,
+logits and losses stay fp32 (losses.py turns autocast off around them).
+"""
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("amp_bf16", "amp", "fp32")  # bf16 autocast; fp16 autocast + GradScaler; no autocast
+AUTOCAST_DTYPES = {"amp_bf16": torch.bfloat16, "amp": torch.float16}  # --precision -> autocast dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # weight dtype names (--llm-dtype, the embed CLI's --dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 runs several times faster."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_precision(device, bf16_on_cpu: bool = False) -> str:
+    """amp_bf16 on GPUs; on a CPU amp_bf16 only where the caller measured it faster (`bf16_on_cpu`, e.g. stage 0's
+    LLM) and the CPU has bf16 instructions, fp32 elsewhere (bf16 matmuls are slow on CPUs without them)."""
+    if str(device).startswith("cuda"):
+        return "amp_bf16"
+    return "amp_bf16" if bf16_on_cpu and cpu_has_bf16() else "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a module runs in under `precision`: its autocast dtype, fp32 without autocast."""
+    return AUTOCAST_DTYPES.get(precision, torch.float32)
+
+
+def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of `precision` on `device_type` ("cuda" or "cpu"); a disabled one for fp32."""
+    return torch.autocast(device_type, dtype=compute_dtype(precision) if precision in AUTOCAST_DTYPES
+                          else torch.bfloat16, enabled=precision in AUTOCAST_DTYPES)

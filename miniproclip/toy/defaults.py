@@ -1,0 +1,50 @@
+"""What `train.py` takes from the toy world when no --train-data is given: its data, models and recipes.
+
+train.py's `resolve_settings` applies these after a resumed run's own settings and before each stage's defaults;
+`paths` builds the world (or the part of it the stage needs) first. Only flags that were not typed, and that a
+resumed run did not bring, take the recipes' values.
+"""
+
+import os
+from pathlib import Path
+
+from .world import build_toyworld, stage0_sources
+
+TOY_TEMPERATURE = 0.05  # stage 0 on the toy groups and the paraphrase demo
+# Stage 0's recipe, chosen on the world's validation groups (RESULTS.md, "Stage 0"): a faster rate than LLM2CLIP's,
+# which starts from an embedder already trained, no adapter dropout, and `max_steps` batches of 32 pairs
+STAGE0_RECIPE = {"lr": 1e-3, "lora_dropout": 0.0, "batch_size": 32, "max_steps": 120, "temperature": TOY_TEMPERATURE}
+# Stages 1-2: the toy's small ViT barely moves at a pretrained CLIP's 1e-5, and its long captions are filler up to
+# token 77, so a cut caption's teacher target describes nothing (--skip-truncated-long)
+CLIP_STAGE_RECIPE = {"lr_vision": 1e-4, "skip_truncated_long": True}
+
+
+def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> tuple[str, str]:
+    """(LLM folder, text cache) of stages 1-2 on the toy world, built first. The LLM defaults to the world's stage-0
+    embedder (built with the world); another LLM (the raw TOY_DIR/smollm2, or your own folder) is used as given.
+    Each LLM gets its own cache, TOY_DIR/text_cache_<LLM>.safetensors (stage0_llm, smollm2, ...)."""
+    toy_dir = Path(toy_dir)
+    own = llm is not None and not Path(llm).resolve().is_relative_to(toy_dir.resolve())  # outside the toy world
+    manifest = build_toyworld(toy_dir, llm_dir=llm if own else None, stage0=llm is None, log=log)
+    llm = llm or manifest["embedder_dir"]
+    tag = Path(llm).name if own else Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix()
+    return llm, text_cache or str(toy_dir / f"text_cache_{tag.replace('/', '_')}.safetensors")
+
+
+def paths(stage: int, toy_dir: str, llm: str | None, text_cache: str | None, val_data: str | None,
+          clip: str | None, log=print) -> dict:
+    """The toy world's data and model folders for `stage`, after building what it needs: stage 0 the world up to
+    its teacher (not its own embedder) and SmolLM2 or `llm`; stages 1-2 the whole world with its embedder."""
+    if stage == 0:
+        manifest = build_toyworld(toy_dir, llm_dir=llm, stage0=False, log=log)
+        train_data, toy_val = stage0_sources(toy_dir)
+        return {"train_data": train_data, "val_data": val_data or toy_val, "llm": manifest["llm_dir"]}
+    llm, text_cache = toy_models(toy_dir, llm, text_cache, log)
+    return {"llm": llm, "text_cache": text_cache,
+            "train_data": os.path.join(toy_dir, "train.jsonl" if stage == 1 else "train_stage2.jsonl"),
+            "val_data": val_data or os.path.join(toy_dir, "val.jsonl"), "clip": clip or os.path.join(toy_dir, "clip")}
+
+
+def recipe(stage: int) -> dict:
+    """The toy world's values for flags the user did not type (a resumed run keeps its own)."""
+    return STAGE0_RECIPE if stage == 0 else CLIP_STAGE_RECIPE

@@ -1,0 +1,171 @@
+"""Stages 1 and 2 from the run's settings: CLIP and the head, the data, the LLM cache, the teachers, the wrapping.
+
+`setup_clip_stage` is what `stage0.setup_stage0` is for stage 0: everything a stage needs before the first step,
+a resumed run's weights included, returned as the stages.Stage that train.py's loop runs. The optimizer, the
+GradScaler and the data cursor are the loop's (train.py).
+"""
+
+import torch
+
+from ..backbones import load_clip, load_transform
+from ..checkpoint import load_trained_weights
+from ..clip import CLIP
+from ..data import DataError, caption_texts, read_rows
+from ..embed import TextEmbeddingCache, ensure_text_cache
+from ..embedder import EmbedSettings
+from ..errors import TrainingError
+from ..evaluation import Encoders, RetrievalSet, inference, run_retrieval
+from ..head import HeadConfig
+from ..image import RandomResizedCropTransform
+from ..llm import LLMConfig
+from ..loader import ImageTextDataset
+from ..losses import ClipLoss
+from ..model import ProCLIP
+from ..precision import DTYPES, autocast, compute_dtype
+from .stages import LossSettings, Stage1, Stage2, TextSide, wrap_forward
+from .teacher_cache import RowVectors, caption_columns, image_teacher_vectors, place_image_teacher, release_memory, \
+    stage1_vectors
+
+VISION = ("vision_model.", "visual_projection.")  # the image tower's parameters get --lr-vision
+
+
+def build_model(args, clip: CLIP, meta: dict | None, source: str | None) -> ProCLIP:
+    """ProCLIP from the CLIP's image tower and a head shaped by the checkpoint `meta` (or by the flags)."""
+    # the head maps the LLM's width (d) to CLIP's joint space (D); a checkpoint fixes both
+    projection_dim = clip.config.projection_dim
+    llm_width = LLMConfig.from_folder(args.llm).hidden_size
+    head = HeadConfig(**meta["head"]) if meta else HeadConfig(input_dim=llm_width, output_dim=projection_dim,
+                                                              num_blocks=args.head_blocks,
+                                                              mlp_ratio=args.head_mlp_ratio, dropout=args.head_dropout)
+    if head.output_dim != projection_dim:
+        raise TrainingError(f"{source}: its head maps to {head.output_dim} dims but {args.clip} has a "
+                            f"{projection_dim}-dim joint space; use a checkpoint trained with this CLIP")
+    if head.input_dim != llm_width:
+        raise TrainingError(f"{source}: its head takes {head.input_dim}-dim LLM embeddings but {args.llm} is "
+                            f"{llm_width} wide; use the --llm it was trained with")
+    return ProCLIP.from_clip(clip, head)
+
+
+def set_trainable(args, model: ProCLIP) -> None:
+    """Stage 1: the head only. Stage 2: everything (--lock-image-layers freezes the stem and the first N layers)."""
+    if args.stage == 1:
+        model.requires_grad_(False).text_head.requires_grad_(True)
+    elif args.lock_image_layers is not None:
+        vision = model.vision_model
+        for module in [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:args.lock_image_layers]]:
+            module.requires_grad_(False)
+
+
+def read_data(args, settings: EmbedSettings, log) -> tuple[list, list, TextEmbeddingCache]:
+    """Training rows, validation rows (when evaluating) and the LLM embedding cache covering both."""
+    keys = {"csv_img_key": args.csv_img_key, "csv_caption_key": args.csv_caption_key,
+            "csv_separator": args.csv_separator}
+    rows = read_rows(args.train_data, strict=args.strict_data, log=log, **keys)
+    val_rows = read_rows(args.val_data, log=log, **keys) if args.val_data and args.eval_every else []
+    cache = ensure_text_cache(args.text_cache, args.llm, caption_texts(rows + val_rows), settings,
+                              DTYPES[args.llm_dtype], args.device, args.batch_tokens, log)
+    return rows, val_rows, cache
+
+
+def train_transform(args):
+    """Stage 2's image transform: the official RandomResizedCrop(0.9-1.0) or CLIP's centre crop; none in stage 1."""
+    if args.stage == 1:
+        return None
+    base = load_transform(args.clip)
+    return RandomResizedCropTransform(base=base) if args.train_crop == "random" else base
+
+
+def check_images(args, dataset: ImageTextDataset) -> None:
+    """Fail early when the images are not where the rows say."""
+    probe = [dataset[i] for i in range(min(len(dataset), 64))]  # a sample of a bad image carries "bad_image"
+    if all("bad_image" in sample for sample in probe):
+        raise DataError(f"{args.train_data}: none of the first {len(probe)} images is readable (e.g. "
+                        f"{probe[0]['bad_image']}); check the image paths, which are relative to the data file")
+
+
+def retrieval_validation(args, model: ProCLIP, val_rows: list, cache: TextEmbeddingCache, device: torch.device):
+    """--eval-every's measure: retrieval R@K both ways on the --val-data rows (one caption each), with the model as
+    it is at the call, through eval.py's retrieval runner and CLIP's eval (centre crop) transform; None without
+    validation rows."""
+    def validate() -> dict[str, float]:
+        # one caption per image: row i's caption belongs to image i
+        dataset = RetrievalSet([r.image for r in val_rows], [r.caption for r in val_rows], list(range(len(val_rows))),
+                               "val")
+        encode_text = inference(lambda texts: model.encode_text(cache(texts).to(device)), device, args.precision)
+        encoders = Encoders(args.output, args.clip, load_transform(args.clip),
+                            inference(model.encode_image, device, args.precision), encode_text, lambda texts: 0)
+        model.eval()
+        report, _ = run_retrieval(encoders, dataset, args.batch_size, 0, device,
+                                  [k for k in (1, 5, 10) if k <= len(val_rows)])
+        model.train()
+        return {f"val/{k}": v for k, v in report["metrics"].items()}
+    return validate if val_rows else None
+
+
+def place_teachers(args, model: ProCLIP, rows: list, cache: TextEmbeddingCache, transform, device: torch.device,
+                   log) -> tuple[torch.nn.Module | None, RowVectors, RowVectors | None]:
+    """Place the model and set up the teachers: (live teacher or None, LLM vectors, teacher vectors or None).
+    Stage 1: CLIP's text features from their cache, and only the head on the device (the image tower too for
+    --eval-every, whose retrieval needs it). Stage 2: a frozen (or EMA) copy of the initial image tower, L_reg's
+    v̂: its features cached with --ema-momentum 1 and --train-crop center, else run live."""
+    release_memory(device)  # the LLM that filled the LLM cache has been dropped
+    run_autocast = autocast(device.type, args.precision)
+    if args.stage == 1:
+        llm, taught = stage1_vectors(cache, rows, args.clip, device, run_autocast, log)
+        (model if args.eval_every and args.val_data else model.text_head).to(device)
+        return None, llm, taught
+    teacher, frozen = model.image_teacher(), args.ema_momentum == 1
+    model.to(device)
+    llm = RowVectors.map(cache, caption_columns(rows))
+    if frozen and args.train_crop == "center":  # the teacher's features never change: computed once
+        taught = image_teacher_vectors(teacher, rows, transform, cache.path, device, run_autocast, args.workers, log)
+        del teacher
+        release_memory(device)
+        return None, llm, taught
+    return place_image_teacher(teacher, device, compute_dtype(args.precision), frozen), llm, None
+
+
+def setup_clip_stage(args, settings: EmbedSettings, device: torch.device, rank: int, world: int, checkpoints,
+                     log) -> Stage1 | Stage2:
+    """Stage 1 or 2, ready for the loop: the model (fp32 master weights; autocast does the low-precision math) from
+    --clip and the --init checkpoint (a stage-1 one gives the head, a stage-2 one everything) or a resumed run's
+    weights, the rows with their caches and teachers, and the trained part wrapped for DDP and torch.compile."""
+    clip = load_clip(args.clip)
+    model = build_model(args, clip, checkpoints.init_meta or checkpoints.resumed_meta,
+                        checkpoints.init_path or checkpoints.resume_path)
+    if checkpoints.init_path:
+        meta = load_trained_weights(model, checkpoints.init_path)[1]
+        log(f"init: stage-{meta['stage']} weights from {checkpoints.init_path} (step {meta['step']})")
+    del clip  # the model copied its image tower; stage 1's text teacher is loaded again only to fill its cache
+    set_trainable(args, model)
+    model.vision_model.encoder.grad_checkpointing = args.grad_checkpointing
+    # data, the LLM cache and the teacher caches (each filled on first use, its model released after), the model
+    rows, val_rows, cache = read_data(args, settings, log)
+    dataset = ImageTextDataset(rows, train_transform(args), seed=args.seed)
+    if args.stage == 2:
+        check_images(args, dataset)
+    teacher, llm, taught = place_teachers(args, model, rows, cache, dataset.transform, device, log)
+    if checkpoints.resume_path:  # a resumed run's weights (and its EMA teacher)
+        teacher_weights = load_trained_weights(model, checkpoints.resume_path)[0]
+        if teacher_weights:
+            teacher.load_state_dict(teacher_weights)
+    # DDP and torch.compile wrap the trained part for the forward passes only (stage 1: the text side alone);
+    # stage 1's row count varies with the long captions: dynamic shapes, no recompiles
+    forward, no_sync = wrap_forward(TextSide(model) if args.stage == 1 else model, world, args.compile,
+                                    dynamic=True if args.stage == 1 else None)
+    losses = LossSettings(ins_weight=args.ins_weight, struct_weight=args.struct_weight, reg_weight=args.reg_weight,
+                          reduction=args.reduction, gather_with_grad=args.gather_with_grad,
+                          local_loss=args.local_loss, reg_scope=args.reg_scope)
+    shared = dict(model=model, forward=forward, no_sync=no_sync, dataset=dataset, llm=llm, device=device,
+                  autocast=autocast(device.type, args.precision), settings=losses,
+                  lr_of=lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr),
+                  validate=retrieval_validation(args, model, val_rows, cache, device))
+    log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
+        f"{world} rank(s), precision {args.precision}, output {args.output}")
+    if args.stage == 1:
+        return Stage1(teacher_vectors=taught, skip_truncated_long=args.skip_truncated_long,
+                      next_command=f"python train.py --stage 2 --init {args.output}", **shared)
+    return Stage2(teacher=teacher, teacher_vectors=taught, ema_momentum=args.ema_momentum, long_prob=args.long_prob,
+                  seed=args.seed, clip_loss=ClipLoss(args.local_loss, args.gather_with_grad, rank, world),
+                  next_command=f"python eval.py --task retrieval --model {args.output}", **shared)
