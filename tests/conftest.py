@@ -18,6 +18,13 @@ COMPAT = Path(__file__).resolve().parent / "compat"
 runpy.run_path(str(COMPAT / "sitecustomize.py"))  # before any test module imports transformers, timm or open_clip
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COMPAT), os.environ.get("PYTHONPATH")]))
 
+# `-n auto` (pytest-xdist, README's command): one worker per core, each with its share of the cores' threads, in
+# this process and in the subprocesses its tests start (torchrun ranks, CLIs), so workers do not oversubscribe
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
@@ -39,8 +46,13 @@ def smollm2_dir(smollm2_gguf) -> Path:
 
     cache = Path(os.environ.get("MINIPROCLIP_CACHE", Path.home() / ".cache" / "miniproclip"))
     folder = cache / "smollm2-135m-instruct"
-    if not all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")):
-        convert_gguf_to_hf_folder(smollm2_gguf, folder)
+    complete = lambda: all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+    if not complete():
+        try:
+            convert_gguf_to_hf_folder(smollm2_gguf, folder)
+        except OSError:  # another pytest-xdist worker renamed its conversion into place first
+            if not complete():
+                raise
     return folder
 
 
@@ -60,6 +72,32 @@ def smollm2_transformers(smollm2_gguf):
     assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to the embedding
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny random CLIP and Llama of fixtures.py and 24 image-caption rows, one set per test module (its runs
+    write caches beside the data); a module needing more defines its own `world`."""
+    from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
+
+    d = tmp_path_factory.mktemp("world")
+    return {"clip": write_tiny_clip(d / "clip"), "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data"),
+            "dir": d}
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory, smollm2_dir):
+    """(toy_dir, manifest, build seconds, log lines) of a quick toy world built with seed 0 and SmolLM2, shared by
+    the tests that read it (a test that writes into a world copies it first)."""
+    import time
+
+    from miniproclip.toy import world as toyworld
+
+    toy_dir = tmp_path_factory.mktemp("toy") / "toyworld"
+    lines = []
+    start = time.time()
+    manifest = toyworld.build_toyworld(toy_dir, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
+    return toy_dir, manifest, time.time() - start, lines
 
 
 def pytest_configure(config):

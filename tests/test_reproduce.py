@@ -2,6 +2,7 @@
 page is written. It checks that the pipeline completes, not which method wins."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_reproduction_writes_the_table(smollm2_dir, tmp_path):
+def test_quick_reproduction_writes_the_table(quick_world, smollm2_dir, tmp_path):
     out = tmp_path / "RESULTS.md"
+    shutil.copytree(quick_world[0], tmp_path / "toy")  # the shared quick world; the runs add caches to their copy
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce_toy.py"), "--quick",
                              "--seeds", "0", "--toy-dir", str(tmp_path / "toy"), "--runs", str(tmp_path / "runs"),
                              "--output", str(out), "--workers", "0", "--llm", str(smollm2_dir)],

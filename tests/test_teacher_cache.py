@@ -11,18 +11,11 @@ import torch
 pytest.importorskip("transformers")
 
 import train
-from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
 from miniproclip.clip import CLIP
 from miniproclip.loader import collate
 from miniproclip.losses import ClipLoss, distillation_loss
 from miniproclip.training.stages import LossSettings, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    return {"clip": write_tiny_clip(d / "clip"), "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data")}
 
 
 def setup_run(world, out, *extra, device="cpu"):

@@ -9,7 +9,6 @@ The full world and its teacher's quality are checked by the `slow` test at the e
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,6 @@ from miniproclip.tokenizer import CLIPTokenizer, build_clip_tokenizer
 from miniproclip.toy.teacher import read_jsonl
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def quick_world(tmp_path_factory, smollm2_dir):
-    """(toy_dir, manifest, build seconds, log lines) of a quick world built with seed 0."""
-    toy_dir = tmp_path_factory.mktemp("toy") / "toyworld"
-    lines = []
-    start = time.time()
-    manifest = toyworld.build_toyworld(toy_dir, seed=0, llm_dir=smollm2_dir, quick=True, log=lines.append)
-    return toy_dir, manifest, time.time() - start, lines
 
 
 def test_quick_world_has_every_file(quick_world, smollm2_dir):

@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 import train
-from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
+from fixtures import write_tiny_pairs
 from miniproclip import checkpoint as ckpt
 from miniproclip.clip import CLIP
 from miniproclip.head import HeadConfig
@@ -25,13 +25,6 @@ from miniproclip.training.settings import parse_args, stage_defaults
 from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world")
-    return {"clip": write_tiny_clip(d / "clip"), "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data"),
-            "dir": d}
 
 
 def common(world, out, *extra):
