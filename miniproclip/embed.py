@@ -32,12 +32,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .data import DataError
 from .distributed import close_distributed, init_distributed, rank_and_world
 from .embedder import PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
     text_hash
 from .files import atomic_path
-from .weights import ModelFolderError
 from .precision import DTYPES
+from .weights import ModelFolderError
 
 # --store-dtype -> (torch dtype, safetensors dtype code); see BENCHMARKS.md "Storage dtype" for the default
 STORE_DTYPES = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16")}
@@ -52,9 +53,9 @@ COPY_BLOCK = 1 << 24  # bytes copied at a time when chunks are concatenated
 def iter_texts(path: str, text_key: str | None = None) -> Iterator[str]:
     """`.txt`: one text per line; `.jsonl`: one JSON object per line, text under `text_key`. Read lazily."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; --texts expects a .txt (one text per line) or .jsonl file")
+        raise DataError(f"{path}: no such file; --texts expects a .txt (one text per line) or .jsonl file")
     if path.endswith(".jsonl") and text_key is None:
-        raise ValueError(f"{path}: a .jsonl file needs --text-key naming the text field")
+        raise DataError(f"{path}: a .jsonl file needs --text-key naming the text field")
     with open(path, encoding="utf-8", newline="") as f:
         for number, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
@@ -64,7 +65,7 @@ def iter_texts(path: str, text_key: str | None = None) -> Iterator[str]:
                 try:
                     yield str(json.loads(line)[text_key])
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{number}: no text under key {text_key!r} "
+                    raise DataError(f"{path}:{number}: no text under key {text_key!r} "
                                      f"({type(err).__name__})") from None
 
 
@@ -224,7 +225,7 @@ def to_store_dtype(vectors: torch.Tensor, store_dtype: str, where: str) -> torch
     """`vectors` in the storage dtype; fp16 overflow (|x| > 65504) is refused rather than stored as inf."""
     stored = vectors.to(STORE_DTYPES[store_dtype][0])
     if store_dtype == "fp16" and torch.isfinite(vectors).all() and not torch.isfinite(stored).all():
-        raise ValueError(f"{where}: vectors up to {vectors.abs().max().item():.3g} exceed fp16's range; "
+        raise CacheError(f"{where}: vectors up to {vectors.abs().max().item():.3g} exceed fp16's range; "
                          f"pass --store-dtype bf16 or fp32")
     return stored.contiguous()
 
@@ -273,7 +274,7 @@ def embed_to_file(make_encode: Callable[[], Callable[[list[str]], torch.Tensor]]
     if kept:
         log(f"rank {rank}: kept {kept} chunks already written to {parts} by an earlier run")
     if not names:
-        raise ValueError(f"{output}: no texts to embed")
+        raise DataError(f"{output}: no texts to embed")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -383,7 +384,7 @@ def main(argv=None):
                                   args.batch_tokens or default_batch_tokens(args.device))
         embed_to_file(make_encode, chunked(iter_texts(args.texts, args.text_key), args.chunk_texts), args.output,
                       metadata, args.store_dtype, count)
-    except (ModelFolderError, FileNotFoundError, ValueError) as err:
+    except (ModelFolderError, CacheError, DataError) as err:  # the user errors of this command
         sys.exit(f"error: {err}")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"embedded {count} texts with {args.llm} in {time.time() - start:.1f}s -> {args.output}")

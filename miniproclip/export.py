@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 from .api import EXPORT_JSON, HEAD_FILE, load_model
-from .checkpoint import CheckpointError
+from .errors import USER_ERRORS
 from .files import atomic_folder
-from .precision import DTYPES
 from .openclip import write_tuned_folder
+from .precision import DTYPES
 from .weights import INDEX_FILE, SINGLE_FILE, ModelFolderError, is_open_clip_folder, load_safetensors_folder, \
     weight_files
 
@@ -110,7 +110,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         out = export(args.run, args.out, args.copy_llm, args.clip, args.llm)
-    except (ModelFolderError, CheckpointError, OSError, ValueError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     reader = (f"open_clip: open_clip.create_model('local-dir:{out}').encode_image(...)" if is_open_clip_folder(out)
               else f"transformers: CLIPModel.from_pretrained({out!r}).get_image_features(...)")
