@@ -31,9 +31,9 @@ def close_distributed() -> None:
     """End a run that succeeded on every rank: wait for all ranks, then free the process group.
 
     Without the barrier a rank that is done tears down its gloo/NCCL connections while another is still busy
-    with the group; on gloo that aborted a rank at exit once in CI ("terminate called without an active
-    exception"). Call it after the last collective but before rank 0's slow end-of-run writes (curves, stage 0's
-    merged LLM), so that no rank waits at the barrier behind them past NCCL's timeout. After an error no rank
+    with the group, which on gloo can abort a rank at exit ("terminate called without an active exception").
+    Call it after the last collective but before rank 0's slow end-of-run writes (curves, stage 0's merged LLM),
+    so that no rank waits at the barrier behind them past NCCL's timeout. After an error no rank
     calls it: the barrier would wait for a rank that is gone, so the process exits and torchrun stops the others.
     """
     if dist.is_initialized():

@@ -21,6 +21,7 @@ from miniproclip.clip import CLIP
 from miniproclip.head import HeadConfig
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
+from miniproclip.precision import default_precision
 from miniproclip.training.settings import parse_args, stage_defaults
 from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 
@@ -224,6 +225,18 @@ def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
     assert filled("2", "--init", "scratch") == (1e-3, 1e-5)
     assert filled("2", "--init", "runs/s1") == (1e-4, 1e-5)  # a trained head keeps what it inherited
     assert filled("2", "--init", "runs/s1", "--lr", "0", "--lr-vision", "0") == (0.0, 0.0)  # 0 is not "unset"
+
+
+def test_stage0_defaults_leave_typed_and_resumed_flags_alone(world):
+    """Stage 0 takes LLM2CLIP's recipe and LLM2Vec's optimizer for the flags nobody set: not for a typed one, nor
+    for one a resumed run brought (settings.stage_defaults, applied last by train.resolve_settings)."""
+    args = parse_args(["--stage", "0", "--llm", world["llm"], "--train-data", "groups.jsonl", "--wd", "0.1"])
+    values = stage_defaults(args, set(args.given_flags))
+    assert "wd" not in values and (values["beta2"], values["eps"], values["warmup"]) == (0.999, 1e-8, None)
+    assert (values["lr"], values["temperature"], values["epochs"], values["workers"]) == (2e-4, 0.02, 1, 0)
+    assert values["precision"] == default_precision("cpu", bf16_on_cpu=True)  # bf16 where the CPU has it
+    resumed = stage_defaults(args, set(args.given_flags) | {"beta2", "eps", "warmup"})
+    assert not {"wd", "beta2", "eps", "warmup"} & set(resumed)
 
 
 # ----------------------------------------------------------------------------- torchrun on 2 gloo ranks, fp16
