@@ -240,7 +240,7 @@ def splice_micro_batch(cached: list[torch.Tensor], index: int, fresh: torch.Tens
     from a first pass over all micro-batches). Backward of the loss on each spliced batch, summed over the
     micro-batches, gives the full-batch gradient of the encoders' parameters, so the negatives cover the whole
     batch. The loss's direct gradient to logit_scale would be counted once per micro-batch (accum_freq times the
-    full-batch one, as in open_clip); stages.py avoids that by letting it through in the last micro-batch only.
+    full-batch one, as in open_clip); training/stages.py avoids that by letting it through in the last micro-batch only.
     """
     return torch.cat(cached[:index] + [fresh] + cached[index + 1:], dim=0)
 

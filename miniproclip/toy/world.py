@@ -120,7 +120,7 @@ def texture_marks(texture: str) -> np.ndarray:
 def render(a: dict, rng: np.random.Generator) -> Image.Image:
     """The 64x64 RGB picture of attributes `a`. Only colours are jittered: objects keep fixed places per (position,
     count, size), because a ViT with 8-px patches learns shapes from a few thousand pictures only at fixed offsets
-    within its patches (fixed places: the toy teacher learns far better; RESULTS.md)."""
+    within its patches (RESULTS.md, "Earlier worlds", has the numbers)."""
     side = IMAGE_SIZE * SUPERSAMPLE
     background = np.clip(BACKGROUNDS[a["background"]] + rng.integers(-15, 16, 3), 0, 255).astype(np.float64)
     colour = np.clip(np.array(COLOURS[a["colour"]]) + rng.integers(-20, 21, 3), 0, 255).astype(np.float64)
