@@ -99,7 +99,7 @@ def resolve_settings(argv):
     fixed = set(args.given_flags) | set(inherited)  # values the later rules leave alone
     if args.train_data is None:  # the toy world (built on first use), its CLIP teacher and SmolLM2
         vars(args).update(toy.paths(args.stage, args.toy_dir, args.llm, args.text_cache, args.val_data, args.clip, log))
-        vars(args).update({k: v for k, v in toy.recipe(args.stage).items() if k not in fixed})
+        vars(args).update({k: v for k, v in toy.recipe(args.stage, args.init == "scratch").items() if k not in fixed})
     vars(args).update(stage_defaults(args, fixed))
     return args, checkpoints, rank, world, log
 

@@ -28,7 +28,7 @@ def test_quick_reproduction_writes_the_table(quick_world, smollm2_dir, tmp_path)
     claim_rows = [line for line in text.splitlines() if line.startswith("| (")]
     assert [line.split(" | ")[0][2:] for line in claim_rows] == [claim for claim, *_ in CLAIMS]
     assert all(line.endswith(("| yes |", "| no |", "| mixed |")) for line in claim_rows)
-    assert "(test split)" in text and "head lr 0.0001" in text and "image-encoder lr 0.0001" in text
+    assert "(test split)" in text and "head lr 1e-05" in text and "image-encoder lr 0.0001" in text
     assert "long captions cut by the teacher left out" in text  # settings read back from meta.json
     assert (tmp_path / "RESULTS.png").stat().st_size > 1000
     # the probes of the same (quick) world's cached LLM embeddings

@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of the text head (default: 1e-3 for a fresh head, i.e. stage 1 and "
-                        "--init scratch; 1e-4 when stage 2 starts from a trained head, so it keeps what it inherited)")
+                        "--init scratch; 1e-4 when stage 2 starts from a trained head, so it keeps what it inherited; "
+                        "1e-5 on the toy world)")
     p.add_argument("--lr-vision", type=float, default=None,
                    help="peak learning rate of the image encoder in stage 2 (default: 1e-5, a pretrained CLIP's "
                         "fine-tuning rate; 1e-4 on the toy world, whose small ViT barely moves at 1e-5)")
