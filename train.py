@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from miniproclip import checkpoint as ckpt
 from miniproclip.api import embed_settings
-from miniproclip.distributed import StopSignal, close_distributed, init_distributed
+from miniproclip.distributed import StopSignal, close_distributed, exit_torchrun_rank, init_distributed
 from miniproclip.errors import USER_ERRORS, TrainingError
 from miniproclip.loader import count_bad_images, epoch_batches, make_loader
 from miniproclip.toy import defaults as toy
@@ -294,3 +294,4 @@ def finish_message(args, run: Run, stop: StopSignal, record: dict, log):
 
 if __name__ == "__main__":
     main()
+    exit_torchrun_rank()  # under torchrun: without the interpreter teardown, where gloo can abort a finished rank

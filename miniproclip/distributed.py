@@ -9,6 +9,7 @@ or `cuda:N` was asked for, so eight ranks never pile onto GPU 0. Also the SIGTER
 
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,20 @@ def close_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_torchrun_rank() -> None:
+    """End a torchrun rank whose work is done and written, skipping the interpreter's teardown (outputs flushed).
+
+    At teardown gloo's worker threads can still hold work objects whose destruction aborts the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch PR 179291), even after `close_distributed`, so
+    torchrun would report a run that succeeded as failed. The entry points call this after a multi-rank run; a
+    process that is not a torchrun rank (WORLD_SIZE unset or 1) returns and ends as usual.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def rank_and_world() -> tuple[int, int]:

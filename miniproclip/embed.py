@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .data import DataError
-from .distributed import close_distributed, init_distributed, rank_and_world
+from .distributed import close_distributed, exit_torchrun_rank, init_distributed, rank_and_world
 from .embedder import PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
     text_hash
 from .files import atomic_path
@@ -393,3 +393,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_torchrun_rank()  # under torchrun: without the interpreter teardown, where gloo can abort a finished rank

@@ -283,6 +283,8 @@ torch.nn.parallel.DistributedDataParallel.__init__ = init
 train.main(sys.argv[3:])
 with open(sys.argv[2] + "." + os.environ["RANK"] + ".json", "w") as f:
     json.dump({"devices": sorted(devices), "all_reduce_rounds": rounds[0]}, f)
+from miniproclip.distributed import exit_torchrun_rank
+exit_torchrun_rank()  # as train.py's __main__ does
 """
 
 
