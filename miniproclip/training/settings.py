@@ -214,9 +214,10 @@ def stage_defaults(args, fixed: set[str]) -> dict:
     brought by a resumed run). Stage 0: LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch, warmup 10% of the
     steps, set once they are counted) and LLM2Vec's optimizer. Stages 1-2: 20 / 10 epochs, the head's lr 1e-3 when
     fresh (stage 1, --init scratch) else 1e-4, the image tower's 1e-5, the text cache beside the data."""
-    if args.llm is None:
-        raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune" if args.stage == 0 else
-                            "--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
+    if args.stage == 0 and args.llm is None:
+        raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune")
+    if args.stage != 0 and (args.clip is None or args.llm is None):
+        raise TrainingError("--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
                             "names them)")
     values = {"output": args.output or os.path.join("runs", f"stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"),
               "batch_tokens": args.batch_tokens or default_batch_tokens(args.device)}
@@ -230,9 +231,6 @@ def stage_defaults(args, fixed: set[str]) -> dict:
                 "temperature": LLM2CLIP_TEMPERATURE if args.temperature is None else args.temperature,
                 "precision": args.precision or default_precision(args.device, bf16_on_cpu=True),
                 "workers": 0}  # the texts are in memory: no loader processes
-    if args.clip is None:
-        raise TrainingError("--train-data needs --clip CLIP_DIR and --llm LLM_DIR (or --init/--resume a run that "
-                            "names them)")
     # the text cache sits beside the (first) data source, so every run on that data shares it
     first_source = os.path.abspath(args.train_data.split("::")[0])
     return {**values, "text_cache": args.text_cache or os.path.join(os.path.dirname(first_source),

@@ -31,7 +31,7 @@ from ..llm import DecoderLM, mean_pool
 from ..lora import LoRASettings, apply_lora, load_lora_state_dict, lora_state_dict
 from ..losses import ClipLoss
 from ..merge import write_merged_llm
-from ..precision import autocast, compute_dtype
+from ..precision import autocast
 from .stages import wrap_forward
 
 LLM2CLIP_LR = 2e-4  # LLM2CLIP's caption-contrastive recipe
@@ -179,7 +179,7 @@ def setup_stage0(args, settings: EmbedSettings, device: torch.device, rank: int,
     """The LLM with LoRA adapters (a resumed run's from its checkpoint, which holds only them), its groups, and the
     stage. The frozen base is bf16 under --precision amp_bf16, else fp32; the adapters are fp32."""
     groups = read_groups(args.train_data, strict=args.strict_data, log=log)
-    lora, dtype = lora_settings(args), compute_dtype(args.precision) if args.precision == "amp_bf16" else torch.float32
+    lora, dtype = lora_settings(args), torch.bfloat16 if args.precision == "amp_bf16" else torch.float32
     model = load_stage0_llm(args.llm, settings, lora, dtype, str(device), args.grad_checkpointing)
     adapted = {name.split(".")[-2] for name in lora_state_dict(model)}  # "layers.0.self_attn.q_proj.lora_A" -> q_proj
     missing = set(lora.targets) - adapted
