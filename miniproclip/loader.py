@@ -12,6 +12,7 @@ import io
 import os
 import signal
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -131,21 +132,39 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank
     return [batch[start:start + batch_size] for batch in global_batches]
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """Ctrl-C and schedulers (SLURM) signal the whole process group: a worker killed by SIGTERM would crash the
-    trainer mid-step, so workers ignore SIGINT/SIGTERM; the trainer saves and closes the loader, which ends them."""
+    trainer mid-step, so workers ignore SIGINT/SIGTERM; the trainer saves and closes the loader, which ends them.
+    The worker starts with them blocked (make_loader): setting SIG_IGN discards any already pending."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_batch: int = 0,
-                seed: int | None = None) -> DataLoader:
-    """A DataLoader yielding collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process).
+                seed: int | None = None) -> Iterator[dict]:
+    """Yields collated `batches[start_batch:]` in order, read by `workers` processes (0: in-process).
 
     With `seed`, the workers' base seed (their torch RNG, e.g. random crops) is drawn from a generator seeded by it
     instead of from the global RNG, which the loader would otherwise advance by one draw when iterated: at each
     epoch start, and at a resume, where it shifts what the global RNG gives dropout after it."""
-    return DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_leave_stop_signals_to_the_trainer,
-                      generator=None if seed is None else torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_sampler=batches[start_batch:], num_workers=workers, collate_fn=collate,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=_leave_stop_signals_to_the_trainer,
+                        generator=None if seed is None else torch.Generator().manual_seed(seed))
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield from loader
+        return
+    # iter() starts the workers. A stop signal that reached one between its start and worker_init_fn would kill
+    # it (torch's worker SIGTERM handler, Python's KeyboardInterrupt) and the trainer with it, so the workers are
+    # started with the signals blocked, which they inherit; here, the trainer's pending ones arrive on unblocking.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches_in_order = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    yield from batches_in_order

@@ -379,6 +379,36 @@ def test_stop_signal_to_the_process_group_finishes_the_step_saves_and_says_how_t
             f"--resume latest`") in out
 
 
+SIGNAL_AS_WORKERS_START = """
+import multiprocessing.process, os, signal, sys, time
+from torch.utils.data import Dataset
+from miniproclip.distributed import StopSignal
+from miniproclip.loader import make_loader
+class Slow(Dataset):
+    def __len__(self): return 32
+    def __getitem__(self, i): time.sleep(0.005); return {"index": i}
+start_process = multiprocessing.process.BaseProcess.start
+def start_then_signal(process):  # the signal arrives as each worker has just been started
+    start_process(process)
+    os.killpg(0, getattr(signal, sys.argv[1]))
+multiprocessing.process.BaseProcess.start = start_then_signal
+stop = StopSignal()
+print(len(list(make_loader(Slow(), [[i, i + 1] for i in range(0, 32, 2)], workers=2))), stop.received)
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_as_the_loader_workers_start_reaches_the_trainer_only(tmp_path, stop):
+    """The window the test above rarely hits (it failed once in CI): the signal lands between a worker's start and
+    its worker_init_fn, where torch's worker SIGTERM handler killed it and the trainer hung (2 of 2 runs before
+    the fix, each until the timeout)."""
+    script = tmp_path / "signal_as_workers_start.py"
+    script.write_text(SIGNAL_AS_WORKERS_START)
+    result = subprocess.run([sys.executable, str(script), stop], capture_output=True, text=True, timeout=30,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    assert result.returncode == 0 and result.stdout.split() == ["16", stop], result.stderr[-2000:]
+
+
 FREEZE_MID_SAVE = """
 import os, sys, time
 import miniproclip.checkpoint as ckpt
