@@ -31,7 +31,7 @@ from miniproclip.api import EXPORT_JSON
 from miniproclip.checkpoint import LATEST, resolve_checkpoint
 from miniproclip.errors import USER_ERRORS
 from miniproclip.metrics import load_templates
-from miniproclip.precision import PRECISIONS, default_precision
+from miniproclip.precision import PRECISIONS, default_precision, describe
 from miniproclip.released import is_released
 
 
@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in-process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU)")
+                   help="autocast dtype (default: amp_bf16 on CUDA and on CPUs with bf16 instructions, "
+                   "else fp32)")
     args = p.parse_args(argv)
     args.precision = args.precision or default_precision(args.device)
     return args
@@ -153,7 +154,8 @@ def evaluate(args):
         encoders = evaluation.clip_encoders(args.clip, args.device, args.precision)
     if args.task == "retrieval":
         dataset = evaluation.read_retrieval_set(args.dataset, args.images, args.split, args.language)
-        print(f"retrieval: {len(dataset.images)} images, {len(dataset.texts)} captions from {args.dataset}")
+        print(f"retrieval: {len(dataset.images)} images, {len(dataset.texts)} captions from {args.dataset}, "
+              f"{describe(args.precision, args.device)}")
         report, gallery = evaluation.run_retrieval(encoders, dataset, args.batch_size, args.workers, args.device,
                                                    args.ks)
     else:
@@ -163,7 +165,7 @@ def evaluate(args):
         except (OSError, ValueError) as err:  # metrics.py stands alone: its errors are the plain types
             raise evaluation.BenchmarkError(str(err)) from None
         print(f"zeroshot: {len(dataset.images)} images of {len(dataset.classnames)} classes from {args.dataset}, "
-              f"{len(templates)} templates")
+              f"{len(templates)} templates, {describe(args.precision, args.device)}")
         heldout = evaluation.read_lines(args.heldout_classes) if args.heldout_classes else None
         report = evaluation.run_zeroshot(encoders, dataset, templates, args.batch_size, args.workers, args.device,
                                          heldout)

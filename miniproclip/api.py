@@ -63,7 +63,7 @@ class TrainedModel:
         self.model, self.transform, self.text = model, transform, text
         self.clip_dir = clip_dir  # the CLIP folder of the preprocessing (and of the original towers)
         self.name, self.meta, self.device = name, meta, device  # name: the checkpoint or exported folder
-        # what eval.py does by default: bf16 autocast on CUDA, fp32 on CPU (the weights stay fp32)
+        # what eval.py does by default: bf16 autocast on CUDA and bf16 CPUs, else fp32 (the weights stay fp32)
         self.dtype = dtype or compute_dtype(default_precision(device.type))
         self.llm_dtype = dtype or text.llm_dtype
         self.batch_size = 64  # images (or head inputs) per forward pass
@@ -215,7 +215,8 @@ def load_model(path: str, *, clip: str | None = None, llm: str | None = None, de
 
     clip / llm: folders to use instead of those the checkpoint names (they moved); an exported folder takes llm only.
     device: default CUDA when available. dtype: the compute dtype, float32, bfloat16 or float16 (default: what
-    eval.py does, bf16 autocast on CUDA and fp32 on CPU, with the LLM in the dtype its training cache was filled in).
+    eval.py does, bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32, with the LLM in the dtype its
+    training cache was filled in).
     """
     path, clip, llm = os.fspath(path), clip and os.fspath(clip), llm and os.fspath(llm)
     if dtype not in (None, *COMPUTE_DTYPES):

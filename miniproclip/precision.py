@@ -24,12 +24,22 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_precision(device, bf16_on_cpu: bool = False) -> str:
-    """amp_bf16 on GPUs; on a CPU amp_bf16 only where the caller measured it faster (`bf16_on_cpu`, e.g. stage 0's
-    LLM) and the CPU has bf16 instructions, fp32 elsewhere (bf16 matmuls are slow on CPUs without them)."""
+def default_precision(device) -> str:
+    """amp_bf16 on GPUs and on CPUs with bf16 instructions, fp32 on other CPUs (bf16 matmuls are slow there).
+    On a CPU with them (AMD Zen 4, 2 threads) bench/precision.py measured every stage's step and eval's encoders
+    faster in bf16: 1.1-1.4x at the toy tower's width 64, 2-3.5x for the head, SmolLM2 and ViT-B/16 (BENCHMARKS.md)."""
     if str(device).startswith("cuda"):
         return "amp_bf16"
-    return "amp_bf16" if bf16_on_cpu and cpu_has_bf16() else "fp32"
+    return "amp_bf16" if cpu_has_bf16() else "fp32"
+
+
+def describe(precision: str, device) -> str:
+    """The start-up line's words: 'precision amp_bf16 (this CPU's default: it has bf16 instructions)'."""
+    if precision != default_precision(device):
+        return f"precision {precision}"
+    if str(device).startswith("cuda"):
+        return f"precision {precision} (the GPU default)"
+    return f"precision {precision} (this CPU's default: it has {'' if cpu_has_bf16() else 'no '}bf16 instructions)"
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -28,6 +28,7 @@ from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform, load_image
 from miniproclip.metrics import retrieval_metrics
 from miniproclip.model import ProCLIP
+from miniproclip.precision import autocast, default_precision
 from miniproclip.weights import ModelFolderError
 
 from fixtures import WORDS, write_tiny_clip, write_tiny_llm
@@ -78,10 +79,11 @@ def write_run(run_dir, clip_dir: str, llm_dir: str, stage: int, seed: int, llm_d
 
 
 def reference_features(model: ProCLIP, world: dict, llm_dtype=torch.float32):
-    """(image, text) features computed by hand: ProCLIP's encoders on ImageTransform pixels and LLMEmbedder output."""
+    """(image, text) features computed by hand: ProCLIP's encoders on ImageTransform pixels and LLMEmbedder output,
+    under the autocast load_model uses by default (bf16 on a CPU with bf16 instructions)."""
     transform = ImageTransform.from_folder(world["clip"])
     embeddings, _ = LLMEmbedder(world["llm"], EmbedSettings(max_length=8), llm_dtype).embed(world["texts"])
-    with torch.no_grad():
+    with torch.no_grad(), autocast("cpu", default_precision("cpu")):
         pixels = torch.stack([transform(load_image(p)) for p in world["images"]])
         return model.encode_image(pixels), model.encode_text(embeddings)
 
@@ -130,6 +132,17 @@ def test_inputs_pil_or_paths_single_or_empty_and_dtype(world):
     # fp32 compute runs the LLM in fp32 too; the run's own default is bf16 (its cache dtype)
     assert model.embedder.model.embed_tokens.weight.dtype == torch.float32
     assert load_model(world["root"] / "runs" / "stage2", device="cpu").llm_dtype == torch.bfloat16
+
+
+def test_bf16_features_stay_within_cosine_0999_of_fp32(world):
+    """The precision eval.py and load_model default to on a CPU with bf16 instructions changes each feature by
+    less than cosine 0.001 (issue 21's bound) on the tiny towers of these tests."""
+    run = world["root"] / "runs" / "stage2"
+    fp32, bf16 = (load_model(run, device="cpu", dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
+    for encode in ("encode_image", "encode_text"):
+        inputs = world["images"] if encode == "encode_image" else world["texts"]
+        cosine = (getattr(fp32, encode)(inputs) * getattr(bf16, encode)(inputs)).sum(-1)  # both L2-normalised
+        assert 0.999 <= cosine.min().item() < 1 - 1e-7, (encode, cosine)  # close, and bf16 really ran
 
 
 def test_one_line_errors(world, tmp_path):

@@ -127,3 +127,18 @@ def test_loader_quick():
         assert loading == pytest.approx(104 * plain, rel=0.01)
         assert float(epoch[3]) == pytest.approx(3.0e6 / min(loading, 8 * per_gpu) / 60, rel=0.05, abs=0.06)
         assert float(epoch[5]) == pytest.approx(3.0e6 / (8 * per_gpu) / 60, abs=0.06)
+
+
+def test_precision_quick():
+    """bf16 against fp32 for each stage's step and eval's encoders: every row timed, the ratio that of the medians,
+    and the profile's top op named."""
+    rows = table_rows(run("precision.py", timeout=180))
+    assert [row[0] for row in rows] == [
+        "stage 0 step, tiny Llama + LoRA, 64 texts", "stage 1 step, head, batch 64 + 64 long",
+        "stage 2 step, toy tower, batch 64", "stage 2 step, tiny ViT, batch 2",
+        "eval image encoding, toy tower, batch 64", "eval image encoding, tiny ViT, batch 2",
+        "eval text encoding, tiny Llama + head, 64 captions"]
+    for label, fp32, bf16, ratio, top in rows:
+        assert float(fp32) > 0 and float(bf16) > 0
+        assert float(ratio.split()[0]) == pytest.approx(float(fp32) / float(bf16), rel=0.06, abs=0.01)
+        assert re.fullmatch(r"aten::\w+ \d+%", top), top

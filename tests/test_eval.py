@@ -31,6 +31,7 @@ from miniproclip.metrics import classification_metrics, retrieval_metrics, zeros
 from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform, load_image
 from miniproclip.model import ProCLIP
+from miniproclip.precision import autocast, default_precision
 
 from fixtures import WORDS, write_tiny_clip, write_tiny_llm
 
@@ -238,7 +239,8 @@ def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatc
     embedder = LLMEmbedder(llm_dir, EmbedSettings(max_length=8))
     embeddings, truncated = embedder.embed(texts)
     transform = ImageTransform.from_folder(world["clip"])
-    with torch.no_grad():
+    in_eval_precision = autocast("cpu", default_precision("cpu"))  # eval.py's default (bf16 where the CPU has it)
+    with torch.no_grad(), in_eval_precision:
         image_features = newer.encode_image(torch.stack([transform(load_image(p)) for p in images]))
         text_features = newer.encode_text(embeddings)
     reference = retrieval_metrics(image_features, text_features, torch.arange(7), (1, 2, 5))
@@ -247,7 +249,7 @@ def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatc
 
     report = run_eval("--task", "zeroshot", "--model", "runs/z_stage1")  # a stage-1 run: the original image tower
     zs_images = [str(toy / "zeroshot" / "test" / f"n{c}" / "0.png") for c in range(5)]
-    with torch.no_grad():
+    with torch.no_grad(), in_eval_precision:
         image_features = older.encode_image(torch.stack([transform(load_image(p)) for p in zs_images]))
         classifier = zeroshot_classifier(lambda ts: older.encode_text(embedder.embed(ts)[0]), classes,
                                          ["a photo of a {c}", "{c}"])

@@ -50,7 +50,8 @@ def test_stage2_export_loads_in_transformers_and_load_model(world, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "preprocessor_config.json",
                                        "proclip.json", "text_head.safetensors", "tokenizer.json"]
     hf_features, hf_model = hf_image_features(out, world["images"])
-    exported, trained = load_model(out, device="cpu"), load_model(run, device="cpu")
+    # fp32: transformers' reference runs in fp32 (load_model's CPU default is bf16 where the CPU has it)
+    exported, trained = (load_model(folder, device="cpu", dtype=torch.float32) for folder in (out, run))
     torch.testing.assert_close(exported.encode_image(world["images"]), hf_features, atol=1e-5, rtol=0)
     torch.testing.assert_close(trained.encode_image(world["images"]), hf_features, atol=1e-5, rtol=0)
     torch.testing.assert_close(exported.encode_text(world["texts"]), trained.encode_text(world["texts"]),
@@ -124,11 +125,11 @@ def test_a_real_train_py_run_loads_exports_and_draws_its_curves(world, tmp_path)
     train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common, "--output", str(tmp_path / "s2"),
                 "--val-data", val, "--eval-every", "2"])
     out = export(str(tmp_path / "s2"), str(tmp_path / "out"))
-    model = load_model(tmp_path / "s2", device="cpu")
+    model = load_model(tmp_path / "s2", device="cpu", dtype=torch.float32)  # transformers' reference runs in fp32
     assert model.meta["stage"] == 2 and model.meta["step"] == 4
     torch.testing.assert_close(model.encode_image(world["images"]), hf_image_features(out, world["images"])[0],
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(load_model(out, device="cpu").encode_text(world["texts"]),
+    torch.testing.assert_close(load_model(out, device="cpu", dtype=torch.float32).encode_text(world["texts"]),
                                model.encode_text(world["texts"]), atol=0, rtol=0)
     panels = curve_panels(read_metrics(str(tmp_path / "s2" / "metrics.jsonl"))[0])
     assert [(title, len(series)) for title, series in panels] == [

@@ -53,6 +53,8 @@ def test_batched_left_and_right_padding_agree(ours):
 
 
 def test_bf16_embeddings_stay_close(smollm2_dir, ours):
-    fp32, _ = ours.embed(list(TEXTS.values())[:3])
-    bf16, _ = LLMEmbedder(str(smollm2_dir), EmbedSettings(), dtype=torch.bfloat16).embed(list(TEXTS.values())[:3])
-    assert F.cosine_similarity(fp32, bf16, dim=-1).min().item() >= 0.99
+    """bf16 weights (the cache's default, and eval's on a CPU with bf16 instructions): cosine to fp32 >= 0.999
+    (measured 0.9998 for the English caption, 1.0000 for the others)."""
+    fp32, _ = ours.embed(list(TEXTS.values()))
+    bf16, _ = LLMEmbedder(str(smollm2_dir), EmbedSettings(), dtype=torch.bfloat16).embed(list(TEXTS.values()))
+    assert F.cosine_similarity(fp32, bf16, dim=-1).min().item() >= 0.999

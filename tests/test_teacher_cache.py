@@ -19,8 +19,9 @@ from miniproclip.tokenizer import CLIPTokenizer
 
 
 def setup_run(world, out, *extra, device="cpu"):
+    """train.py's setup in fp32, where the caches equal the live teacher to rounding (the references run in fp32)."""
     argv = ["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"], "--output", str(out),
-            "--workers", "0", "--batch-size", "8", "--device", device, *extra]
+            "--workers", "0", "--batch-size", "8", "--device", device, "--precision", "fp32", *extra]
     args, checkpoints, rank, world, _ = train.resolve_settings(argv)
     return train.setup(args, checkpoints, rank, world, lambda *a, **k: None)
 

@@ -47,9 +47,13 @@ def test_stage1_lowers_its_loss_then_stage2_starts_from_it(world, tmp_path):
         assert curves.size[0] > 300 and len(curves.getcolors(1 << 16)) > 3  # not a blank canvas
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
     assert meta["stage"] == 1 and meta["step"] == 30 and all(k.startswith("text_head.") for k in weights)
-    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3")])
+    # fp32: in bf16 the rounding of student and teacher alone gives L_reg ~5e-4 at step 1
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3",
+                                                                      "--precision", "fp32")])
     records = losses(tmp_path / "s2")
-    assert records[1]["reg"] == 0.0  # the teacher is the initial image tower: no drift yet at step 1
+    # the teacher is the initial image tower: no drift yet at step 1, up to fp32 rounding (the student trains with
+    # SDPA's math kernel on a CPU, the no-grad teacher runs the fused one)
+    assert records[1]["reg"] < 1e-9
     assert records[3]["reg"] > 0.0
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s2")))
     clip = CLIP.from_pretrained(world["clip"])
@@ -156,7 +160,8 @@ def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
 def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
     """torchrun with 2 gloo ranks × batch 4 and --gather-with-grad == 1 process × batch 8 (stage 2, fp32)."""
     base = ["--stage", "2", "--init", str(tmp_path / "s1"), "--max-steps", "3", "--train-data", world["data"],
-            "--workers", "0", "--gather-with-grad", "--reg-scope", "global", "--train-crop", "center", "--warmup", "1"]
+            "--workers", "0", "--gather-with-grad", "--reg-scope", "global", "--train-crop", "center", "--warmup", "1",
+            "--precision", "fp32"]  # equal to rounding in fp32; bf16 rounds each side's batches differently
     train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "2")])
     train.main(base + ["--output", str(tmp_path / "one"), "--batch-size", "8"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -234,7 +239,7 @@ def test_stage0_defaults_leave_typed_and_resumed_flags_alone(world):
     values = stage_defaults(args, set(args.given_flags))
     assert "wd" not in values and (values["beta2"], values["eps"], values["warmup"]) == (0.999, 1e-8, None)
     assert (values["lr"], values["temperature"], values["epochs"], values["workers"]) == (2e-4, 0.02, 1, 0)
-    assert values["precision"] == default_precision("cpu", bf16_on_cpu=True)  # bf16 where the CPU has it
+    assert values["precision"] == default_precision("cpu")  # bf16 where the CPU has it
     resumed = stage_defaults(args, set(args.given_flags) | {"beta2", "eps", "warmup"})
     assert not {"wd", "beta2", "eps", "warmup"} & set(resumed)
 
@@ -319,7 +324,7 @@ def test_stage1_gather_with_grad_with_unequal_long_captions_matches_one_process(
                                                                               world_size=2)] for r in (0, 1)]
     assert long_counts[0] != long_counts[1]  # the case under test: ranks gather unequal long-caption sets
     flags = ["--stage", "1", "--train-data", data, "--clip", world["clip"], "--llm", world["llm"], "--workers", "0",
-             "--warmup", "1", "--max-steps", "3", "--gather-with-grad"]
+             "--warmup", "1", "--max-steps", "3", "--gather-with-grad", "--precision", "fp32"]  # exact in fp32 only
     train.main(flags + ["--batch-size", "8", "--output", str(tmp_path / "one")])
     records = torchrun_recorded(tmp_path, 29535, flags + ["--batch-size", "4", "--output", str(tmp_path / "two")])
     assert all(r["devices"] == ["cpu"] for r in records)

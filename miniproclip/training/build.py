@@ -21,7 +21,7 @@ from ..llm import LLMConfig
 from ..loader import ImageTextDataset
 from ..losses import ClipLoss
 from ..model import ProCLIP
-from ..precision import DTYPES, autocast, compute_dtype
+from ..precision import DTYPES, autocast, compute_dtype, describe
 from .stages import LossSettings, Stage1, Stage2, TextSide, wrap_forward
 from .teacher_cache import RowVectors, caption_columns, image_teacher_vectors, place_image_teacher, release_memory, \
     stage1_vectors
@@ -158,11 +158,12 @@ def setup_clip_stage(args, settings: EmbedSettings, device: torch.device, rank: 
                           local_loss=args.local_loss, reg_scope=args.reg_scope)
     shared = dict(model=model, forward=forward, no_sync=no_sync, dataset=dataset, llm=llm, device=device,
                   autocast=autocast(device.type, args.precision), settings=losses,
+                  grad_checkpointing=args.grad_checkpointing,
                   lr_of=lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr),
                   validate=retrieval_validation(args, model, val_rows, cache, device))
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
-        f"{world} rank(s), precision {args.precision}, output {args.output}")
+        f"{world} rank(s), {describe(args.precision, device)}, output {args.output}")
     if args.stage == 1:
         return Stage1(teacher_vectors=taught, skip_truncated_long=args.skip_truncated_long,
                       next_command=f"python train.py --stage 2 --init {args.output}", **shared)

@@ -122,8 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available); under torchrun each rank takes its LOCAL_RANK GPU")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="autocast dtype (default: amp_bf16 on CUDA, fp32 on CPU; stage 0 also amp_bf16 on CPUs with "
-                        "bf16 instructions); weights stay fp32; amp = fp16 with a GradScaler")
+                   help="autocast dtype (default: amp_bf16 on CUDA and on CPUs with bf16 instructions, else fp32); "
+                        "weights stay fp32; amp = fp16 with a GradScaler")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes in stage 1)")
     g = p.add_argument_group("stage 0 (caption-contrastive LoRA fine-tuning of the LLM, LLM2CLIP)")
@@ -229,7 +229,7 @@ def stage_defaults(args, fixed: set[str]) -> dict:
             values["warmup"] = None  # 10% of the steps (train.py, once counted)
         return {**values, "epochs": args.epochs or 1, "lr": LLM2CLIP_LR if args.lr is None else args.lr,
                 "temperature": LLM2CLIP_TEMPERATURE if args.temperature is None else args.temperature,
-                "precision": args.precision or default_precision(args.device, bf16_on_cpu=True),
+                "precision": args.precision or default_precision(args.device),
                 "workers": 0}  # the texts are in memory: no loader processes
     # the text cache sits beside the (first) data source, so every run on that data shares it
     first_source = os.path.abspath(args.train_data.split("::")[0])

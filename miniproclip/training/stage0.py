@@ -21,7 +21,6 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checkpoint import load_weights
 from ..embedder import CaptionTokenizer, EmbedSettings, pad_batch, token_budget_batches
@@ -31,8 +30,8 @@ from ..llm import DecoderLM, mean_pool
 from ..lora import LoRASettings, apply_lora, load_lora_state_dict, lora_state_dict
 from ..losses import ClipLoss
 from ..merge import write_merged_llm
-from ..precision import autocast
-from .stages import wrap_forward
+from ..precision import autocast, describe
+from .stages import attention_for_training, wrap_forward
 
 LLM2CLIP_LR = 2e-4  # LLM2CLIP's caption-contrastive recipe
 LLM2CLIP_TEMPERATURE = 0.02  # LLM2CLIP's logit scale 50
@@ -51,14 +50,6 @@ def load_stage0_llm(folder: str, settings: EmbedSettings, lora: LoRASettings, dt
     return model
 
 
-def attention_for_training(device) -> contextlib.AbstractContextManager:
-    """SDPA's math kernel (matmul, softmax, matmul) while training on a CPU, where the fused CPU kernel's backward
-    is the slowest part of a step at caption lengths (BENCHMARKS.md, bench/train_step.py). The kernel is chosen in
-    the forward; the backward follows it."""
-    cpu_training = torch.device(device).type == "cpu" and torch.is_grad_enabled()
-    return sdpa_kernel(SDPBackend.MATH) if cpu_training else contextlib.nullcontext()
-
-
 class CaptionContrastive:
     """Stage 0 in the shape of the other stages: `features(micro_batch)` and `loss(features)`, so that
     contrastive-aware accumulation (stages.accumulated_backward) splices micro-batches as in stage 2.
@@ -68,12 +59,13 @@ class CaptionContrastive:
 
     def __init__(self, forward: nn.Module, tokenize: CaptionTokenizer, temperature: float = LLM2CLIP_TEMPERATURE,
                  gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, device: str = "cpu",
-                 autocast=contextlib.nullcontext(), batch_tokens: int = 1024):
+                 autocast=contextlib.nullcontext(), batch_tokens: int = 1024, grad_checkpointing: bool = False):
         if temperature <= 0:
             raise TrainingError(f"--temperature must be positive, got {temperature}")
         self.forward, self.tokenize, self.temperature, self.device = forward, tokenize, temperature, device
         self.autocast = autocast  # bf16/fp16 autocast of the LLM's forward; pooling and loss stay fp32
         self.batch_tokens = batch_tokens  # padded tokens per forward on one process (see `features`)
+        self.grad_checkpointing = grad_checkpointing  # the LLM's: keeps the fused attention kernel
         self.clip_loss = ClipLoss(gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -89,7 +81,7 @@ class CaptionContrastive:
         for batch in batches:
             padded = pad_batch([ids[i] for i in batch], len(self.tokenize.prefix))
             input_ids, attention, pool = (t.to(self.device) for t in padded)
-            with self.autocast, attention_for_training(self.device):
+            with self.autocast, attention_for_training(self.device, self.grad_checkpointing):
                 hidden = self.forward(input_ids, attention)  # (b, T, C)
             for i, vector in zip(batch, F.normalize(mean_pool(hidden, pool), dim=-1)):  # (b, C) fp32
                 pooled[i] = vector
@@ -189,7 +181,7 @@ def setup_stage0(args, settings: EmbedSettings, device: torch.device, rank: int,
         load_lora_state_dict(model, load_weights(resume_path)[0])
     log(f"stage 0: {len(groups)} groups in {len(set(groups.sources))} source(s) from {args.train_data}, LLM "
         f"{args.llm} ({dtype}), LoRA r {args.lora_rank} on {args.lora_targets}, temperature {args.temperature}, "
-        f"precision {args.precision}, output {args.output}")
+        f"{describe(args.precision, device)}, output {args.output}")
     forward, no_sync = wrap_forward(model, world, args.compile, dynamic=True)  # text lengths vary
     next_flags = [f"--embed-preset {args.embed_preset}"] * (args.embed_preset != "default") + \
         ["--bidirectional"] * args.bidirectional + [f"--instruction {args.instruction!r}"] * bool(args.instruction)
@@ -197,4 +189,5 @@ def setup_stage0(args, settings: EmbedSettings, device: torch.device, rank: int,
                   val_data=args.val_data, output=args.output, next_flags=next_flags, forward=forward,
                   no_sync=no_sync, tokenize=CaptionTokenizer(args.llm, settings), temperature=args.temperature,
                   gather_with_grad=args.gather_with_grad, rank=rank, world_size=world, device=device,
-                  autocast=autocast(device.type, args.precision), batch_tokens=args.batch_tokens)
+                  autocast=autocast(device.type, args.precision), batch_tokens=args.batch_tokens,
+                  grad_checkpointing=args.grad_checkpointing)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, \
     instance_loss, splice_micro_batch, structure_loss
@@ -83,6 +84,16 @@ def wrap_forward(module: nn.Module, world: int, compile: bool, dynamic: bool | N
     forward = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
     no_sync = forward.no_sync if world > 1 else contextlib.nullcontext
     return (torch.compile(forward, dynamic=dynamic) if compile else forward), no_sync
+
+
+def attention_for_training(device, grad_checkpointing: bool = False) -> contextlib.AbstractContextManager:
+    """SDPA's math kernel (matmul, softmax, matmul) while training on a CPU: the fused CPU kernel's backward is the
+    slowest part of a step at caption lengths and at the toy tower's 65 tokens of 16-wide heads, most of all
+    under bf16 (bench/precision.py, BENCHMARKS.md). The kernel is chosen in the forward; the backward follows it.
+    Inference keeps the fused kernel, the faster one there; so does gradient checkpointing, whose recomputation
+    runs in the backward, outside this context, and must save what the forward saved."""
+    cpu_training = torch.device(device).type == "cpu" and torch.is_grad_enabled() and not grad_checkpointing
+    return sdpa_kernel(SDPBackend.MATH) if cpu_training else contextlib.nullcontext()
 
 
 @dataclass(kw_only=True)
@@ -225,10 +236,11 @@ class ClipStage:
     """What stages 1 and 2 share as Stages: the model and its data, the loop's hooks and the run's next command."""
 
     def __init__(self, *, model: ProCLIP, forward, no_sync, dataset, lr_of, validate, next_command: str,
-                 llm: RowVectors, device, autocast, settings: LossSettings):
+                 llm: RowVectors, device, autocast, settings: LossSettings, grad_checkpointing: bool = False):
         self.model, self.forward, self.no_sync, self.dataset, self.sources = model, forward, no_sync, dataset, None
         self.lr_of, self.validate, self.next_command = lr_of, validate, next_command
         self.llm, self.device, self.autocast, self.settings = llm, device, autocast, settings
+        self.grad_checkpointing = grad_checkpointing  # of the image tower: keeps the fused attention kernel
         self.teacher_truncated = 0  # captions the 77-token text teacher saw cut (stage 1; logged)
         self.teacher_unknown = 0  # rows whose cached v̂ is NaN (stage 2: image unreadable when cached; logged)
 
@@ -332,7 +344,7 @@ class Stage2(ClipStage):
 
     def features(self, micro_batch: dict, student_only: bool) -> dict:
         pixels = micro_batch["pixels"].to(self.device, non_blocking=True)
-        with self.autocast:
+        with self.autocast, attention_for_training(self.device, self.grad_checkpointing):
             image, text = self.forward(pixels, self.llm.to_device(micro_batch["text_rows"], self.device))
         f = {"image": image, "text": text}
         if not student_only:
