@@ -2,6 +2,7 @@
 page is written. It checks that the pipeline completes, not which method wins."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,9 @@ def test_quick_reproduction_writes_the_table(quick_world, smollm2_dir, tmp_path)
     assert all(line.endswith(("| yes |", "| no |", "| mixed |")) for line in claim_rows)
     assert "(test split)" in text and "head lr 1e-05" in text and "image-encoder lr 0.0001" in text
     assert "long captions cut by the teacher left out" in text  # settings read back from meta.json
+    # the reproduction's own, longer stage 0 (3 steps when quick), with its validation measure
+    assert re.search(r'Stage 0 \(the "stage 0" LLM\): 3 steps of the toy recipe, .* validation anchor recall '
+                     r'long \d+\.\d%', text), text
     assert (tmp_path / "RESULTS.png").stat().st_size > 1000
     # the probes of the same (quick) world's cached LLM embeddings
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "probe_toy_llm.py"), "--toy-dir",
