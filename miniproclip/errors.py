@@ -3,19 +3,24 @@
 Every error a user can fix (a wrong model folder, a malformed data file, a damaged cache or checkpoint, a bad flag)
 is one of USER_ERRORS, and its message names the file and what to do; the entry points print `error: <message>`
 and exit with status 1. Any other exception is a bug and keeps its traceback. The library's types live beside the
-code that raises them (so a model file can be copied out with its error type); this module names them all.
+code that raises them (so a model file can be copied out with its error type); this module names them all, and
+holds the types of the layers above the model files (training, evaluation, the toy world).
 """
 
 from .checkpoint import CheckpointError
 from .data import DataError
 from .embed import CacheError
-from .evaluation import BenchmarkError
 from .image import ImageReadError
 from .weights import ModelFolderError
 
 
 class TrainingError(Exception):
     """A bad flag, or a fatal condition met mid-run (a full disk, too many non-finite steps); say what to do next."""
+
+
+class BenchmarkError(ValueError):
+    """A dataset or model that cannot be evaluated as given (evaluation.py, eval.py); the message names the file and
+    what to do."""
 
 
 class ToyWorldError(Exception):

@@ -24,6 +24,7 @@ from .backbones import load_clip, load_transform
 from .api import load_model
 from .embed import ensure_text_cache
 from .embedder import CaptionTokenizer
+from .errors import BenchmarkError
 from .metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from .image import ImageReadError, ImageTransform, load_image
 from .tokenizer import CLIPTokenizer
@@ -31,10 +32,6 @@ from .precision import autocast
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 THUMB, PAD, CAPTION_WIDTH = 112, 6, 260  # --show grid: thumbnail side, gap, caption column (pixels)
-
-
-class BenchmarkError(ValueError):
-    """A dataset or model that cannot be evaluated as given; the message names the file and what to do."""
 
 
 # ----------------------------------------------------------------------------- datasets
