@@ -308,6 +308,16 @@ def test_train_stage0_accumulation_equals_the_full_batch(tiny_llm, groups_file, 
     assert_same_runs(tmp_path / "full", tmp_path / "accum", steps=3, loss_tol={"rel": 1e-5}, weight_tol=1e-4)
 
 
+def test_train_stage0_grad_checkpointing_on_a_cpu_trains_as_without(tiny_llm, groups_file, tmp_path):
+    """--grad-checkpointing keeps the fused attention kernel (stages.attention_for_training): the math kernel that a
+    CPU step uses otherwise is not active when checkpoint recomputes a layer in the backward, and the recomputation
+    failed checkpoint's check that it saved the same tensors. Same losses and adapters as without, to rounding."""
+    flags = ["--max-steps", "3", "--lora-dropout", "0", "--precision", "fp32", "--eps", "1e-6"]
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "plain", *flags))
+    train.main(stage0_args(tiny_llm, groups_file, tmp_path / "checkpointed", *flags, "--grad-checkpointing"))
+    assert_same_runs(tmp_path / "plain", tmp_path / "checkpointed", steps=3, loss_tol={"rel": 1e-5}, weight_tol=1e-4)
+
+
 def test_train_stage0_two_gloo_ranks_equal_one_process(tiny_llm, groups_file, tmp_path):
     """torchrun with 2 gloo ranks × 2 groups and --gather-with-grad == 1 process × 4 groups."""
     flags = ["--max-steps", "3", "--lora-dropout", "0", "--gather-with-grad", "--precision", "fp32", "--eps", "1e-6"]
