@@ -27,16 +27,16 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 import common  # bench/common.py; also puts the repository on sys.path
+import train_step  # bench/train_step.py: the stage-2 step
 from miniproclip.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from miniproclip.head import HeadConfig
 from miniproclip.llm import DecoderLM, LLMConfig, mean_pool
 from miniproclip.lora import apply_lora
-from miniproclip.losses import ClipLoss, clamp_logit_scale_
+from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.precision import autocast, compute_dtype
 from miniproclip.toy.teacher import toy_clip_config
-from miniproclip.training.stages import LossSettings, TextSide, accumulated_backward, attention_for_training, \
-    stage1_loss, stage2_loss
+from miniproclip.training.stages import LossSettings, TextSide, attention_for_training, stage1_loss
 
 PRECISIONS = ("fp32", "amp_bf16")
 
@@ -106,35 +106,10 @@ def stage1_step(precision: str, args):
 
 
 def stage2_step(config: CLIPConfig, batch: int, llm_dim: int):
+    """Stage2's step (bench/train_step.stage2_step): the whole image tower and the head train; the teacher copy
+    runs under the same autocast."""
     def build(precision: str, args):
-        """Stage2's step: the whole image tower and the head train; the teacher copy runs under the same autocast."""
-        torch.manual_seed(0)
-        model = ProCLIP(config, HeadConfig(llm_dim, config.projection_dim))
-        teacher = model.image_teacher()
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
-        size = config.vision.image_size
-        pixels, embeddings = torch.randn(batch, 3, size, size), torch.randn(batch, llm_dim)
-        settings, clip_loss = LossSettings(), ClipLoss()
-
-        def features(micro_batch, student_only):
-            with autocast("cpu", precision), attention_for_training("cpu"):
-                image, text = model(pixels, embeddings)
-            f = {"image": image, "text": text}
-            if not student_only:
-                with torch.no_grad(), autocast("cpu", precision):
-                    f["teacher_image"] = teacher.encode_image(pixels)
-            return f
-
-        def step():
-            accumulated_backward([None], features,
-                                 lambda f, last: stage2_loss(f, settings, clip_loss, model.logit_scale, last))
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale_(model.logit_scale)
-        return step
+        return train_step.stage2_step(config, batch, llm_dim, torch.device("cpu"), precision)[0]
     return build
 
 

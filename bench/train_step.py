@@ -42,7 +42,9 @@ from miniproclip.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from miniproclip.head import HeadConfig
 from miniproclip.losses import ClipLoss, clamp_logit_scale_
 from miniproclip.model import ProCLIP
-from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
+from miniproclip.precision import autocast
+from miniproclip.training.stages import LossSettings, accumulated_backward, attention_for_training, stage1_loss, \
+    stage2_loss
 
 CONFIGS = {"eager": [], "grad-checkpointing": ["--grad-checkpointing"], "compile": ["--compile"],
            "compile + grad-checkpointing": ["--compile", "--grad-checkpointing"]}
@@ -61,28 +63,35 @@ def vision_config(quick: bool) -> CLIPVisionConfig:
 
 
 def build_step(args, device: torch.device):
-    """A closure running one stage-2 step on a fixed random batch, as train.py's loop does."""
-    torch.manual_seed(0)
+    """A closure running one stage-2 step of the ViT-B/16-shaped tower (bf16 autocast on CUDA, fp32 on CPU)."""
     config = CLIPConfig(vision=vision_config(args.quick), text=CLIPTextConfig(), projection_dim=512)
-    model = ProCLIP(config, HeadConfig(args.llm_dim, config.projection_dim))
+    return stage2_step(config, args.batch_size, args.llm_dim, device, "amp_bf16" if device.type == "cuda" else "fp32",
+                       args.grad_checkpointing, args.compile)
+
+
+def stage2_step(config: CLIPConfig, batch_size: int, llm_dim: int, device: torch.device, precision: str,
+                grad_checkpointing: bool = False, compile: bool = False):
+    """(step, trainable parameter count): a closure running one stage-2 step on a fixed random batch, as train.py's
+    loop does (its autocast, and SDPA's math kernel for the trained tower on a CPU); also bench/precision.py's."""
+    torch.manual_seed(0)
+    model = ProCLIP(config, HeadConfig(llm_dim, config.projection_dim))
     teacher = model.image_teacher().to(device)  # the whole image tower trains, as train.py's default
-    model.vision_model.encoder.grad_checkpointing = args.grad_checkpointing
+    model.vision_model.encoder.grad_checkpointing = grad_checkpointing
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
-    compiled = torch.compile(model) if args.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    compiled = torch.compile(model) if compile else model
     size = config.vision.image_size
-    pixels = torch.randn(args.batch_size, 3, size, size, device=device)
-    llm_embeddings = torch.randn(args.batch_size, args.llm_dim, device=device)  # stands in for the text cache
+    pixels = torch.randn(batch_size, 3, size, size, device=device)
+    llm_embeddings = torch.randn(batch_size, llm_dim, device=device)  # stands in for the text cache
     settings, clip_loss = LossSettings(), ClipLoss()
 
     def features(micro_batch, student_only):
-        with autocast:
+        with autocast(device.type, precision), attention_for_training(device, grad_checkpointing):
             image, text = compiled(pixels, llm_embeddings)
         f = {"image": image, "text": text}
         if not student_only:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast(device.type, precision):
                 f["teacher_image"] = teacher.encode_image(pixels)
         return f
 
@@ -163,10 +172,9 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
     from miniproclip.training.teacher_cache import RowVectors, caption_columns, stage1_vectors
     from miniproclip.tokenizer import CLIPTokenizer
     clip, rows, llm_cache, pixels = toy_folder(root, device, args.quick)
-    tokenizer, autocast = CLIPTokenizer.from_folder(str(root)), torch.autocast(device.type, enabled=False)
-    if device.type == "cuda":
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    llm, taught = stage1_vectors(llm_cache, rows, str(root), device, autocast, log=id)
+    tokenizer = CLIPTokenizer.from_folder(str(root))
+    run_autocast = autocast(device.type, "amp_bf16" if device.type == "cuda" else "fp32")  # precision.py's
+    llm, taught = stage1_vectors(llm_cache, rows, str(root), device, run_autocast, log=id)
     model = ProCLIP.from_clip(clip, HeadConfig(576, clip.config.projection_dim)).to(device)
     teacher = model.image_teacher()
     images = ensure_vector_cache(str(root / "images.safetensors"), [row.image for row in rows], lambda: (
@@ -180,7 +188,7 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
     def live_stage1(mb, student_only):  # the stage-1 features before the caches
         texts = mb["captions"] + [c for c in mb["long_captions"] if c]
         student = text_side(llm_cache(texts).to(device))
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), run_autocast:
             teacher_text = clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True)
         n = len(mb["captions"])
         return {"student_short": student[:n], "student_long": student[n:], "teacher_short": teacher_text[:n],
@@ -188,14 +196,14 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
 
     def live_stage2(mb, student_only):  # the stage-2 features before the caches
         pixels_on = mb["pixels"].to(device)
-        with autocast:
+        with run_autocast:
             image, text = model(pixels_on, llm_cache(mb["captions"]).to(device))
             with torch.no_grad():
                 return {"image": image, "text": text, "teacher_image": teacher.encode_image(pixels_on)}
 
     # the Stage fields the loop alone uses (dataset, optimizer groups, validation, next command) are left out
     common_args = dict(model=model, no_sync=contextlib.nullcontext, dataset=rows, lr_of=None, validate=None,
-                       next_command="", device=device, autocast=autocast, settings=settings)
+                       next_command="", device=device, autocast=run_autocast, settings=settings)
     stage1 = Stage1(forward=text_side, llm=llm, teacher_vectors=taught, skip_truncated_long=False, **common_args)
     stage2 = Stage2(forward=model, teacher=None, llm=RowVectors.map(llm_cache, caption_columns(rows)),
                     teacher_vectors=RowVectors.map(images, [(row.image for row in rows)]), clip_loss=ClipLoss(),
