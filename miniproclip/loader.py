@@ -133,6 +133,7 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+CAN_BLOCK_SIGNALS = hasattr(signal, "pthread_sigmask")  # not on Windows
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -141,7 +142,7 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     The worker starts with them blocked (make_loader): setting SIG_IGN discards any already pending."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+    if CAN_BLOCK_SIGNALS:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
@@ -156,7 +157,7 @@ def make_loader(dataset: Dataset, batches: list[list[int]], workers: int, start_
                         persistent_workers=False, pin_memory=torch.cuda.is_available(),
                         worker_init_fn=_leave_stop_signals_to_the_trainer,
                         generator=None if seed is None else torch.Generator().manual_seed(seed))
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
+    if not CAN_BLOCK_SIGNALS:
         yield from loader
         return
     # iter() starts the workers. A stop signal that reached one between its start and worker_init_fn would kill
