@@ -46,16 +46,6 @@ def build_model(args, clip: CLIP, meta: dict | None, source: str | None) -> ProC
     return ProCLIP.from_clip(clip, head)
 
 
-def set_trainable(args, model: ProCLIP) -> None:
-    """Stage 1: the head only. Stage 2: everything (--lock-image-layers freezes the stem and the first N layers)."""
-    if args.stage == 1:
-        model.requires_grad_(False).text_head.requires_grad_(True)
-    elif args.lock_image_layers is not None:
-        vision = model.vision_model
-        for module in [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:args.lock_image_layers]]:
-            module.requires_grad_(False)
-
-
 def read_data(args, settings: EmbedSettings, log) -> tuple[list, list, TextEmbeddingCache]:
     """Training rows, validation rows (when evaluating) and the LLM embedding cache covering both."""
     keys = {"csv_img_key": args.csv_img_key, "csv_caption_key": args.csv_caption_key,
@@ -68,9 +58,7 @@ def read_data(args, settings: EmbedSettings, log) -> tuple[list, list, TextEmbed
 
 
 def train_transform(args):
-    """Stage 2's image transform: the official RandomResizedCrop(0.9-1.0) or CLIP's centre crop; none in stage 1."""
-    if args.stage == 1:
-        return None
+    """Stage 2's image transform: the official RandomResizedCrop(0.9-1.0) or CLIP's centre crop."""
     base = load_transform(args.clip)
     return RandomResizedCropTransform(base=base) if args.train_crop == "random" else base
 
@@ -102,29 +90,6 @@ def retrieval_validation(args, model: ProCLIP, val_rows: list, cache: TextEmbedd
     return validate if val_rows else None
 
 
-def place_teachers(args, model: ProCLIP, rows: list, cache: TextEmbeddingCache, transform, device: torch.device,
-                   log) -> tuple[torch.nn.Module | None, RowVectors, RowVectors | None]:
-    """Place the model and set up the teachers: (live teacher or None, LLM vectors, teacher vectors or None).
-    Stage 1: CLIP's text features from their cache, and only the head on the device (the image tower too for
-    --eval-every, whose retrieval needs it). Stage 2: a frozen (or EMA) copy of the initial image tower, L_reg's
-    v̂: its features cached with --ema-momentum 1 and --train-crop center, else run live."""
-    release_memory(device)  # the LLM that filled the LLM cache has been dropped
-    run_autocast = autocast(device.type, args.precision)
-    if args.stage == 1:
-        llm, taught = stage1_vectors(cache, rows, args.clip, device, run_autocast, log)
-        (model if args.eval_every and args.val_data else model.text_head).to(device)
-        return None, llm, taught
-    teacher, frozen = model.image_teacher(), args.ema_momentum == 1
-    model.to(device)
-    llm = RowVectors.map(cache, caption_columns(rows))
-    if frozen and args.train_crop == "center":  # the teacher's features never change: computed once
-        taught = image_teacher_vectors(teacher, rows, transform, cache.path, device, run_autocast, args.workers, log)
-        del teacher
-        release_memory(device)
-        return None, llm, taught
-    return place_image_teacher(teacher, device, compute_dtype(args.precision), frozen), llm, None
-
-
 def setup_clip_stage(args, settings: EmbedSettings, device: torch.device, rank: int, world: int, checkpoints,
                      log) -> Stage1 | Stage2:
     """Stage 1 or 2, ready for the loop: the model (fp32 master weights; autocast does the low-precision math) from
@@ -137,36 +102,69 @@ def setup_clip_stage(args, settings: EmbedSettings, device: torch.device, rank: 
         meta = load_trained_weights(model, checkpoints.init_path)[1]
         log(f"init: stage-{meta['stage']} weights from {checkpoints.init_path} (step {meta['step']})")
     del clip  # the model copied its image tower; stage 1's text teacher is loaded again only to fill its cache
-    set_trainable(args, model)
     model.vision_model.encoder.grad_checkpointing = args.grad_checkpointing
-    # data, the LLM cache and the teacher caches (each filled on first use, its model released after), the model
+    # data and the LLM cache (filled on first use, its LLM released after); each stage then sets up its teachers
     rows, val_rows, cache = read_data(args, settings, log)
-    dataset = ImageTextDataset(rows, train_transform(args), seed=args.seed)
-    if args.stage == 2:
-        check_images(args, dataset)
-    teacher, llm, taught = place_teachers(args, model, rows, cache, dataset.transform, device, log)
-    if checkpoints.resume_path:  # a resumed run's weights (and its EMA teacher)
-        teacher_weights = load_trained_weights(model, checkpoints.resume_path)[0]
-        if teacher_weights:
-            teacher.load_state_dict(teacher_weights)
-    # DDP and torch.compile wrap the trained part for the forward passes only (stage 1: the text side alone);
-    # stage 1's row count varies with the long captions: dynamic shapes, no recompiles
-    forward, no_sync = wrap_forward(TextSide(model) if args.stage == 1 else model, world, args.compile,
-                                    dynamic=True if args.stage == 1 else None)
+    release_memory(device)
     losses = LossSettings(ins_weight=args.ins_weight, struct_weight=args.struct_weight, reg_weight=args.reg_weight,
                           reduction=args.reduction, gather_with_grad=args.gather_with_grad,
                           local_loss=args.local_loss, reg_scope=args.reg_scope)
-    shared = dict(model=model, forward=forward, no_sync=no_sync, dataset=dataset, llm=llm, device=device,
-                  autocast=autocast(device.type, args.precision), settings=losses,
+    shared = dict(model=model, device=device, autocast=autocast(device.type, args.precision), settings=losses,
                   grad_checkpointing=args.grad_checkpointing,
                   lr_of=lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr),
                   validate=retrieval_validation(args, model, val_rows, cache, device))
+    stage = (setup_stage1 if args.stage == 1 else setup_stage2)(args, rows, cache, checkpoints.resume_path, rank,
+                                                                world, shared, log)
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
         f"{world} rank(s), {describe(args.precision, device)}, output {args.output}")
-    if args.stage == 1:
-        return Stage1(teacher_vectors=taught, skip_truncated_long=args.skip_truncated_long,
-                      next_command=f"python train.py --stage 2 --init {args.output}", **shared)
-    return Stage2(teacher=teacher, teacher_vectors=taught, ema_momentum=args.ema_momentum, long_prob=args.long_prob,
+    return stage
+
+
+def setup_stage1(args, rows: list, cache: TextEmbeddingCache, resume_path: str | None, rank: int, world: int,
+                 shared: dict, log) -> Stage1:
+    """Stage 1: the head alone trains, on the device alone (with the image tower for --eval-every's retrieval),
+    against CLIP's text features read from their cache; DDP and torch.compile wrap the text side only, with
+    dynamic shapes since the row count varies with the long captions."""
+    model, device = shared["model"], shared["device"]
+    model.requires_grad_(False).text_head.requires_grad_(True)
+    llm, taught = stage1_vectors(cache, rows, args.clip, device, shared["autocast"], log)
+    (model if args.eval_every and args.val_data else model.text_head).to(device)
+    if resume_path:
+        load_trained_weights(model, resume_path)
+    forward, no_sync = wrap_forward(TextSide(model), world, args.compile, dynamic=True)
+    return Stage1(forward=forward, no_sync=no_sync, dataset=ImageTextDataset(rows, None, seed=args.seed), llm=llm,
+                  teacher_vectors=taught, skip_truncated_long=args.skip_truncated_long,
+                  next_command=f"python train.py --stage 2 --init {args.output}", **shared)
+
+
+def setup_stage2(args, rows: list, cache: TextEmbeddingCache, resume_path: str | None, rank: int, world: int,
+                 shared: dict, log) -> Stage2:
+    """Stage 2: everything trains (--lock-image-layers freezes the stem and the first N layers) against L_reg's
+    teacher, a frozen (or EMA) copy of the initial image tower: its features v̂ cached with --ema-momentum 1 and
+    --train-crop center, else run live beside the model."""
+    model, device = shared["model"], shared["device"]
+    if args.lock_image_layers is not None:
+        vision = model.vision_model
+        for module in [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:args.lock_image_layers]]:
+            module.requires_grad_(False)
+    dataset = ImageTextDataset(rows, train_transform(args), seed=args.seed)
+    check_images(args, dataset)
+    teacher, frozen, taught = model.image_teacher(), args.ema_momentum == 1, None
+    model.to(device)
+    if frozen and args.train_crop == "center":  # the teacher's features never change: computed once
+        taught = image_teacher_vectors(teacher, rows, dataset.transform, cache.path, device, shared["autocast"],
+                                       args.workers, log)
+        teacher = None
+        release_memory(device)
+    else:
+        teacher = place_image_teacher(teacher, device, compute_dtype(args.precision), frozen)
+    if resume_path:  # a resumed run's weights, and its EMA teacher
+        teacher_weights = load_trained_weights(model, resume_path)[0]
+        if teacher_weights:
+            teacher.load_state_dict(teacher_weights)
+    forward, no_sync = wrap_forward(model, world, args.compile)
+    return Stage2(forward=forward, no_sync=no_sync, dataset=dataset, llm=RowVectors.map(cache, caption_columns(rows)),
+                  teacher=teacher, teacher_vectors=taught, ema_momentum=args.ema_momentum, long_prob=args.long_prob,
                   seed=args.seed, clip_loss=ClipLoss(args.local_loss, args.gather_with_grad, rank, world),
                   next_command=f"python eval.py --task retrieval --model {args.output}", **shared)
