@@ -212,6 +212,29 @@ def test_interrupted_build_resumes(quick_world, smollm2_dir, tmp_path):
     assert [("reused" in line) for line in lines if line.startswith("toyworld")] == [True, True, True, False, True]
 
 
+def test_a_run_with_its_own_llm_leaves_the_worlds_llm_and_embedder(quick_world, tmp_path):
+    """train.py --llm OUTSIDE on the toy world (stage 0, or stages 1-2) uses that LLM without making it the world's:
+    manifest.json keeps its LLM and its stage-0 mark, so the next default run reuses the embedder (it used to
+    rebuild it from the run's LLM)."""
+    from fixtures import write_tiny_llm
+
+    from miniproclip.toy import defaults
+
+    toy_dir, _, _, _ = quick_world
+    copy = tmp_path / "toyworld"
+    shutil.copytree(toy_dir, copy)
+    before = (copy / "manifest.json").read_text()
+    own = write_tiny_llm(tmp_path / "mine")
+    lines = []
+    assert defaults.toy_models(copy, own, None, lines.append) == (own, str(copy / "text_cache_mine.safetensors"))
+    assert defaults.paths(0, str(copy), own, None, None, None, lines.append)["llm"] == own
+    assert (copy / "manifest.json").read_text() == before
+    assert lines == ["toyworld world: " + lines[0].split(": ", 1)[1], "toyworld teacher: " + lines[1].split(": ", 1)[1]] * 2
+    lines.clear()
+    assert defaults.toy_models(copy, None, None, lines.append)[0] == str(copy / "stage0" / "llm")
+    assert len(lines) == 5 and all("reused" in line for line in lines)
+
+
 def test_missing_smollm2_wheel_is_one_line(tmp_path, monkeypatch):
     import miniproclip.gguf
 

