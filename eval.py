@@ -8,8 +8,8 @@ On the toy world (the newest checkpoint under runs/, the toy world's test split)
     python eval.py --task zeroshot --dataset val       # toyworld/zeroshot/val
 On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--model):
     python eval.py --task retrieval --clip CLIP_DIR --dataset karpathy.json --images flickr30k --output out.json
-    python eval.py --task retrieval --model runs/stage2 --dataset xm3600.jsonl --language de --show 8
-    python eval.py --task zeroshot --model runs/stage2 --dataset imagenet/val --classnames names.txt --output out.json
+    python eval.py --task retrieval --model runs/<stage-2 run> --dataset xm3600.jsonl --language de --show 8
+    python eval.py --task zeroshot --model runs/<stage-2 run> --dataset imagenet/val --classnames names.txt --output out.json
 The CLIP baseline may be an open_clip folder (ViT or EVA02-CLIP); --model may be a released LLM2CLIP/ProCLIP model:
     python eval.py --task retrieval --clip EVA02-L-14-336_DIR --dataset karpathy.json --images flickr30k
     python eval.py --task retrieval --model LLM2CLIP-EVA02-L-14-336.pt --llm LLM2CLIP_LLAMA3_DIR --dataset my.jsonl

@@ -1,15 +1,15 @@
 """Train ProCLIP (arXiv 2510.18795) in its two stages, and optionally its LLM embedder first (stage 0).
 
-On one CPU, on the built-in toy world (built into ./toyworld on first use, a few minutes):
+On one CPU, on the built-in toy world (built into ./toyworld on first use, about 8 minutes):
     python train.py --stage 0              # optional: LoRA on SmolLM2 -> RUN/llm (the world builds one itself)
     python train.py --stage 1
     python train.py --stage 2 --init runs/<stage-1 run>
 On one GPU, on your data (JSONL/CSV rows or webdataset tar shards; the LLM embeddings are cached on first use):
     python train.py --stage 1 --train-data pairs.jsonl --clip CLIP_DIR --llm LLM_DIR --batch-size 1024
-    python train.py --stage 2 --init runs/stage1 --train-data 'shards/{00000..00999}.tar' --batch-size 512 \\
+    python train.py --stage 2 --init runs/<stage-1 run> --train-data 'shards/{00000..00999}.tar' --batch-size 512 \\
         --grad-checkpointing
 On N GPUs (DDP; --gather-with-grad gives every rank the gradient of the global-batch losses):
-    torchrun --nproc_per_node 8 train.py --stage 2 --init runs/stage1 --train-data ... --gather-with-grad
+    torchrun --nproc_per_node 8 train.py --stage 2 --init runs/<stage-1 run> --train-data ... --gather-with-grad
 Interrupted runs continue with `--resume latest --output RUN`. This file is orchestration: `resolve_settings` (flags
 -> the run's settings, once), `setup` (the stage, optimizer, resumed state), then `train()`, the loop. The training
 code is in miniproclip/training/ (settings.py the flags, stages.py the Stage protocol and stages 1-2, stage0.py stage

@@ -2,7 +2,7 @@
 
 Every error a user can fix (a wrong model folder, a malformed data file, a damaged cache or checkpoint, a bad flag)
 is one of USER_ERRORS, and its message names the file and what to do; the entry points print `error: <message>`
-and exit with status 1. Any other exception is a bug and keeps its traceback. The library's types live beside the
+and exit with status 1 (eval.py: 2). Any other exception is a bug and keeps its traceback. The library's types live beside the
 code that raises them (so a model file can be copied out with its error type); this module names them all, and
 holds the types of the layers above the model files (training, evaluation, the toy world).
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .world import build_toyworld, stage0_sources
 
-TOY_TEMPERATURE = 0.05  # stage 0 on the toy groups and the paraphrase demo
+TOY_TEMPERATURE = 0.05  # stage 0 on the toy world's groups
 # Stage 0's recipe, chosen on the world's validation groups (RESULTS.md, "Stage 0"): a faster rate than LLM2CLIP's,
 # which starts from an embedder already trained, no adapter dropout, and `max_steps` batches of 32 pairs
 STAGE0_RECIPE = {"lr": 1e-3, "lora_dropout": 0.0, "batch_size": 32, "max_steps": 120, "temperature": TOY_TEMPERATURE}
