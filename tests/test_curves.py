@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from PIL import Image, ImageColor
 
 from miniproclip.training import curves
@@ -85,3 +87,14 @@ def test_nice_ticks_and_log_axis():
     assert to_axis is math.log10 and [label for _, label in ticks] == ["0.01", "0.02", "0.05", "0.1", "0.2",
                                                                        "0.5", "1", "2"]
     assert curves._y_axis([0.01, 4.0], loss_panel=False)[0] is float
+
+
+def test_the_command_line_draws_runs_and_refuses_a_folder_without_metrics(tmp_path, capsys):
+    run, empty = tmp_path / "run", tmp_path / "empty"
+    run.mkdir(), empty.mkdir()
+    write_metrics(run / "metrics.jsonl", stage2_records(range(1, 4)))
+    curves.main([str(run)])
+    assert capsys.readouterr().out.strip() == str(run / "curves.png") and (run / "curves.png").is_file()
+    with pytest.raises(SystemExit, match=f"error: {empty} has no metrics.jsonl"):
+        curves.main([str(empty)])
+    assert not (empty / "curves.png").exists()

@@ -1,6 +1,6 @@
 """Training curves: RUN/curves.png drawn from RUN/metrics.jsonl with PIL only (no matplotlib).
 
-    python -m miniproclip.curves runs/stage2        # train.py also calls write_curves(run) when a run ends
+    python -m miniproclip.training.curves runs/s2   # train.py also calls write_curves(run) when a run ends
 
 Panels, stacked top to bottom, each drawn only when the run logged something for it:
     loss     the total loss and its parts (stage 1: ins, struct; stage 2: contrastive, reg, reg_ins, reg_struct)
@@ -12,6 +12,7 @@ after its last checkpoint: the last record of a step wins. A malformed line (a r
 values (skipped steps) are left out.
 """
 
+import argparse
 import json
 import math
 import os
@@ -159,6 +160,14 @@ def write_curves(run_dir: str) -> str:
     return path
 
 
-if __name__ == "__main__":
-    for run in sys.argv[1:] or ["."]:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Draw RUN/curves.png from RUN/metrics.jsonl.")
+    parser.add_argument("runs", nargs="*", default=["."], help="run folders (default: the current one)")
+    for run in parser.parse_args(argv).runs:
+        if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
+            sys.exit(f"error: {run} has no metrics.jsonl: pass a train.py run folder")
         print(write_curves(run))
+
+
+if __name__ == "__main__":
+    main()
