@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from PIL import Image, ImageColor
 
 from miniproclip.training import curves
