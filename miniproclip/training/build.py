@@ -113,16 +113,18 @@ def setup_clip_stage(args, settings: EmbedSettings, device: torch.device, rank: 
                   grad_checkpointing=args.grad_checkpointing,
                   lr_of=lambda name: ("vision", args.lr_vision) if name.startswith(VISION) else ("head", args.lr),
                   validate=retrieval_validation(args, model, val_rows, cache, device))
-    stage = (setup_stage1 if args.stage == 1 else setup_stage2)(args, rows, cache, checkpoints.resume_path, rank,
-                                                                world, shared, log)
+    if args.stage == 1:
+        stage = setup_stage1(args, rows, cache, checkpoints.resume_path, world, shared, log)
+    else:
+        stage = setup_stage2(args, rows, cache, checkpoints.resume_path, rank, world, shared, log)
     log(f"stage {args.stage}: {len(rows)} rows from {args.train_data}, CLIP {args.clip}, LLM {args.llm}, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters, "
         f"{world} rank(s), {describe(args.precision, device)}, output {args.output}")
     return stage
 
 
-def setup_stage1(args, rows: list, cache: TextEmbeddingCache, resume_path: str | None, rank: int, world: int,
-                 shared: dict, log) -> Stage1:
+def setup_stage1(args, rows: list, cache: TextEmbeddingCache, resume_path: str | None, world: int, shared: dict,
+                 log) -> Stage1:
     """Stage 1: the head alone trains, on the device alone (with the image tower for --eval-every's retrieval),
     against CLIP's text features read from their cache; DDP and torch.compile wrap the text side only, with
     dynamic shapes since the row count varies with the long captions."""
