@@ -29,7 +29,7 @@ def test_quick_reproduction_writes_the_table(quick_world, smollm2_dir, tmp_path)
     claim_rows = [line for line in text.splitlines() if line.startswith("| (")]
     assert [line.split(" | ")[0][2:] for line in claim_rows] == [claim for claim, *_ in CLAIMS]
     assert all(line.endswith(("| yes |", "| no |", "| mixed |")) for line in claim_rows)
-    assert "(test split)" in text and "head lr 1e-05" in text and "image-encoder lr 0.0001" in text
+    assert "(test split)" in text and "head lr 3e-06" in text and "image-encoder lr 0.0001" in text
     assert "long captions cut by the teacher left out" in text  # settings read back from meta.json
     # the reproduction's own, longer stage 0 (3 steps when quick), with its validation measure
     assert re.search(r'Stage 0 \(the "stage 0" LLM\): 3 steps of the toy recipe, .* validation anchor recall '
