@@ -22,7 +22,8 @@ from .stage0 import LLM2CLIP_LR, LLM2CLIP_TEMPERATURE, STAGE0_OPTIMIZER
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train ProCLIP: stage 1 (distil CLIP's text encoder into LLM+head), "
+    p = argparse.ArgumentParser(description="Train ProCLIP: stage 0 (LoRA caption-contrastive fine-tune of the "
+                                            "LLM embedder), stage 1 (distil CLIP's text encoder into LLM+head), "
                                             "stage 2 (contrastive tuning of the image encoder with L_reg).")
     # run
     p.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     # models
     p.add_argument("--clip", default=None, help="Hugging Face CLIP folder, or open_clip folder (ViT, EVA02-CLIP) "
                                                 "(default: the toy world's teacher)")
-    p.add_argument("--llm", default=None, help="Hugging Face LLM folder (default: the toy world's SmolLM2-135M)")
+    p.add_argument("--llm", default=None, help="Hugging Face LLM folder (default on the toy world: its stage-0 embedder in "
+                                               "stages 1-2, SmolLM2-135M in stage 0)")
     p.add_argument("--toy-dir", default="toyworld", help="where the toy world is built when no --train-data is given")
     p.add_argument("--head-blocks", type=int, default=1,
                    help="residual MLP blocks of the text head (ProCLIP 1, LLM2CLIP 4)")
@@ -53,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
                    help="LLM weights when filling the cache (bf16: ~2x faster on CPU too, cosine to fp32 >= 0.999)")
     p.add_argument("--text-cache", default=None,
-                   help="LLM embedding cache (default: text_cache.safetensors beside the data)")
+                   help="LLM embedding cache (default: text_cache.safetensors beside the data; on the toy "
+                        "world TOY_DIR/text_cache_<LLM>.safetensors)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens per LLM batch when filling the cache (default: 8192 on CUDA, 1024 on CPU)")
     # data
@@ -75,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--accum-freq", type=int, default=1,
                    help="micro-batches per step; the loss still sees the whole batch")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the data (default: 20 in stage 1, 10 in stage 2)")
+                   help="passes over the data (default: 1 in stage 0, 20 in stage 1, 10 in stage 2)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of the text head (default: 1e-3 for a fresh head, i.e. stage 1 and "
