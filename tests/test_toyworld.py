@@ -229,7 +229,8 @@ def test_a_run_with_its_own_llm_leaves_the_worlds_llm_and_embedder(quick_world, 
     assert defaults.toy_models(copy, own, None, lines.append) == (own, str(copy / "text_cache_mine.safetensors"))
     assert defaults.paths(0, str(copy), own, None, None, None, lines.append)["llm"] == own
     assert (copy / "manifest.json").read_text() == before
-    assert lines == ["toyworld world: " + lines[0].split(": ", 1)[1], "toyworld teacher: " + lines[1].split(": ", 1)[1]] * 2
+    assert [line.split(":")[0] for line in lines] == ["toyworld world", "toyworld teacher"] * 2  # no LLM step
+    assert all("reused" in line for line in lines)
     lines.clear()
     assert defaults.toy_models(copy, None, None, lines.append)[0] == str(copy / "stage0" / "llm")
     assert len(lines) == 5 and all("reused" in line for line in lines)

