@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .backbones import load_clip, load_transform
+from .benchmarks import ClassificationSet, RetrievalSet
 from .api import load_model
 from .embed import ensure_text_cache
 from .embedder import CaptionTokenizer
@@ -35,21 +36,6 @@ THUMB, PAD, CAPTION_WIDTH = 112, 6, 260  # --show grid: thumbnail side, gap, cap
 
 
 # ----------------------------------------------------------------------------- datasets
-
-@dataclass
-class RetrievalSet:
-    images: list[str]  # gallery image paths
-    texts: list[str]  # every caption of every image
-    text_to_image: list[int]  # the gallery index of each caption's image
-    split: str | None = None
-
-
-@dataclass
-class ClassificationSet:
-    images: list[str]
-    labels: list[int]  # class index of each image
-    classnames: list[str]  # display names in class-index order
-
 
 def read_karpathy(path: str, images_dir: str | None = None, split: str = "test") -> RetrievalSet:
     """The `split` images of a Karpathy JSON; paths are images_dir (default: the JSON's folder)/filepath/filename."""
