@@ -63,10 +63,16 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` + (alpha/r) B A, summed in fp32 and returned in `weight`'s dtype and device: the one merge
+        rule, for the layer's own base weight (`merged`) and for the same weight read from the base's files
+        (merge.py)."""
+        return (weight.float() + self.delta().to(weight.device)).to(weight.dtype)
+
+    @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """The base layer with W += (alpha/r) B A, summed in fp32 and stored in the base's dtype."""
-        weight = self.base.weight
-        weight.copy_((weight.float() + self.delta().to(weight.device)).to(weight.dtype))
+        """The base layer with W += (alpha/r) B A (`merged_weight`), in place."""
+        self.base.weight.copy_(self.merged_weight(self.base.weight))
         return self.base
 
     def extra_repr(self) -> str:

@@ -42,14 +42,14 @@ def write_merged_llm(model: DecoderLM, base: str, output: str, lora: LoRASetting
     metadata = {"format": "pt", "miniproclip_stage0": json.dumps(
         {"base_fingerprint": folder_fingerprint(base), "adapters": adapter_digest(model, lora)})}
     prefix = _stored_prefix(base)
-    deltas = {prefix + name + ".weight": module.delta() for name, module in model.named_modules()
-              if isinstance(module, LoRALinear)}  # (out, in) fp32 updates, keyed as the base stores the weights
+    adapters = {prefix + name + ".weight": module for name, module in model.named_modules()
+                if isinstance(module, LoRALinear)}  # keyed as the base stores the weights they adapt
     tensors = {}
     for path in weight_files(base):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 stored = f.get_tensor(key)
-                tensors[key] = (stored.float() + deltas[key].cpu()).to(stored.dtype) if key in deltas else stored
+                tensors[key] = adapters[key].merged_weight(stored) if key in adapters else stored
     with atomic_folder(output) as tmp:  # a previous export is replaced only once the new one is complete
         for name in os.listdir(base):  # config.json, tokenizer.json, tokenizer_config.json, generation_config.json
             is_weights = name == INDEX_FILE or name.endswith((".safetensors",) + PICKLE_SUFFIXES)
