@@ -98,8 +98,8 @@ def gallery(pairs, split: str | None) -> RetrievalSet:
 def read_karpathy(path: str, images_dir: str | None = None, split: str = "test",
                   five_captions: bool = False) -> RetrievalSet:
     """The `split` images of a Karpathy JSON {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]},
-    every "raw" sentence (the first five with `five_captions`); image paths are images_dir (default: the JSON's
-    folder)/filepath/filename, as Karpathy's neuraltalk2 prepro.py joins them."""
+    every "raw" sentence as written (the first five with `five_captions`); image paths are images_dir (default: the
+    JSON's folder)/filepath/filename (filepath: val2014 or train2014 in dataset_coco.json, absent for Flickr30k)."""
     images_dir = images_dir or os.path.dirname(os.path.abspath(path))
     expected = '{"images": [{"filename", "split", "sentences": [{"raw"}]}]}'
     try:
@@ -186,7 +186,7 @@ def read_urban1k(root: str) -> RetrievalSet:
     folder, file = locate(root, "urban1k", ("caption",))
     captions_dir = os.path.join(folder, file)
     stems = [name[:-len(".txt")] for name in os.listdir(captions_dir) if name.endswith(".txt")]
-    numbers = sorted(int(stem) for stem in stems if stem.isdigit())
+    numbers = sorted((stem for stem in stems if stem.isdigit()), key=int)  # 1, 2, ..., 10 (not 1, 10, 2)
     if not numbers:
         raise BenchmarkError(f"urban1k: no {{i}}.txt caption file in {captions_dir}; expected {LAYOUTS['urban1k']}")
     pairs = []
