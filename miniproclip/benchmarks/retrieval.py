@@ -202,7 +202,7 @@ def read_urban1k(root: str) -> RetrievalSet:
 
 def read_docci(root: str) -> RetrievalSet:
     """DOCCI's test rows (split == "test"; train, qual_dev and qual_test left out) of docci_descriptions.jsonlines,
-    one description each, image images/{image_file} (google-research-datasets/docci's release; LLM2CLIP
+    one description each, image images/{image_file} (google/docci's release; LLM2CLIP
     extract_eval_embedding.py docci() and FLAME src/training/eval_docci.py read the rows this way, FLAME with
     "\\n" -> " ")."""
     folder, file = locate(root, "docci", ("docci_descriptions.jsonlines",))
