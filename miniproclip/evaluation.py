@@ -3,6 +3,7 @@
 Mirrors LAION-AI/CLIP_benchmark (`clip_benchmark/metrics/zeroshot_retrieval.py`, `zeroshot_classification.py`):
 normalised image and text features of the whole test set, then the metric math of `metrics.py`. Readers:
 - Karpathy-split JSON (Flickr30k, COCO): {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}
+  (benchmarks/retrieval.py read_karpathy, beside the readers of each benchmark's released layout)
 - caption JSONL, one image per line: {"image": path, "captions": [str, ...]} (Urban1k, DCI, ShareGPT4V, the toy
   world); multilingual sets (XM3600) either give "captions" as {language: [str, ...]} or one "language" per row
 - an ImageNet-style folder (one subfolder per class, classes in sorted order, as torchvision's ImageFolder)
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from .backbones import load_clip, load_transform
 from .benchmarks import ClassificationSet, RetrievalSet
+from .benchmarks.retrieval import read_karpathy
 from .api import load_model
 from .embed import ensure_text_cache
 from .embedder import CaptionTokenizer
@@ -36,28 +38,6 @@ THUMB, PAD, CAPTION_WIDTH = 112, 6, 260  # --show grid: thumbnail side, gap, cap
 
 
 # ----------------------------------------------------------------------------- datasets
-
-def read_karpathy(path: str, images_dir: str | None = None, split: str = "test") -> RetrievalSet:
-    """The `split` images of a Karpathy JSON; paths are images_dir (default: the JSON's folder)/filepath/filename."""
-    images_dir = images_dir or os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)["images"]
-        chosen = [e for e in entries if e["split"] == split]
-        dataset = RetrievalSet([], [], [], split)
-        for entry in chosen:
-            dataset.images.append(os.path.join(images_dir, entry.get("filepath", ""), entry["filename"]))
-            for sentence in entry["sentences"]:
-                dataset.texts.append(sentence["raw"])
-                dataset.text_to_image.append(len(dataset.images) - 1)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BenchmarkError(f"{path} is not a Karpathy-split JSON ({type(err).__name__}: {err}); expected "
-                             f'{{"images": [{{"filename", "split", "sentences": [{{"raw"}}]}}]}}') from None
-    if not chosen:
-        splits = sorted({str(e.get("split")) for e in entries})
-        raise BenchmarkError(f"{path} has no image with split {split!r} (it has: {', '.join(splits)}); pass --split")
-    return dataset
-
 
 def read_caption_jsonl(path: str, images_dir: str | None = None, language: str | None = None) -> RetrievalSet:
     """Rows {"image", "captions"}; relative image paths start at images_dir (default: the JSONL's folder).
