@@ -71,3 +71,37 @@ def test_features_match_transformers(siglip, size):
     assert (image - theirs_image.pooler_output).abs().max() < TOL
     assert (text - theirs_text.pooler_output).abs().max() < TOL
     assert ours.logit_scale.item() == pytest.approx(2.3) and ours.logit_bias.item() == pytest.approx(-7.0)
+
+
+def test_tokenizer_pads_the_window_after_eos(siglip, tmp_path):
+    """SigLIP2 (Gemma vocabulary): lowercased, no BOS, EOS kept last when cut, `<pad>` to the 64-token window;
+    SigLIP (`</s>`): punctuation removed as well (SiglipTokenizer.canonicalize_text), padded with `</s>`."""
+    folder, _ = siglip
+    tokens = load_tokenizer(folder)(["A  Photo of the RED cat", " ".join(["dog"] * 70)])
+    word = lambda w: WORDS.index(w) + len(SPECIALS)
+    expected = [word(w) for w in "a photo of the red cat".split()] + [1]
+    assert tokens.input_ids.shape == (2, 64)
+    assert tokens.input_ids[0].tolist() == expected + [0] * (64 - len(expected))
+    assert tokens.input_ids[1].tolist() == [word("dog")] * 63 + [1] and tokens.truncated.tolist() == [False, True]
+    # the SigLIP (v1) conventions, on the same words under SentencePiece-T5 specials
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    v1 = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(v1, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    os.makedirs(tmp_path / "v1")
+    tokenizer.save(str(tmp_path / "v1" / "tokenizer.json"))
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(folder, name), tmp_path / "v1" / name)
+    ids = load_tokenizer(str(tmp_path / "v1"))(["A red, dotted cat!"]).input_ids[0].tolist()
+    assert ids == [v1[w] for w in "a red dotted cat".split()] + [1] * 60
+
+
+def test_transform_equals_siglip_image_processor(siglip):
+    """Squash resize to 32x32 (no crop), bicubic, rescale, mean = std = 0.5: transformers' PIL path, to fp32."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    folder, _ = siglip
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (57, 40, 3), dtype=np.uint8))
+    theirs = SiglipImageProcessorPil.from_pretrained(folder)(image, return_tensors="pt")["pixel_values"][0]
+    ours = load_transform(folder)(image)
+    assert ours.shape == theirs.shape == (3, 32, 32)
+    assert (ours - theirs).abs().max() < 1e-6
