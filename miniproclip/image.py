@@ -244,7 +244,8 @@ class RandomResizedCropTransform:
 
     def _output_size(self) -> tuple[int, int]:
         """(width, height) of the output."""
-        out_height, out_width = self.base.crop_size or (self.base.size, self.base.size)
+        size = self.base.size if isinstance(self.base.size, tuple) else (self.base.size, self.base.size)
+        out_height, out_width = self.base.crop_size or size  # SigLIP's transform: no crop, an (H, W) resize
         return out_width, out_height
 
     def _crop(self, image: Image.Image, box: tuple[float, float, float, float]) -> torch.Tensor:

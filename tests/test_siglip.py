@@ -29,7 +29,8 @@ def write_tiny_siglip(folder, seed=0, image_size=32):
     from tokenizers import Tokenizer, models, pre_tokenizers
     torch.manual_seed(seed)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = transformers.SiglipConfig(text_config=dict(vocab_size=64, max_position_embeddings=64, **tower),
+    text = dict(vocab_size=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = transformers.SiglipConfig(text_config=dict(**text, **tower),
                                        vision_config=dict(image_size=image_size, patch_size=8, **tower))
     model = transformers.SiglipModel(config).eval()
     with torch.no_grad():  # HF's constant inits, randomised so that a wrong mapping shows
@@ -105,3 +106,70 @@ def test_transform_equals_siglip_image_processor(siglip):
     ours = load_transform(folder)(image)
     assert ours.shape == theirs.shape == (3, 32, 32)
     assert (ours - theirs).abs().max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def world(siglip, tmp_path_factory):
+    from fixtures import write_tiny_llm, write_tiny_pairs
+    d = tmp_path_factory.mktemp("siglip_world")
+    return {"clip": siglip[0], "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data")}
+
+
+def test_stage1_then_stage2_train_on_a_siglip_tower(world, tmp_path):
+    """train.py --clip SIGLIP_DIR: stage 1 distils the SigLIP text tower (64 tokens) into the head, stage 2 tunes
+    the SigLIP image tower (MAP head included; no visual projection) from SigLIP's own temperature."""
+    import train
+    from miniproclip import checkpoint as ckpt
+    from test_train import common, losses
+    train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "30", "--lr", "3e-3")])
+    records = losses(tmp_path / "s1")
+    assert sum(records[s]["loss"] for s in (28, 29, 30)) < 0.5 * sum(records[s]["loss"] for s in (1, 2, 3))
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3",
+                                                                      "--precision", "fp32")])
+    records = losses(tmp_path / "s2")
+    assert records[1]["reg"] < 1e-9 and records[3]["reg"] > 0.0  # the teacher is the initial SigLIP tower
+    weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s2")))
+    initial = load_clip(world["clip"]).vision_model.state_dict()
+    assert not any(k.startswith("visual_projection") for k in weights)
+    assert not torch.equal(weights["vision_model.head.probe"], initial["head.probe"])  # the MAP head trained
+    assert weights["logit_scale"].item() == pytest.approx(2.3, abs=0.01)  # 3 Adam steps of ≤1e-3
+
+
+def test_eval_retrieval_equals_transformers_features(siglip, tmp_path):
+    """eval.py --clip SIGLIP_DIR: its recalls equal those of transformers' SiglipModel features (processor: PIL
+    SiglipImageProcessor; text: the same tokenizer.json, lowercased, EOS, `<pad>` to 64) put through the metric."""
+    import importlib.util
+    import torch.nn.functional as F
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from miniproclip.metrics import retrieval_metrics
+    from test_eval import REPO, write_image
+    folder, reference = siglip
+    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    entries, paths, texts = [], [], []
+    for i in range(11):
+        paths.append(str(tmp_path / "images" / f"im{i}.png"))
+        write_image(paths[-1], seed=i)
+        captions = [f"A photo of {WORDS[i]} {WORDS[i + 3]}", f"{WORDS[i + 1].upper()} and {WORDS[i]}"]
+        texts += captions
+        entries.append({"filename": f"im{i}.png", "split": "test", "sentences": [{"raw": c} for c in captions]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": entries}))
+    out = tmp_path / "out.json"
+    eval_cli.main(["--task", "retrieval", "--clip", folder, "--dataset", str(tmp_path / "karpathy.json"),
+                   "--images", str(tmp_path / "images"), "--output", str(out), "--workers", "0", "--batch-size", "4",
+                   "--precision", "fp32"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+    ids = torch.zeros(len(texts), 64, dtype=torch.long)  # <pad> = 0
+    for row, text in enumerate(texts):
+        words = tokenizer(text.lower(), add_special_tokens=False)["input_ids"] + [1]  # <eos> = 1
+        ids[row, :len(words)] = torch.tensor(words)
+    pixels = SiglipImageProcessorPil.from_pretrained(folder)([Image.open(p) for p in paths],
+                                                             return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        image = F.normalize(reference.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        text = F.normalize(reference.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    expected = retrieval_metrics(image, text, torch.arange(11).repeat_interleave(2))
+    report = json.loads(out.read_text())["metrics"]
+    assert report.keys() == expected.keys() and any(0 < v < 1 for v in expected.values())
+    assert all(report[k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
