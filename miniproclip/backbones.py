@@ -10,15 +10,16 @@ import torch
 
 from .clip import CLIP
 from .image import ImageTransform
-from .openclip import image_transform, load_clip as load_open_clip
+from .openclip import image_transform, is_siglip, load_clip as load_open_clip
 from .siglip import SigLIP
 from .tokenizer import CLIPTokenizer, siglip_tokenizer
-from .weights import is_open_clip_folder, read_config
+from .weights import is_open_clip_folder, read_config, read_open_clip_config
 
 
 def is_siglip_folder(folder: str) -> bool:
-    """An HF folder whose config.json says model_type "siglip"."""
-    return os.path.isfile(os.path.join(folder, "config.json")) and read_config(folder).get("model_type") == "siglip"
+    """An HF folder whose config.json says model_type "siglip" (or "siglip2", which siglip.py refuses by name)."""
+    config = os.path.join(folder, "config.json")
+    return os.path.isfile(config) and str(read_config(folder).get("model_type")).startswith("siglip")
 
 
 def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CLIP | SigLIP:
@@ -35,6 +36,10 @@ def load_tokenizer(folder: str) -> CLIPTokenizer:
     if is_siglip_folder(folder):
         window = (read_config(folder).get("text_config") or {}).get("max_position_embeddings", 64)
         return siglip_tokenizer(folder, window)
+    if is_open_clip_folder(folder) and is_siglip(model_cfg := read_open_clip_config(folder)["model_cfg"]):
+        text_cfg = model_cfg.get("text_cfg") or {}  # open_clip's HFTokenizer: clean "canonicalize" on both SigLIPs
+        return siglip_tokenizer(folder, text_cfg.get("context_length", 64),
+                                (text_cfg.get("tokenizer_kwargs") or {}).get("clean") == "canonicalize")
     return CLIPTokenizer.from_folder(folder)
 
 

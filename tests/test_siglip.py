@@ -173,3 +173,71 @@ def test_eval_retrieval_equals_transformers_features(siglip, tmp_path):
     report = json.loads(out.read_text())["metrics"]
     assert report.keys() == expected.keys() and any(0 < v < 1 for v in expected.values())
     assert all(report[k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
+
+
+def open_clip_siglip_config(text_act_tanh=True):
+    """open_clip's ViT-B-16-SigLIP2 config, tiny: a timm vit_base_patch16_siglip trunk (made small by
+    tiny_siglip_timm) and open_clip's bidirectional, last-token text tower."""
+    text = {"context_length": 64, "vocab_size": 64, "width": 48, "heads": 4, "layers": 2, "no_causal_mask": True,
+            "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+            "tokenizer_kwargs": {"clean": "canonicalize"}}
+    if text_act_tanh:
+        text["act_kwargs"] = {"approximate": "tanh"}
+    return {"embed_dim": 128, "init_logit_bias": -10, "custom_text": True, "text_cfg": text,
+            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224",
+                           "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"}}
+
+
+def tiny_siglip_timm(monkeypatch):
+    """timm's SigLIP ViT at 128 wide (two 64-wide heads, as the base family), 2 blocks, 8px patches at 32px."""
+    import timm
+    create = timm.create_model
+    tiny = {"embed_dim": 128, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}
+    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: create(name, **{**kwargs, **tiny}))
+
+
+@pytest.mark.parametrize("tanh", [True, False])  # SigLIP2's text GELU, and SigLIP's exact one
+def test_open_clip_siglip_matches_open_clip(tmp_path, monkeypatch, tanh):
+    from openclip_models import write_open_clip
+    tiny_siglip_timm(monkeypatch)
+    reference = write_open_clip(tmp_path, open_clip_siglip_config(tanh))
+    ours = load_clip(str(tmp_path))
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 64, (3, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        image, text = ours.encode_image(pixels), ours.encode_text(ids)
+        assert (image - reference.encode_image(pixels)).abs().max() < TOL
+        assert (text - reference.encode_text(ids)).abs().max() < TOL
+    assert ours.logit_bias.item() == pytest.approx(reference.logit_bias.item())
+    assert ours.logit_scale.item() == pytest.approx(reference.logit_scale.item())
+
+
+def test_bad_siglip_folders_end_in_one_line(siglip, tmp_path, monkeypatch):
+    """A SigLIP folder missing weights, an open_clip SigLIP with another pool, a NaFlex SigLIP2: one line naming
+    the file and what to do."""
+    from safetensors.torch import load_file, save_file
+    from openclip_models import write_open_clip
+    folder, _ = siglip
+    os.makedirs(tmp_path / "cut")
+    os.symlink(os.path.join(folder, "config.json"), tmp_path / "cut" / "config.json")
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("vision_model.head.")},
+              str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(ModelFolderError) as missing:
+        load_clip(str(tmp_path / "cut"))
+    assert "\n" not in str(missing.value) and str(tmp_path / "cut") in str(missing.value)
+    assert "vision_model.head.probe" in str(missing.value) and "download the whole SiglipModel folder" in str(missing.value)
+    tiny_siglip_timm(monkeypatch)
+    write_open_clip(tmp_path / "oc", open_clip_siglip_config())
+    path = tmp_path / "oc" / "open_clip_config.json"
+    config = json.loads(path.read_text())
+    config["model_cfg"]["vision_cfg"]["timm_pool"] = "avg"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"open_clip_config.json: open_clip option vision_cfg.timm_pool='avg' "
+                                               r"is not supported .*; use the open_clip_config.json that came"):
+        load_clip(str(tmp_path / "oc"))
+    naflex = json.loads(open(os.path.join(folder, "config.json")).read()) | {"model_type": "siglip2"}
+    os.makedirs(tmp_path / "naflex")
+    (tmp_path / "naflex" / "config.json").write_text(json.dumps(naflex))
+    with pytest.raises(ModelFolderError, match="model_type 'siglip2'.*NaFlex is not supported"):
+        load_clip(str(tmp_path / "naflex"))
