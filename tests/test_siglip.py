@@ -241,3 +241,28 @@ def test_bad_siglip_folders_end_in_one_line(siglip, tmp_path, monkeypatch):
     (tmp_path / "naflex" / "config.json").write_text(json.dumps(naflex))
     with pytest.raises(ModelFolderError, match="model_type 'siglip2'.*NaFlex is not supported"):
         load_clip(str(tmp_path / "naflex"))
+
+
+def test_released_llm2clip_siglip2_pt(tmp_path, monkeypatch):
+    """The layout LLM2CLIP's SigLIP2 release declares (its weights are not public here): a timm SigLIP trunk under
+    `visual.trunk.` (timm_pool map), the adapter under `text.text_adaptor.`, logit_scale and logit_bias, as a
+    state dict file. Image features equal open_clip's trunk; text features equal the adapter's."""
+    import torch.nn.functional as F
+    from openclip_models import write_open_clip
+    from test_released import text_adaptor
+    from miniproclip.released import load_released, released_transform
+    tiny_siglip_timm(monkeypatch)
+    reference = write_open_clip(tmp_path / "oc", open_clip_siglip_config())
+    adaptor = text_adaptor(32, 128, 4, 2)  # LLM2CLIP's 4 blocks x 2, into the 128-wide joint space
+    state = {k: v for k, v in reference.state_dict().items() if k.startswith("visual.") or k.startswith("logit_")}
+    state.update({f"text.text_adaptor.{k}": v for k, v in adaptor.state_dict().items()})
+    torch.save(state, tmp_path / "llm2clip-siglip2.pt")
+    model = load_released(str(tmp_path / "llm2clip-siglip2.pt"))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    llm = torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model.encode_image(pixels) - F.normalize(reference.encode_image(pixels), dim=-1)).abs().max() < TOL
+        assert (model.encode_text(llm) - F.normalize(adaptor(llm), dim=-1)).abs().max() < TOL
+    assert model.logit_scale.item() == pytest.approx(reference.logit_scale.item())
+    transform = released_transform(str(tmp_path / "llm2clip-siglip2.pt"), model)
+    assert (transform.size, transform.crop_size, transform.mean) == ((32, 32), None, (0.5,) * 3)
