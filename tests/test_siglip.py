@@ -133,6 +133,16 @@ def test_stage1_then_stage2_train_on_a_siglip_tower(world, tmp_path):
     assert not any(k.startswith("visual_projection") for k in weights)
     assert not torch.equal(weights["vision_model.head.probe"], initial["head.probe"])  # the MAP head trained
     assert weights["logit_scale"].item() == pytest.approx(2.3, abs=0.01)  # 3 Adam steps of ≤1e-3
+    # the export is a SiglipModel folder whose image features are the run's
+    from miniproclip import load_model
+    from miniproclip.export import export
+    export(str(tmp_path / "s2"), str(tmp_path / "out"))
+    exported = transformers.SiglipModel.from_pretrained(str(tmp_path / "out")).eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    trained = load_model(str(tmp_path / "s2"), device="cpu")
+    with torch.no_grad():
+        theirs = torch.nn.functional.normalize(exported.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        assert (trained.model.encode_image(pixels) - theirs).abs().max() < TOL
 
 
 def test_eval_retrieval_equals_transformers_features(siglip, tmp_path):
