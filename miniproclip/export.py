@@ -48,8 +48,8 @@ def _write_clip_folder(trained, folder: str) -> None:
     run from an open_clip folder (ViT or EVA02), open_clip_config.json + open_clip_model.safetensors instead."""
     if is_open_clip_folder(trained.clip_dir):
         if is_siglip(read_open_clip_config(trained.clip_dir)["model_cfg"]):
-            raise ModelFolderError(f"{trained.clip_dir}: exporting a run on an open_clip SigLIP folder is not supported "
-                                   f"(no inverse of openclip.siglip_to_ours yet); use the run folder with load_model")
+            raise ModelFolderError(f"{trained.clip_dir}: a run on an open_clip SigLIP folder cannot be exported (no "
+                                   f"inverse of openclip.siglip_to_ours yet); use the run folder with load_model")
         tuned = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("text_head.")}
         write_tuned_folder(trained.clip_dir, tuned, folder)
         _copy_present(trained.clip_dir, folder, CLIP_FILES)

@@ -337,9 +337,9 @@ def siglip_config(model_cfg: dict, weights: dict, source: str) -> SiglipConfig:
     family = str(vision_cfg["timm_model_name"]).split("_")[1]  # vit_<family>_patch<p>_siglip_<size>[.tag]
     patch = weights.get("vision_model.embeddings.patch_embedding.weight")  # (C, 3, p, p)
     if family not in SIGLIP_HEAD_WIDTH or patch is None or "vision_model.head.probe" not in weights:
+        families = ", ".join(SIGLIP_HEAD_WIDTH)
         raise ModelFolderError(f"{source}: timm tower {vision_cfg['timm_model_name']!r} is not a SigLIP ViT with a "
-                               f"MAP pool that miniproclip reads (vit_{{{', '.join(SIGLIP_HEAD_WIDTH)}}}_patch*_siglip_*); "
-                               f"{remedy}")
+                               f"MAP pool that miniproclip reads (vit_{{{families}}}_patch*_siglip_*); {remedy}")
     vision = siglip_vision_config(weights, SIGLIP_HEAD_WIDTH[family])
     width = text_cfg.get("width", 512)
     tanh = (text_cfg.get("act_kwargs") or {}).get("approximate") == "tanh"  # SigLIP2's configs

@@ -28,27 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip import CLIPEncoder, CLIPMLP, _from_dict, vision_projection
+from .clip import CLIPEncoder, CLIPMLP, CLIPTextConfig, CLIPVisionConfig, vision_projection
 
 
 @dataclass
-class SiglipVisionConfig:
-    """The image tower's shape; field names and defaults are HF's `SiglipVisionConfig` (SigLIP-B/16 at 224)."""
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
+class SiglipVisionConfig(CLIPVisionConfig):
+    """The image tower's shape: HF `SiglipVisionConfig`, CLIP's fields with SigLIP's defaults (B/16 at 224)."""
     patch_size: int = 16
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
     vision_use_head: bool = True  # the MAP head; a tower without it has no image embedding
-    layer_scale: bool = False  # not in HF: clip.py's blocks ask; SigLIP has none
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "SiglipVisionConfig":
-        return _from_dict(cls, config)
 
     def build_tower(self) -> nn.Module:
         """clip.vision_tower's hook: the tower this config describes."""
@@ -60,25 +49,19 @@ class SiglipVisionConfig:
 
 
 @dataclass
-class SiglipTextConfig:
-    """The text tower's shape; field names and defaults are HF's `SiglipTextConfig`."""
+class SiglipTextConfig(CLIPTextConfig):
+    """The text tower's shape: HF `SiglipTextConfig`, CLIP's fields with SigLIP's defaults (no EOS pooling)."""
     vocab_size: int = 32000
     hidden_size: int = 768
     intermediate_size: int = 3072
-    num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 64  # the 64-token window SigLIP was trained with
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
     projection_size: int | None = None  # the head's output width; HF's default: hidden_size
-    layer_scale: bool = False  # not in HF (see SiglipVisionConfig)
 
     def __post_init__(self):
         self.projection_size = self.projection_size or self.hidden_size
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "SiglipTextConfig":
-        return _from_dict(cls, config)
 
 
 @dataclass
@@ -212,7 +195,8 @@ class SigLIP(nn.Module):
     def __init__(self, config: SiglipConfig):
         super().__init__()
         if config.text.projection_size != config.vision.hidden_size:
-            raise ValueError(f"text head width {config.text.projection_size} != image width {config.vision.hidden_size}")
+            raise ValueError(f"text head width {config.text.projection_size} != image width "
+                             f"{config.vision.hidden_size}")
         self.config = config
         self.text_model = SiglipTextTransformer(config.text)
         self.vision_model = SiglipVisionTransformer(config.vision)

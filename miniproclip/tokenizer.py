@@ -193,10 +193,11 @@ def siglip_tokenizer(folder: str, context_length: int = 64, canonicalize: bool =
     eos='sticky')` in big_vision's SigLIP2 config; transformers' Siglip2Tokenizer also lowercases but adds no EOS
     and pads on the left), or canonicalized with `canonicalize` (open_clip's SigLIP2 configs: clean "canonicalize").
     The pad token is the folder's tokenizer_config.json one when it names one."""
-    tokenizer = read_tokenizer_json(folder, "(SigLIP's hub folders may hold only spiece.model: convert it once with "
-                                            "transformers' convert_slow_tokenizer and save the result as tokenizer.json)")
+    tokenizer = read_tokenizer_json(folder, "(SigLIP's hub folders may hold only spiece.model: convert it once "
+                                            "with transformers' convert_slow_tokenizer, saved as tokenizer.json)")
     gemma = tokenizer.token_to_id("<eos>") is not None
     eos = "<eos>" if gemma else "</s>"
     pad = _folder_pad_token(folder) or ("<pad>" if gemma else eos)
     pad_id = _token_id(tokenizer, pad, os.path.join(folder, "tokenizer.json"))
-    return CLIPTokenizer(tokenizer, context_length, pad_id=pad_id, bos_token=None, eos_token=eos, prepare=str.lower if gemma and not canonicalize else canonicalize_text)
+    prepare = str.lower if gemma and not canonicalize else canonicalize_text
+    return CLIPTokenizer(tokenizer, context_length, pad_id=pad_id, bos_token=None, eos_token=eos, prepare=prepare)

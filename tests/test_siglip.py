@@ -236,7 +236,8 @@ def test_bad_siglip_folders_end_in_one_line(siglip, tmp_path, monkeypatch):
     with pytest.raises(ModelFolderError) as missing:
         load_clip(str(tmp_path / "cut"))
     assert "\n" not in str(missing.value) and str(tmp_path / "cut") in str(missing.value)
-    assert "vision_model.head.probe" in str(missing.value) and "download the whole SiglipModel folder" in str(missing.value)
+    assert "vision_model.head.probe" in str(missing.value)
+    assert "download the whole SiglipModel folder" in str(missing.value)
     tiny_siglip_timm(monkeypatch)
     write_open_clip(tmp_path / "oc", open_clip_siglip_config())
     path = tmp_path / "oc" / "open_clip_config.json"
