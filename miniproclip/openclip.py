@@ -15,7 +15,6 @@ through `torch.load(weights_only=True)` (tensors only; a pickle needing more is 
 """
 
 import json
-import math
 import os
 
 import torch
@@ -310,18 +309,6 @@ def is_siglip(model_cfg: dict) -> bool:
     return "_siglip_" in str((model_cfg.get("vision_cfg") or {}).get("timm_model_name") or "")
 
 
-def siglip_vision_config(weights: dict, head_width: int) -> SiglipVisionConfig:
-    """A timm SigLIP trunk's shape from its weights in siglip.py's names; timm's GELU is the exact one (HF's
-    checkpoints of the same towers say tanh: big_vision's approximation)."""
-    patch = weights["vision_model.embeddings.patch_embedding.weight"]  # (C, 3, p, p)
-    grid = math.isqrt(weights["vision_model.embeddings.position_embedding.weight"].shape[0])  # no class token
-    layers = 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("vision_model.encoder.layers."))
-    return SiglipVisionConfig(hidden_size=patch.shape[0], num_hidden_layers=layers, num_channels=patch.shape[1],
-                              intermediate_size=weights["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                              num_attention_heads=patch.shape[0] // head_width, image_size=grid * patch.shape[-1],
-                              patch_size=patch.shape[-1], hidden_act="gelu")
-
-
 def siglip_config(model_cfg: dict, weights: dict, source: str) -> SiglipConfig:
     """siglip.py's config of an open_clip SigLIP `model_cfg`: tower sizes from the weights (siglip_to_ours names),
     head counts from the timm name's family (SIGLIP_HEAD_WIDTH), activations and eps as open_clip builds them."""
@@ -340,7 +327,7 @@ def siglip_config(model_cfg: dict, weights: dict, source: str) -> SiglipConfig:
         families = ", ".join(SIGLIP_HEAD_WIDTH)
         raise ModelFolderError(f"{source}: timm tower {vision_cfg['timm_model_name']!r} is not a SigLIP ViT with a "
                                f"MAP pool that miniproclip reads (vit_{{{families}}}_patch*_siglip_*); {remedy}")
-    vision = siglip_vision_config(weights, SIGLIP_HEAD_WIDTH[family])
+    vision = SiglipVisionConfig.from_state_dict(weights, SIGLIP_HEAD_WIDTH[family])
     width = text_cfg.get("width", 512)
     tanh = (text_cfg.get("act_kwargs") or {}).get("approximate") == "tanh"  # SigLIP2's configs
     text = SiglipTextConfig(

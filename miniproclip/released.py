@@ -30,8 +30,8 @@ from .eva import EvaVisionConfig
 from .head import HeadConfig
 from .image import ImageTransform
 from .model import ProCLIP
-from .openclip import EVA02_ROPE_GRID, read_tensors, siglip_vision_config, to_ours
-from .siglip import SiglipVisionTransformer
+from .openclip import EVA02_ROPE_GRID, read_tensors, to_ours
+from .siglip import SiglipVisionConfig, SiglipVisionTransformer
 from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
 
 EVA_CLIP_SPELLINGS = {"attn.q_bias": "attn.q_proj.bias", "attn.v_bias": "attn.v_proj.bias",
@@ -120,7 +120,7 @@ def load_released(path: str) -> ProCLIP:
             vision = EvaVisionConfig.from_state_dict(weights, EVA02_ROPE_GRID)
         elif "vision_model.head.probe" in weights:  # a timm SigLIP trunk's MAP pool (LLM2CLIP's SigLIP2)
             width = weights["vision_model.head.probe"].shape[-1]
-            vision = siglip_vision_config(weights, SIGLIP_HEAD_WIDTHS.get(width, 64))
+            vision = SiglipVisionConfig.from_state_dict(weights, SIGLIP_HEAD_WIDTHS.get(width, 64))
         else:
             vision = vit_vision_config(weights)
     except (KeyError, ValueError) as err:

@@ -39,6 +39,18 @@ class SiglipVisionConfig(CLIPVisionConfig):
     layer_norm_eps: float = 1e-6
     vision_use_head: bool = True  # the MAP head; a tower without it has no image embedding
 
+    @classmethod
+    def from_state_dict(cls, weights: dict, head_width: int) -> "SiglipVisionConfig":
+        """A timm SigLIP trunk's shape from its weights in this file's names (openclip.siglip_to_ours); heads are
+        `head_width` wide. timm's GELU is the exact one (HF's checkpoints of the same towers say tanh)."""
+        patch = weights["vision_model.embeddings.patch_embedding.weight"]  # (C, 3, p, p)
+        grid = math.isqrt(weights["vision_model.embeddings.position_embedding.weight"].shape[0])  # no class token
+        layers = 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("vision_model.encoder.layers."))
+        return cls(hidden_size=patch.shape[0], num_hidden_layers=layers, num_channels=patch.shape[1],
+                   intermediate_size=weights["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                   num_attention_heads=patch.shape[0] // head_width, image_size=grid * patch.shape[-1],
+                   patch_size=patch.shape[-1], hidden_act="gelu")
+
     def build_tower(self) -> nn.Module:
         """clip.vision_tower's hook: the tower this config describes."""
         return SiglipVisionTransformer(self)

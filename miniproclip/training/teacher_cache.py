@@ -115,7 +115,7 @@ def caption_columns(rows) -> list[Iterable[str | None]]:
 # stage 1: CLIP's text features of every caption
 
 def clip_text_identity(clip_dir: str, tokenizer: CLIPTokenizer) -> dict[str, str]:
-    """What the text teacher's vectors mean: the CLIP folder and how captions become its tokens (77 for CLIP, 64 for SigLIP)."""
+    """What the text teacher's vectors mean: the CLIP folder and how captions become its 77 (SigLIP: 64) tokens."""
     path = os.path.join(clip_dir, "tokenizer.json")
     if os.path.isfile(path):
         with open(path, "rb") as f:
