@@ -215,6 +215,15 @@ def vision_tower(config) -> nn.Module:
     return config.build_tower() if hasattr(config, "build_tower") else CLIPVisionTransformer(config)
 
 
+def vision_projection(config) -> nn.Module:
+    """The image features' map into the joint space: HF's Linear, or what the vision config's
+    `build_projection(projection_dim)` gives (siglip.py: none, its pooled output is the embedding)."""
+    vision = config.vision
+    if hasattr(vision, "build_projection"):
+        return vision.build_projection(config.projection_dim)
+    return nn.Linear(vision.hidden_size, config.projection_dim, bias=vision.projection_bias)
+
+
 class CLIPTextTransformer(nn.Module):
     """HF `CLIPTextTransformer`: token + position embeddings, causal encoder, `final_layer_norm`, EOS pooling."""
 
@@ -247,8 +256,7 @@ class CLIP(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config.text)
         self.vision_model = vision_tower(config.vision)
-        self.visual_projection = nn.Linear(config.vision.hidden_size, config.projection_dim,
-                                           bias=config.vision.projection_bias)
+        self.visual_projection = vision_projection(config)
         self.text_projection = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))  # log of 1/temperature
 

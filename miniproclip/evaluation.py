@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .backbones import load_clip, load_transform
+from .backbones import load_clip, load_tokenizer, load_transform
 from .benchmarks import ClassificationSet, RetrievalSet
 from .benchmarks.retrieval import read_karpathy
 from .api import load_model
@@ -30,7 +30,6 @@ from .embedder import CaptionTokenizer
 from .errors import BenchmarkError
 from .metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from .image import ImageReadError, ImageTransform, load_image
-from .tokenizer import CLIPTokenizer
 from .precision import autocast
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -147,9 +146,9 @@ def inference(encode: Callable, device: torch.device, precision: str) -> Callabl
 
 
 def clip_encoders(folder: str, device: str, precision: str) -> Encoders:
-    """A plain HF CLIP folder: its own towers, tokenizer.json (77 tokens) and preprocessor_config.json."""
+    """A plain CLIP or SigLIP folder: its own towers, tokenizer (77 or 64 tokens) and preprocessing."""
     device = torch.device(device)
-    clip, tokenizer = load_clip(folder).to(device), CLIPTokenizer.from_folder(folder)
+    clip, tokenizer = load_clip(folder).to(device), load_tokenizer(folder)
     encode_image = inference(lambda pixels: clip.encode_image(pixels, normalize=True), device, precision)
     encode_text = inference(lambda texts: clip.encode_text(tokenizer(texts).input_ids.to(device), normalize=True),
                              device, precision)

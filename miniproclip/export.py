@@ -26,10 +26,10 @@ from safetensors.torch import save_file
 from .api import EXPORT_JSON, HEAD_FILE, load_model
 from .errors import USER_ERRORS
 from .files import atomic_folder
-from .openclip import write_tuned_folder
+from .openclip import is_siglip, write_tuned_folder
 from .precision import DTYPES
 from .weights import INDEX_FILE, SINGLE_FILE, ModelFolderError, is_open_clip_folder, load_safetensors_folder, \
-    weight_files
+    read_open_clip_config, weight_files
 
 CLIP_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
               "special_tokens_map.json", "added_tokens.json")  # copied as they are when the CLIP folder has them
@@ -47,6 +47,9 @@ def _write_clip_folder(trained, folder: str) -> None:
     """config.json, model.safetensors (tuned image side + original text side), preprocessing and tokenizer; for a
     run from an open_clip folder (ViT or EVA02), open_clip_config.json + open_clip_model.safetensors instead."""
     if is_open_clip_folder(trained.clip_dir):
+        if is_siglip(read_open_clip_config(trained.clip_dir)["model_cfg"]):
+            raise ModelFolderError(f"{trained.clip_dir}: a run on an open_clip SigLIP folder cannot be exported (no "
+                                   f"inverse of openclip.siglip_to_ours yet); use the run folder with load_model")
         tuned = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("text_head.")}
         write_tuned_folder(trained.clip_dir, tuned, folder)
         _copy_present(trained.clip_dir, folder, CLIP_FILES)
@@ -54,7 +57,9 @@ def _write_clip_folder(trained, folder: str) -> None:
     # the CLIP folder's tensors, whose image tower and temperature are then replaced by the trained ones
     weights = load_safetensors_folder(trained.clip_dir, dtype=torch.float32, ignore=("position_ids",))
     tuned = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("text_head.")}
-    weights.update({k: v.detach().float().cpu().contiguous() for k, v in tuned.items()})
+    # a SigLIP folder stores its temperature as (1,), ProCLIP as a scalar: the folder's shapes are kept
+    weights.update({k: v.detach().float().cpu().reshape(weights[k].shape if k in weights else v.shape).contiguous()
+                    for k, v in tuned.items()})
     save_file(weights, os.path.join(folder, SINGLE_FILE), metadata={"format": "pt"})  # "pt": what HF writes
     with open(os.path.join(trained.clip_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)

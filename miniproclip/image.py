@@ -106,8 +106,8 @@ class ImageTransform:
 
     @classmethod
     def from_folder(cls, folder: str) -> "ImageTransform":
-        """Read HF's preprocessor_config.json in `folder`; CLIP's defaults when there is none (backbones.py also
-        reads an open_clip folder's preprocess_cfg)."""
+        """Read HF's preprocessor_config.json in `folder` (CLIP's or SigLIP's); CLIP's defaults when there is none
+        (backbones.py also reads an open_clip folder's preprocess_cfg)."""
         path = os.path.join(folder, "preprocessor_config.json")
         if not os.path.isfile(path):
             return cls()
@@ -118,9 +118,11 @@ class ImageTransform:
             raise ModelFolderError(f"{path} is not valid JSON ({error}): fix or delete it") from error
         size = _size_from_config(config.get("size", 224), "size", path, square=False)
         crop_size = _size_from_config(config.get("crop_size", 224), "crop_size", path, square=True)
+        # SigLIP's processors (SiglipImageProcessor[Pil]) resize to {height, width} and have no crop step
+        squash = str(config.get("image_processor_type", "")).startswith("Siglip")
         return cls(
             size=size if config.get("do_resize", True) else None,
-            crop_size=crop_size if config.get("do_center_crop", True) else None,
+            crop_size=crop_size if config.get("do_center_crop", True) and not squash else None,
             rescale_factor=config.get("rescale_factor", 1 / 255) if config.get("do_rescale", True) else None,
             mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)) if config.get("do_normalize", True) else None,
             std=tuple(config.get("image_std", OPENAI_CLIP_STD)) if config.get("do_normalize", True) else None,
@@ -242,7 +244,8 @@ class RandomResizedCropTransform:
 
     def _output_size(self) -> tuple[int, int]:
         """(width, height) of the output."""
-        out_height, out_width = self.base.crop_size or (self.base.size, self.base.size)
+        size = self.base.size if isinstance(self.base.size, tuple) else (self.base.size, self.base.size)
+        out_height, out_width = self.base.crop_size or size  # SigLIP's transform: no crop, an (H, W) resize
         return out_width, out_height
 
     def _crop(self, image: Image.Image, box: tuple[float, float, float, float]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip import CLIP, CLIPConfig, vision_tower
+from .clip import CLIP, CLIPConfig, vision_projection, vision_tower
 from .head import HeadConfig, TextHead
 
 
@@ -24,9 +24,8 @@ class ProCLIP(nn.Module):
         if head_config.output_dim != clip_config.projection_dim:
             raise ValueError(f"the head maps to {head_config.output_dim} dims but CLIP's joint space has "
                              f"{clip_config.projection_dim}; they must match")
-        self.vision_model = vision_tower(clip_config.vision)  # HF's ViT, or EVA02's (eva.py)
-        self.visual_projection = nn.Linear(clip_config.vision.hidden_size, clip_config.projection_dim,
-                                           bias=clip_config.vision.projection_bias)
+        self.vision_model = vision_tower(clip_config.vision)  # HF's ViT, EVA02's (eva.py) or SigLIP's (siglip.py)
+        self.visual_projection = vision_projection(clip_config)  # siglip.py: none
         self.text_head = TextHead(head_config)
         self.logit_scale = nn.Parameter(torch.tensor(clip_config.logit_scale_init_value))
 
@@ -36,7 +35,7 @@ class ProCLIP(nn.Module):
         model = cls(clip.config, head_config)
         model.vision_model.load_state_dict(clip.vision_model.state_dict())
         model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-        model.logit_scale.data.copy_(clip.logit_scale.data)
+        model.logit_scale.data.copy_(clip.logit_scale.data.reshape(()))  # SigLIP's is (1,)
         return model
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .eva import EvaVisionConfig
 from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+from .siglip import SigLIP, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 from .weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, ModelFolderError, load_state_dict_strict, \
     open_clip_weight_file, read_open_clip_config
 
@@ -40,6 +41,12 @@ SUPPORTED = {
                  "act_kwargs": (None,), "norm_kwargs": (None,)},
     "timm": {"timm_pool": ("token",), "timm_proj": (None, "", "none"), "timm_proj_bias": (False,)},
 }
+SIGLIP_SUPPORTED = {  # open_clip's SigLIP configs: a MAP-pooled timm trunk; a bidirectional, last-token text tower
+    "vision": {"timm_pool": ("map",), "timm_proj": ("none", None, "")},
+    "text": {"pool_type": ("last",), "no_causal_mask": (True,), "proj_bias": (True,), "proj_type": ("linear", None),
+             "embed_cls": (False, None), "use_pad_mask": (False, None)},
+}
+SIGLIP_HEAD_WIDTH = {"base": 64, "large": 64, "so400m": 72, "giantopt": 96}  # timm's vit_<family>_*_siglip_*
 ATTENTION_VARIANTS = ("block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
                       "scale_fc")  # open_clip's "custom" attention block: not read
 
@@ -70,6 +77,18 @@ EVA_BLOCK = _pairs([("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.q
                     ("attn.norm", "self_attn.sub_norm"), ("attn.proj", "self_attn.out_proj"),
                     ("mlp.fc1_g", "mlp.gate_proj"), ("mlp.fc1_x", "mlp.up_proj"), ("mlp.norm", "mlp.norm"),
                     ("mlp.fc2", "mlp.down_proj")])
+SIGLIP_OUTER = _pairs([("visual.trunk.patch_embed.proj", "vision_model.embeddings.patch_embedding"),
+                       ("visual.trunk.norm", "vision_model.post_layernorm"),
+                       ("visual.trunk.attn_pool.proj", "vision_model.head.attention.out_proj"),
+                       ("visual.trunk.attn_pool.norm", "vision_model.head.layernorm"),
+                       ("visual.trunk.attn_pool.mlp.fc1", "vision_model.head.mlp.fc1"),
+                       ("visual.trunk.attn_pool.mlp.fc2", "vision_model.head.mlp.fc2"),
+                       ("text.text_projection", "text_model.head")])
+SIGLIP_RESHAPED = {"visual.trunk.pos_embed": ("vision_model.embeddings.position_embedding.weight", None),
+                   "visual.trunk.attn_pool.latent": ("vision_model.head.probe", (1, 1, -1)),
+                   "logit_scale": ("logit_scale", (1,)), "logit_bias": ("logit_bias", (1,))}
+SIGLIP_BLOCK = _pairs([("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
+                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")])
 invert = lambda table: {ours: theirs for theirs, ours in table.items()}
 
 
@@ -162,9 +181,40 @@ def eva_from_ours(weights: dict) -> dict:
     return out
 
 
+def siglip_to_ours(weights: dict) -> dict:
+    """open_clip's SigLIP (a timm ViT trunk with timm_pool "map", timm `vision_transformer.py` VisionTransformer and
+    `layers/attention_pool.py` AttentionPoolLatent) -> siglip.py's names: fused `attn.qkv` split into q, k, v; the
+    pool's `q` and `kv` packed into `in_proj` rows [q; k; v]; its `latent` is the probe; the text tower's biased
+    `text_projection` Linear is the text `head`. Other keys (the rest of the text tower) are left to vit_to_ours;
+    a state dict without a MAP pool is returned as it is."""
+    if "visual.trunk.attn_pool.latent" not in weights:
+        return weights
+    out = {}
+    for key, value in weights.items():
+        inner = key.removeprefix("visual.trunk.")
+        block = _block_key(inner, {"blocks.": "vision_model.encoder.layers."}) if inner != key else None
+        if key in SIGLIP_OUTER:
+            out[SIGLIP_OUTER[key]] = value
+        elif key in SIGLIP_RESHAPED:  # (1, N, C) -> (N, C); scalars -> (1,), as HF stores them
+            name, shape = SIGLIP_RESHAPED[key]
+            out[name] = value.reshape(shape if shape else (-1, value.shape[-1]))
+        elif block and block[2].startswith("attn.qkv."):
+            for name, part in zip("qkv", value.chunk(3)):  # rows [q; k; v]
+                out[f"{block[0]}{block[1]}.self_attn.{name}_proj.{block[2].rsplit('.', 1)[1]}"] = part.contiguous()
+        elif block and block[2] in SIGLIP_BLOCK:
+            out[f"{block[0]}{block[1]}.{SIGLIP_BLOCK[block[2]]}"] = value
+        elif inner.startswith("attn_pool.q."):  # the probe's query projection, then the packed key/value rows
+            leaf = inner.rsplit(".", 1)[1]
+            packed = torch.cat([value, weights[f"visual.trunk.attn_pool.kv.{leaf}"]])  # (3C, C) or (3C,)
+            out[f"vision_model.head.attention.in_proj_{leaf}"] = packed
+        elif not inner.startswith("attn_pool.kv."):
+            out[key] = value
+    return out
+
+
 def to_ours(weights: dict) -> dict:
-    """Any open_clip state dict (ViT or EVA02 image tower, top-level or `text.` text tower) in clip.py's names."""
-    return vit_to_ours(eva_to_ours(weights))
+    """Any open_clip state dict (ViT, EVA02 or SigLIP image tower, top-level or `text.` text tower) in our names."""
+    return vit_to_ours(eva_to_ours(siglip_to_ours(weights)))
 
 
 def from_ours(weights: dict, eva: bool, text_prefix: str) -> dict:
@@ -254,7 +304,41 @@ def clip_config(model_cfg: dict, weights: dict, source: str) -> CLIPConfig:
     return CLIPConfig(vision=vision, text=text, projection_dim=model_cfg["embed_dim"])
 
 
-def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CLIP:
+def is_siglip(model_cfg: dict) -> bool:
+    """An open_clip SigLIP config: a timm `vit_*_siglip_*` trunk (open_clip's ViT-*-SigLIP*, LLM2CLIP's SigLIP2)."""
+    return "_siglip_" in str((model_cfg.get("vision_cfg") or {}).get("timm_model_name") or "")
+
+
+def siglip_config(model_cfg: dict, weights: dict, source: str) -> SiglipConfig:
+    """siglip.py's config of an open_clip SigLIP `model_cfg`: tower sizes from the weights (siglip_to_ours names),
+    head counts from the timm name's family (SIGLIP_HEAD_WIDTH), activations and eps as open_clip builds them."""
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    remedy = "use the open_clip_config.json that came with these weights"
+    for section, cfg, allowed in (("vision_cfg", vision_cfg, SIGLIP_SUPPORTED["vision"]),
+                                  ("text_cfg", text_cfg, SIGLIP_SUPPORTED["text"])):
+        bad = [(k, cfg.get(k)) for k in allowed if cfg.get(k) not in allowed[k]]
+        if bad:
+            raise ModelFolderError(f"{source}: open_clip option {section}.{bad[0][0]}={bad[0][1]!r} is not supported "
+                                   f"for a SigLIP tower (miniproclip reads {section}.{bad[0][0]} in "
+                                   f"{allowed[bad[0][0]]}); {remedy}")
+    family = str(vision_cfg["timm_model_name"]).split("_")[1]  # vit_<family>_patch<p>_siglip_<size>[.tag]
+    patch = weights.get("vision_model.embeddings.patch_embedding.weight")  # (C, 3, p, p)
+    if family not in SIGLIP_HEAD_WIDTH or patch is None or "vision_model.head.probe" not in weights:
+        families = ", ".join(SIGLIP_HEAD_WIDTH)
+        raise ModelFolderError(f"{source}: timm tower {vision_cfg['timm_model_name']!r} is not a SigLIP ViT with a "
+                               f"MAP pool that miniproclip reads (vit_{{{families}}}_patch*_siglip_*); {remedy}")
+    vision = SiglipVisionConfig.from_state_dict(weights, SIGLIP_HEAD_WIDTH[family])
+    width = text_cfg.get("width", 512)
+    tanh = (text_cfg.get("act_kwargs") or {}).get("approximate") == "tanh"  # SigLIP2's configs
+    text = SiglipTextConfig(
+        vocab_size=text_cfg.get("vocab_size", 49408), hidden_size=width, num_hidden_layers=text_cfg.get("layers", 12),
+        intermediate_size=int(width * text_cfg.get("mlp_ratio", 4.0)), num_attention_heads=text_cfg.get("heads", 8),
+        max_position_embeddings=text_cfg.get("context_length", 77), hidden_act="gelu_pytorch_tanh" if tanh else "gelu",
+        layer_norm_eps=(text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5), projection_size=model_cfg["embed_dim"])
+    return SiglipConfig(vision=vision, text=text)
+
+
+def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CLIP | SigLIP:
     """An open_clip folder as clip.py's CLIP (strict load; built on the meta device)."""
     if os.path.isfile(folder):
         raise ModelFolderError(f"{folder}: a single weights file has no CLIP text tower; a released LLM2CLIP/ProCLIP "
@@ -264,7 +348,10 @@ def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cp
     weights = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                for k, v in to_ours(read_tensors(path)).items()}
     with torch.device("meta"):
-        model = CLIP(clip_config(config["model_cfg"], weights, path))
+        if is_siglip(config["model_cfg"]):
+            model = SigLIP(siglip_config(config["model_cfg"], weights, os.path.join(folder, OPEN_CLIP_CONFIG)))
+        else:
+            model = CLIP(clip_config(config["model_cfg"], weights, path))
     load_state_dict_strict(model, weights, path, assign=True,
                            remedy=f"download the folder again, or use the {OPEN_CLIP_CONFIG} that came with these weights")
     return model.eval()

@@ -4,8 +4,10 @@ Two formats, no remote code run:
 - eva_clip `CustomCLIP` state dicts (`.pt`/`.pth`/`.bin`, read with `torch.load(weights_only=True)`): `visual.*` an
   EVA02 tower in eva_clip's spellings (baaivision/EVA `EVA-CLIP/rei/eva_clip/eva_vit_model.py`: `attn.q_bias`/
   `v_bias`, `attn.inner_attn_ln`, SwiGLU `mlp.w1/w2/w3` + `mlp.ffn_ln`, rope buffers, which are dropped) or an
-  OpenAI ViT in open_clip's names; `text.text_adaptor.*` the adapter; `logit_scale`. A `state_dict` wrapper and
-  DDP's `module.` are removed.
+  OpenAI ViT in open_clip's names, or a timm SigLIP trunk under `visual.trunk.` (the layout LLM2CLIP's SigLIP2
+  release declares: timm vit_so400m_patch14_siglip_224, timm_pool map, 1152 wide; its files are not public here,
+  so that layout is read as its config names it, openclip.siglip_to_ours); `text.text_adaptor.*` the adapter;
+  `logit_scale` (a SigLIP's `logit_bias` is dropped). A `state_dict` wrapper and DDP's `module.` are removed.
 - LLM2CLIP's Hugging Face folders (`LLM2CLIPModel`: `vision_model.*`, `visual_projection`, HF CLIP names, and
   `text_adapter.adaptor.*`), with config.json and preprocessor_config.json.
 
@@ -28,7 +30,8 @@ from .eva import EvaVisionConfig
 from .head import HeadConfig
 from .image import ImageTransform
 from .model import ProCLIP
-from .openclip import EVA02_ROPE_GRID, eva_to_ours, read_tensors, vit_to_ours
+from .openclip import EVA02_ROPE_GRID, read_tensors, to_ours
+from .siglip import SiglipVisionConfig, SiglipVisionTransformer
 from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
 
 EVA_CLIP_SPELLINGS = {"attn.q_bias": "attn.q_proj.bias", "attn.v_bias": "attn.v_proj.bias",
@@ -36,6 +39,7 @@ EVA_CLIP_SPELLINGS = {"attn.q_bias": "attn.q_proj.bias", "attn.v_bias": "attn.v_
                       "mlp.w3.": "mlp.fc2.", "mlp.ffn_ln.": "mlp.norm."}  # eva_clip -> timm, inside a block
 ADAPTERS = {"text.text_adaptor.": "eva_clip .pt", "text_adapter.adaptor.": "LLM2CLIP Hugging Face folder"}
 OPENAI_HEAD_WIDTH = 64  # the OpenAI ViTs' attention heads
+SIGLIP_HEAD_WIDTHS = {768: 64, 1024: 64, 1152: 72, 1536: 96}  # timm's SigLIP base, large, so400m, giant-opt; else 64
 
 
 def is_released(path: str) -> bool:
@@ -100,7 +104,7 @@ def _read(path: str) -> tuple[dict, str, dict | None]:
     if os.path.isdir(path):  # LLM2CLIP's HF folder: HF CLIP names already, its vision config in config.json
         weights = load_safetensors_folder(path, dtype=torch.float32, ignore=("position_ids",))
         return weights, "text_adapter.adaptor.", read_config(path).get("vision_config") or {}
-    return vit_to_ours(eva_to_ours(eva_clip_to_timm(read_tensors(path)))), "text.text_adaptor.", None
+    return to_ours(eva_clip_to_timm(read_tensors(path))), "text.text_adaptor.", None
 
 
 def load_released(path: str) -> ProCLIP:
@@ -114,6 +118,9 @@ def load_released(path: str) -> ProCLIP:
             vision = CLIPVisionConfig.from_hf(hf_vision)
         elif "vision_model.encoder.layers.0.mlp.gate_proj.weight" in weights:  # EVA02's SwiGLU
             vision = EvaVisionConfig.from_state_dict(weights, EVA02_ROPE_GRID)
+        elif "vision_model.head.probe" in weights:  # a timm SigLIP trunk's MAP pool (LLM2CLIP's SigLIP2)
+            width = weights["vision_model.head.probe"].shape[-1]
+            vision = SiglipVisionConfig.from_state_dict(weights, SIGLIP_HEAD_WIDTHS.get(width, 64))
         else:
             vision = vit_vision_config(weights)
     except (KeyError, ValueError) as err:
@@ -121,6 +128,8 @@ def load_released(path: str) -> ProCLIP:
                                f"{remedy}") from None
     config = CLIPConfig(vision=vision, text=CLIPTextConfig(), projection_dim=head.output_dim)
     weights.setdefault("logit_scale", torch.tensor(config.logit_scale_init_value))  # HF folders may lack it
+    weights["logit_scale"] = weights["logit_scale"].reshape(())  # a SigLIP's is (1,)
+    weights.pop("logit_bias", None)  # a SigLIP's sigmoid-loss bias: ProCLIP has none
     with torch.device("meta"):
         model = ProCLIP(config, head)
     load_state_dict_strict(model, {k: v.float() for k, v in weights.items()}, path, assign=True, remedy=remedy)
@@ -133,5 +142,8 @@ def released_transform(path: str, model: ProCLIP) -> ImageTransform:
     if os.path.isdir(path):
         return load_transform(path)
     embeddings = model.vision_model.embeddings
+    if isinstance(model.vision_model, SiglipVisionTransformer):  # big_vision's resize(size)|value_range(-1, 1)
+        size = embeddings.patch_embedding.weight.shape[-1] * math.isqrt(embeddings.position_embedding.weight.shape[0])
+        return ImageTransform(size=(size, size), crop_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
     size = embeddings.patch_embedding.weight.shape[-1] * math.isqrt(embeddings.position_embedding.weight.shape[0] - 1)
     return ImageTransform(size=size, crop_size=(size, size))

@@ -17,6 +17,8 @@ text tower pools its output at that token.
 import gzip
 import json
 import os
+import re
+import string
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +95,7 @@ class TokenizedText:
 def _token_id(tokenizer: Tokenizer, token: str, where: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise ModelFolderError(f"{where} has no {token} token: it is not a CLIP tokenizer")
+        raise ModelFolderError(f"{where} has no {token} token: it is not the tokenizer of this model")
     return token_id
 
 
@@ -112,6 +114,17 @@ def _folder_pad_token(folder: str) -> str | None:
     return None
 
 
+def read_tokenizer_json(folder: str, remedy: str) -> Tokenizer:
+    """The folder's tokenizer.json; a one-line error naming it, with `remedy`, when it is missing or malformed."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ModelFolderError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer.json there {remedy}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as error:  # tokenizers raises a bare Exception for malformed files
+        raise ModelFolderError(f"{path} is not a valid tokenizer.json ({error})") from error
+
+
 class CLIPTokenizer:
     """Captions -> (B, 77) ids for the CLIP text tower.
 
@@ -123,12 +136,15 @@ class CLIPTokenizer:
     49407; "first id == eos_token_id" stops at the real EOS, which precedes all padding).
     """
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int = 77, pad_id: int | None = None):
-        self.bos_id = _token_id(tokenizer, BOS_TOKEN, "tokenizer")
-        self.eos_id = _token_id(tokenizer, EOS_TOKEN, "tokenizer")
+    def __init__(self, tokenizer: Tokenizer, context_length: int = 77, pad_id: int | None = None,
+                 bos_token: str | None = BOS_TOKEN, eos_token: str = EOS_TOKEN, prepare=None):
+        # bos_token None: rows start with the text (SigLIP); prepare: str -> str before encoding (SigLIP's lowercase)
+        self.bos_id = _token_id(tokenizer, bos_token, "tokenizer") if bos_token is not None else None
+        self.eos_id = _token_id(tokenizer, eos_token, "tokenizer")
         padding = tokenizer.padding  # None unless the tokenizer.json configures padding
         self.pad_id = pad_id if pad_id is not None else padding["pad_id"] if padding else self.eos_id
         self.context_length = context_length
+        self.prepare = prepare
         # a private copy without built-in padding/truncation: rows are cut and padded here, BOS/EOS added here
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.tokenizer.no_padding()
@@ -142,13 +158,7 @@ class CLIPTokenizer:
             with open(open_clip_config, encoding="utf-8") as f:
                 text_cfg = json.load(f).get("model_cfg", {}).get("text_cfg", {})
             return cls(build_clip_tokenizer(), text_cfg.get("context_length", context_length), pad_id=0)
-        if not os.path.isfile(path):
-            raise ModelFolderError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer.json there "
-                                    f"or write one with miniproclip.tokenizer.save_clip_tokenizer_json")
-        try:
-            tokenizer = Tokenizer.from_file(path)
-        except Exception as error:  # tokenizers raises a bare Exception for malformed files
-            raise ModelFolderError(f"{path} is not a valid tokenizer.json ({error})") from error
+        tokenizer = read_tokenizer_json(folder, "or write one with miniproclip.tokenizer.save_clip_tokenizer_json")
         pad_id = None
         if tokenizer.padding is None and (pad_token := _folder_pad_token(folder)) is not None:
             pad_id = _token_id(tokenizer, pad_token, path)
@@ -156,10 +166,38 @@ class CLIPTokenizer:
 
     def __call__(self, texts: list[str]) -> TokenizedText:
         n = self.context_length
+        bos = [] if self.bos_id is None else [self.bos_id]
         input_ids = torch.full((len(texts), n), self.pad_id, dtype=torch.long)  # (B, n)
         truncated = torch.zeros(len(texts), dtype=torch.bool)
+        texts = [self.prepare(text) for text in texts] if self.prepare else texts
         for row, encoding in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
-            truncated[row] = len(encoding.ids) > n - 2
-            ids = [self.bos_id, *encoding.ids[: n - 2], self.eos_id]  # EOS stays last even when cut
+            room = n - len(bos) - 1
+            truncated[row] = len(encoding.ids) > room
+            ids = [*bos, *encoding.ids[:room], self.eos_id]  # EOS stays last even when cut
             input_ids[row, : len(ids)] = torch.tensor(ids)
         return TokenizedText(input_ids, truncated)
+
+
+def canonicalize_text(text: str) -> str:
+    """SigLIP's caption normalisation (transformers SiglipTokenizer.canonicalize_text, from big_vision's
+    prompt_engineering.py): lowercase, ASCII punctuation removed, whitespace runs collapsed, ends stripped."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def siglip_tokenizer(folder: str, context_length: int = 64, canonicalize: bool = False) -> CLIPTokenizer:
+    """Captions -> (B, 64) ids for a SigLIP text tower, as the model was trained (big_vision's text preprocessing):
+    no BOS, the text, EOS (kept when cut), then padding to the full window on the right, because the tower pools
+    the last position. SigLIP (SentencePiece, `</s>` = EOS = pad): `canonicalize_text` first, as transformers'
+    SiglipTokenizer does. SigLIP2 (Gemma's vocabulary, `<eos>`, `<pad>`): lowercased (`lower|tok(..., bos='no',
+    eos='sticky')` in big_vision's SigLIP2 config; transformers' Siglip2Tokenizer also lowercases but adds no EOS
+    and pads on the left), or canonicalized with `canonicalize` (open_clip's SigLIP2 configs: clean "canonicalize").
+    The pad token is the folder's tokenizer_config.json one when it names one."""
+    tokenizer = read_tokenizer_json(folder, "(SigLIP's hub folders may hold only spiece.model: convert it once "
+                                            "with transformers' convert_slow_tokenizer, saved as tokenizer.json)")
+    gemma = tokenizer.token_to_id("<eos>") is not None
+    eos = "<eos>" if gemma else "</s>"
+    pad = _folder_pad_token(folder) or ("<pad>" if gemma else eos)
+    pad_id = _token_id(tokenizer, pad, os.path.join(folder, "tokenizer.json"))
+    prepare = str.lower if gemma and not canonicalize else canonicalize_text
+    return CLIPTokenizer(tokenizer, context_length, pad_id=pad_id, bos_token=None, eos_token=eos, prepare=prepare)

@@ -164,8 +164,8 @@ def broken_folder(world, tmp_path, case):
         edit_config(folder, **{"clip": {"projection_dim": 8}, "llm": {"intermediate_size": 40}}[kind])
         return kind, folder, "weights do not match the model built from its config"
     if case.endswith("model_type"):
-        edit_config(folder, model_type={"clip": "siglip", "llm": "gpt2"}[kind])
-        return kind, folder, {"clip": "model_type 'siglip' is not a CLIP model",
+        edit_config(folder, model_type={"clip": "blip", "llm": "gpt2"}[kind])
+        return kind, folder, {"clip": "model_type 'blip' is not a CLIP model",
                               "llm": "unsupported LLM model_type 'gpt2'"}[kind]
     if case.endswith("pickle_only"):
         os.remove(os.path.join(folder, "model.safetensors"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..backbones import load_clip
+from ..backbones import load_clip, load_tokenizer
 from ..data import caption_texts
 from ..embed import TextEmbeddingCache, chunked, ensure_vector_cache, hash_texts
 from ..embedder import folder_fingerprint
@@ -115,7 +115,7 @@ def caption_columns(rows) -> list[Iterable[str | None]]:
 # stage 1: CLIP's text features of every caption
 
 def clip_text_identity(clip_dir: str, tokenizer: CLIPTokenizer) -> dict[str, str]:
-    """What the text teacher's vectors mean: the CLIP folder and how captions become its 77 tokens."""
+    """What the text teacher's vectors mean: the CLIP folder and how captions become its 77 (SigLIP: 64) tokens."""
     path = os.path.join(clip_dir, "tokenizer.json")
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -153,7 +153,7 @@ def stage1_vectors(llm_cache: TextEmbeddingCache, rows, clip_dir: str, device: t
                    log=print) -> tuple[RowVectors, RowVectors]:
     """(LLM vectors, teacher vectors) of every row's short and long caption; the teacher cache is filled on first
     use beside the LLM cache, and the text tower released after."""
-    tokenizer = CLIPTokenizer.from_folder(clip_dir)
+    tokenizer = load_tokenizer(clip_dir)
     identity = clip_text_identity(clip_dir, tokenizer)
     path = cache_path(llm_cache.path, "clip_text", identity)
     texts = caption_texts(rows)
