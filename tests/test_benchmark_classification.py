@@ -87,8 +87,10 @@ def test_tables_name_every_benchmark_and_assets_are_clip_benchmarks_files():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     try:
         import clip_benchmark.datasets as package
+        from clip_benchmark.datasets.builder import all_imagenet_wordnet_ids
     except ImportError:
         return
+    assert IMAGENET_WNIDS.read_text().split() == all_imagenet_wordnet_ids  # the shipped list is builder.py's
     for path in SHA256:  # byte-identical to the installed package's own copy
         assert path.read_bytes() == open(os.path.join(os.path.dirname(package.__file__), path.name), "rb").read()
 
@@ -225,3 +227,157 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     write_pickle(folder / "test_batch", {"labels": [0]})
     with pytest.raises(BenchmarkError, match=r"test_batch has no 'data' entry; expected cifar-10-batches-py/"):
         CLASSIFICATION_READERS["cifar10"](str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the list-file releases
+
+def test_food101_test_json(tmp_path):
+    folder = tmp_path / "food-101"
+    classes = ["apple_pie", "baby_back_ribs"] + [f"dish_{i:03d}" for i in range(99)]
+    test = {name: [f"{name}/{100 + i}"] for i, name in enumerate(classes)}
+    test["apple_pie"].append("apple_pie/1011328")
+    test = {"baby_back_ribs": test.pop("baby_back_ribs")} | test  # images in the file's order, labels by sorted name
+    (folder / "meta").mkdir(parents=True)
+    (folder / "meta" / "test.json").write_text(json.dumps(test))
+    (folder / "meta" / "train.json").write_text(json.dumps({"apple_pie": ["apple_pie/1"]}))  # train: left out
+    write_text(folder / "meta" / "classes.txt", classes)
+    write_image(folder / "images" / "apple_pie" / "1011328.jpg")
+    dataset = read_both("food101", folder)
+    images = folder / "images"
+    assert dataset.images[:3] == [str(images / "baby_back_ribs" / "101.jpg"), str(images / "apple_pie" / "100.jpg"),
+                                  str(images / "apple_pie" / "1011328.jpg")]
+    assert len(dataset.images) == 102 and dataset.labels[:4] == [1, 0, 0, 2] and dataset.labels[-1] == 100
+    assert dataset.classnames[:3] == ["apple pie", "baby back ribs", "dish 000"] and len(dataset.classnames) == 101
+
+    reference = clip_benchmark_dataset("food101", tmp_path)
+    assert_same_as_clip_benchmark(dataset, reference, reference._image_files, reference._labels)
+
+    (folder / "meta" / "test.json").write_text('{"apple_pie":\n ["apple_pie/1",]}')
+    with pytest.raises(BenchmarkError, match=f"{folder / 'meta' / 'test.json'}:2: damaged JSON"):
+        CLASSIFICATION_READERS["food101"](str(folder))
+
+
+def test_sun397_every_image_labelled_by_its_folder(tmp_path):
+    folder = tmp_path / "SUN397"
+    classes = ["/a/abbey", "/a/apartment_building/outdoor"] + [f"/z/class_{i:03d}" for i in range(395)]
+    write_text(folder / "ClassName.txt", classes)
+    write_text(folder / "README.txt", ["SUN397"])
+    for path in ("a/apartment_building/outdoor/sun_bbb.jpg", "a/abbey/sun_aaa.jpg", "z/class_394/sun_zzz.jpg"):
+        write_image(folder / path)
+    write_image(folder / "a" / "abbey" / "thumbnail.jpg")  # not sun_*.jpg: left out, as torchvision's rglob does
+    dataset = read_both("sun397", folder)
+    assert dataset.images == [str(folder / "a" / "abbey" / "sun_aaa.jpg"),
+                              str(folder / "a" / "apartment_building" / "outdoor" / "sun_bbb.jpg"),
+                              str(folder / "z" / "class_394" / "sun_zzz.jpg")]
+    assert dataset.labels == [0, 1, 396] and len(dataset.classnames) == 397
+    assert dataset.classnames[:3] == ["abbey", "apartment building outdoor", "class 000"]
+
+    reference = clip_benchmark_dataset("sun397", tmp_path)
+    assert_same_as_clip_benchmark(dataset, reference, *zip(*sorted(zip(reference._image_files, reference._labels))))
+
+    write_image(folder / "b" / "bakery" / "sun_ccc.jpg")
+    with pytest.raises(BenchmarkError, match=r"sun_ccc.jpg is in folder 'bakery', which .*ClassName.txt does not"):
+        CLASSIFICATION_READERS["sun397"](str(folder))
+
+
+def test_fgvc_aircraft_variant_test_list(tmp_path):
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    variants = ["707-320", "727-200", "Cessna 172", "F/A-18"] + [f"variant {i}" for i in range(96)]
+    write_text(data / "variants.txt", variants)
+    write_text(data / "images_variant_test.txt", ["1514522 707-320", "0062765 Cessna 172", "2235434 F/A-18",
+                                                  "0056978 variant 95"])
+    write_text(data / "images_variant_trainval.txt", ["1025794 727-200"])  # trainval: left out
+    write_text(data / "images_family_test.txt", ["1514522 Boeing 707"])  # another annotation level: left out
+    write_image(data / "images" / "1514522.jpg")
+    dataset = read_both("fgvc_aircraft", data.parent)
+    assert dataset.images == [str(data / "images" / f"{i}.jpg") for i in ("1514522", "0062765", "2235434", "0056978")]
+    assert dataset.labels == [0, 2, 3, 99] and dataset.classnames == variants
+
+    reference = clip_benchmark_dataset("fgvc_aircraft", tmp_path)
+    assert_same_as_clip_benchmark(dataset, reference, reference._image_files, reference._labels)
+
+
+def test_dtd_partition_one_test_list(tmp_path):
+    folder = tmp_path / "dtd" / "dtd"  # torchvision's root/dtd/ around the release's dtd/
+    classes = ["banded", "blotchy"] + [f"texture{i:02d}" for i in range(45)]
+    lines = [f"{name}/{name}_0002.jpg" for name in reversed(classes)] + ["banded/banded_0004.jpg"]
+    write_text(folder / "labels" / "test1.txt", lines)
+    write_text(folder / "labels" / "train1.txt", ["blotchy/blotchy_0001.jpg"])  # train: left out
+    write_text(folder / "labels" / "test2.txt", ["blotchy/blotchy_0003.jpg"])  # partition 2: left out
+    write_image(folder / "images" / "banded" / "banded_0002.jpg")
+    dataset = read_both("dtd", folder)
+    assert dataset.images == [str(folder / "images" / line) for line in lines]
+    assert dataset.labels == list(range(46, -1, -1)) + [0] and dataset.classnames == classes
+    assert CLASSIFICATION_READERS["dtd"](str(tmp_path)).images == dataset.images  # the folder above torchvision's
+
+    reference = clip_benchmark_dataset("dtd", tmp_path)
+    assert_same_as_clip_benchmark(dataset, reference, reference._image_files, reference._labels)
+
+
+def test_pets_test_list_breed_names_are_clip_benchmarks(tmp_path):
+    folder = tmp_path / "oxford-iiit-pet"
+    names = clip_benchmark_classnames("pets")
+    ids = [(name if name in CAT_BREEDS else name.lower()).replace(" ", "_") for name in names]
+    lines = [f"{image_id}_{100 + k} {k + 1} {1 if names[k] in CAT_BREEDS else 2} {k % 25 + 1}"
+             for k, image_id in reversed(list(enumerate(ids)))]
+    write_text(folder / "annotations" / "test.txt", lines)
+    write_text(folder / "annotations" / "trainval.txt", ["Abyssinian_100 1 1 1"])  # trainval: left out
+    write_image(folder / "images" / "Abyssinian_100.jpg")
+    dataset = read_both("pets", folder)
+    assert dataset.images[-2:] == [str(folder / "images" / name) for name in
+                                   ("american_bulldog_101.jpg", "Abyssinian_100.jpg")]
+    assert dataset.labels == list(range(36, -1, -1)) and len(dataset.images) == 37
+    assert dataset.classnames == names and names[2] == "American Pit Bull Terrier"  # derived = CLIP_benchmark's file
+
+    reference = clip_benchmark_dataset("pets", tmp_path)
+    assert_same_as_clip_benchmark(dataset, reference, reference._images, reference._labels)
+
+
+def test_caltech101_every_image_background_kept(tmp_path):
+    folder = tmp_path / "caltech101" / "101_ObjectCategories"
+    assert len(CALTECH_FOLDERS) == 102 == len(set(CALTECH_FOLDERS)) and CALTECH_FOLDERS == sorted(CALTECH_FOLDERS)
+    for name in CALTECH_FOLDERS:
+        os.makedirs(folder / name)
+    for path in ("BACKGROUND_Google/image_0001.jpg", "Faces_easy/image_0001.jpg", "Faces_easy/image_0002.jpg",
+                 "car_side/image_0001.jpg", "yin_yang/image_0001.jpg"):
+        write_image(folder / path)
+    write_text(folder / "car_side" / "notes.txt", ["not a .jpg: not counted"])
+    write_text(tmp_path / "caltech101" / "Annotations" / "Faces_3" / "annotation_0001.txt", ["x"])  # left out
+    dataset = read_both("caltech101", folder)
+    assert dataset.images == [str(folder / path) for path in ("BACKGROUND_Google/image_0001.jpg",
+                              "Faces_easy/image_0001.jpg", "Faces_easy/image_0002.jpg", "car_side/image_0001.jpg",
+                              "yin_yang/image_0001.jpg")]
+    assert dataset.labels == [0, 2, 2, 20, 101] and dataset.classnames == clip_benchmark_classnames("caltech101")
+    assert [dataset.classnames[label] for label in (0, 1, 2, 6, 20, 101)] == [
+        "background", "off-center face", "centered face", "airplane", "side of a car", "yin and yang symbol"]
+    assert CLASSIFICATION_READERS["caltech101"](str(tmp_path)).images == dataset.images  # CLIP_benchmark's root
+
+    reference = clip_benchmark_dataset("caltech101", tmp_path)
+    paths = [folder / reference.categories[y] / f"image_{i:04d}.jpg" for y, i in zip(reference.y, reference.index)]
+    assert_same_as_clip_benchmark(dataset, reference, paths, reference.y)
+
+    os.rmdir(folder / "wrench")
+    with pytest.raises(BenchmarkError, match=f"caltech101: {folder} gives 101 classes, the release has 102; expected "
+                                             f"101_ObjectCategories/"):
+        CLASSIFICATION_READERS["caltech101"](str(folder))
+
+
+# ----------------------------------------------------------------------------- damaged list files
+
+@pytest.mark.parametrize("name, file, lines, message", [
+    ("dtd", "dtd/labels/test1.txt", ["banded/banded_0002.jpg", "", "banded"],
+     r"dtd/labels/test1.txt:3: malformed line 'banded'; expected \"<class>/<file>\""),
+    ("pets", "oxford-iiit-pet/annotations/test.txt", ["Abyssinian_1 one 1 1"],
+     r"test.txt:1: malformed line 'Abyssinian_1 one 1 1'; expected \"<image id> <class id from 1>"),
+    ("fgvc_aircraft", "fgvc-aircraft-2013b/data/images_variant_test.txt", ["1514522 707-320", "0062765 A380"],
+     r"images_variant_test.txt:2: malformed line '0062765 A380'; expected \"<image id> <variant>\", the variant "
+     r"one of .*variants.txt"),
+    ("sun397", "SUN397/ClassName.txt", ["/a/abbey", "abbey"], r"ClassName.txt:2: malformed line 'abbey'"),
+    ("dtd", "dtd/labels/test1.txt", [f"class{i:02d}/x.jpg" for i in range(46)],
+     r"dtd: .*test1.txt gives 46 classes, the release has 47; expected dtd/ with labels/test1.txt"),
+])
+def test_damaged_list_file_names_the_file_and_line(tmp_path, name, file, lines, message):
+    write_text(tmp_path / file, lines)
+    write_text(tmp_path / "fgvc-aircraft-2013b" / "data" / "variants.txt", ["707-320"])
+    with pytest.raises(BenchmarkError, match=message):
+        CLASSIFICATION_READERS[name](str(tmp_path))

@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import pickle
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +97,6 @@ def checked(name: str, source: str, images: list, labels: list[int], classnames:
     return ClassificationSet(images, labels, classnames)
 
 
-@cache
 def clip_benchmark_classnames(name: str) -> list[str]:
     """CLIP_benchmark's English class names for `name` (its en_classnames.json), in class-index order."""
     names = json.loads(CLIP_BENCHMARK_CLASSNAMES.read_text(encoding="utf-8"))
@@ -324,7 +322,9 @@ def read_caltech101(root: str) -> ClassificationSet:
         count = len(glob.glob(os.path.join(glob.escape(os.path.join(folder, name)), "*.jpg")))
         images += [os.path.join(folder, name, f"image_{number:04d}.jpg") for number in range(1, count + 1)]
         labels += [label] * count
-    return checked("caltech101", folder, images, labels, clip_benchmark_classnames("caltech101"))
+    dataset = checked("caltech101", folder, images, labels, classes)  # 102 folders, as many as the names below
+    dataset.classnames = clip_benchmark_classnames("caltech101")  # CLIP_benchmark's name of each, in this order
+    return dataset
 
 
 CLASSIFICATION_READERS = {"imagenet1k": read_imagenet1k, "cifar10": read_cifar10, "cifar100": read_cifar100,
