@@ -257,6 +257,7 @@ def test_food101_test_json(tmp_path):
         CLASSIFICATION_READERS["food101"](str(folder))
 
 
+@pytest.mark.filterwarnings("ignore:split argument ignored")  # CLIP_benchmark: no test split
 def test_sun397_every_image_labelled_by_its_folder(tmp_path):
     folder = tmp_path / "SUN397"
     classes = ["/a/abbey", "/a/apartment_building/outdoor"] + [f"/z/class_{i:03d}" for i in range(395)]
@@ -333,6 +334,7 @@ def test_pets_test_list_breed_names_are_clip_benchmarks(tmp_path):
     assert_same_as_clip_benchmark(dataset, reference, reference._images, reference._labels)
 
 
+@pytest.mark.filterwarnings("ignore:split argument ignored")  # CLIP_benchmark: no test split
 def test_caltech101_every_image_background_kept(tmp_path):
     folder = tmp_path / "caltech101" / "101_ObjectCategories"
     assert len(CALTECH_FOLDERS) == 102 == len(set(CALTECH_FOLDERS)) and CALTECH_FOLDERS == sorted(CALTECH_FOLDERS)
@@ -381,3 +383,11 @@ def test_damaged_list_file_names_the_file_and_line(tmp_path, name, file, lines, 
     write_text(tmp_path / "fgvc-aircraft-2013b" / "data" / "variants.txt", ["707-320"])
     with pytest.raises(BenchmarkError, match=message):
         CLASSIFICATION_READERS[name](str(tmp_path))
+
+
+def test_aircraft_without_its_variants_file(tmp_path):
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    write_text(data / "images_variant_test.txt", ["1514522 707-320"])
+    with pytest.raises(BenchmarkError) as error:
+        CLASSIFICATION_READERS["fgvc_aircraft"](str(tmp_path))
+    assert str(error.value) == f"fgvc_aircraft: {data / 'variants.txt'} not found; expected {LAYOUTS['fgvc_aircraft']}"

@@ -77,15 +77,16 @@ def locate(root: str, name: str) -> str:
     raise BenchmarkError(f"{name}: {os.path.join(root, subfolders[0], marker)} not found; expected {LAYOUTS[name]}")
 
 
-def numbered_lines(path: str) -> list[tuple[int, str]]:
+def numbered_lines(path: str, name: str) -> list[tuple[int, str]]:
     """[(line number, line without its end)] of a text file's non-blank lines."""
     if not os.path.isfile(path):
-        raise BenchmarkError(f"{path} not found; the dataset is incomplete: download it again")
+        raise BenchmarkError(f"{name}: {path} not found; expected {LAYOUTS[name]}")
     with open(path, encoding="utf-8") as f:
         return [(number, line.rstrip("\r\n")) for number, line in enumerate(f, 1) if line.strip()]
 
 
 def malformed(path: str, number: int, line: str, expected: str) -> BenchmarkError:
+    """The error for line `number` of a list file, which is not of the form `expected`."""
     return BenchmarkError(f"{path}:{number}: malformed line {line!r}; expected {expected}")
 
 
@@ -231,7 +232,7 @@ def read_sun397(root: str) -> ClassificationSet:
     folder = locate(root, "sun397")
     path = os.path.join(folder, "ClassName.txt")
     classes = []
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path, "sun397"):
         if not (line.startswith("/") and line[2:3] == "/" and line[3:].strip()):
             raise malformed(path, number, line, '"/<letter>/<class>", e.g. "/a/abbey"')
         classes.append(line[3:].strip())
@@ -256,11 +257,11 @@ def read_fgvc_aircraft(root: str) -> ClassificationSet:
     FGVCAircraft(split="test", annotation_level="variant"), `fgvc_aircraft.py`); names as variants.txt writes them."""
     folder = os.path.join(locate(root, "fgvc_aircraft"), "data")
     variants_path = os.path.join(folder, "variants.txt")
-    classes = [line.strip() for _, line in numbered_lines(variants_path)]
+    classes = [line.strip() for _, line in numbered_lines(variants_path, "fgvc_aircraft")]
     class_to_index = {name: index for index, name in enumerate(classes)}
     path = os.path.join(folder, "images_variant_test.txt")
     images, labels = [], []
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path, "fgvc_aircraft"):
         image_id, _, variant = line.strip().partition(" ")
         if variant not in class_to_index:
             raise malformed(path, number, line, f'"<image id> <variant>", the variant one of {variants_path}')
@@ -275,7 +276,7 @@ def read_dtd(root: str) -> ClassificationSet:
     folder = locate(root, "dtd")
     path = os.path.join(folder, "labels", "test1.txt")
     image_classes, images = [], []
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path, "dtd"):
         parts = line.strip().split("/")
         if len(parts) != 2 or not all(parts):
             raise malformed(path, number, line, '"<class>/<file>", e.g. "banded/banded_0002.jpg"')
@@ -294,7 +295,7 @@ def read_pets(root: str) -> ClassificationSet:
     folder = locate(root, "pets")
     path = os.path.join(folder, "annotations", "test.txt")
     images, labels, breeds = [], [], set()
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path, "pets"):
         fields = line.split()
         if len(fields) != 4 or not fields[1].isdigit() or int(fields[1]) < 1:
             raise malformed(path, number, line, '"<image id> <class id from 1> <species> <breed id>"')
