@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from miniproclip.benchmarks.classification import (CLASSIFICATION_READERS, CLIP_BENCHMARK_CLASSNAMES, FOLDERS,
-                                                   IMAGENET_WNIDS, LAYOUTS, NUM_CLASSES, clip_benchmark_classnames, templates)
+                                                   IMAGENET_WNIDS, LAYOUTS, NUM_CLASSES, clip_benchmark_classnames,
+                                                   templates)
 from miniproclip.errors import BenchmarkError
 from miniproclip.evaluation import ImageFiles
 from miniproclip.image import ImageTransform, load_image
