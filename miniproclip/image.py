@@ -54,8 +54,24 @@ def opened_image(source):
         raise ImageReadError(f"cannot read image {source}: {error}") from error
 
 
+@dataclass(frozen=True, eq=False)
+class ArrayImage:
+    """Image `index` of a (N, H, W, 3) uint8 array that a data set ships instead of files (CIFAR's pickles): a
+    benchmark lists one per image where it would list paths, and load_image turns each into a PIL image only when
+    the runner's loader asks for it. str() names it for reports: "<file>[<index>]"."""
+    pixels: np.ndarray = dataclasses.field(repr=False)  # (N, H, W, 3) uint8 RGB, shared by all images of the set
+    index: int
+    file: str  # the file the pixels were read from
+
+    def __str__(self):
+        return f"{self.file}[{self.index}]"
+
+
 def load_image(source) -> Image.Image:
-    """Open and decode an image file (a path or a binary file) as RGB; ImageReadError naming it if that fails."""
+    """Open and decode an image file (a path or a binary file) as RGB; ImageReadError naming it if that fails.
+    An ArrayImage is taken as it is: its pixels are RGB already."""
+    if isinstance(source, ArrayImage):
+        return Image.fromarray(source.pixels[source.index])  # (H, W, 3) uint8
     with opened_image(source) as image:
         return to_rgb(image)  # convert() decodes the whole file, so truncated data fails here
 

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-DEFAULT_TEMPLATES = Path(__file__).parent / "assets" / "imagenet_templates.json"
+# CLIP_benchmark's clip_benchmark/datasets/en_zeroshot_classification_templates.json, verbatim: {dataset: [template]}
+CLIP_BENCHMARK_TEMPLATES = (Path(__file__).parent / "assets" / "clip_benchmark"
+                            / "en_zeroshot_classification_templates.json")
 
 
 # -----------------------------------------------------------------------------
@@ -73,19 +75,22 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10
 # -----------------------------------------------------------------------------
 # zero-shot classification
 
-def load_templates(path=None):
+def load_templates(path=None, dataset="imagenet1k"):
     """Prompt templates, a JSON list of strings each with a `{c}` placeholder for the class name.
 
-    Default: the 80 ImageNet templates of OpenAI's `notebooks/Prompt_Engineering_for_ImageNet.ipynb`, in its
-    order, with CLIP_benchmark's `{c}` placeholder (its `en_zeroshot_classification_templates.json["imagenet1k"]`).
+    Default (no path): CLIP_benchmark's templates for `dataset`; its "imagenet1k" list is the 80 ImageNet templates
+    of OpenAI's `notebooks/Prompt_Engineering_for_ImageNet.ipynb`, in its order, with a `{c}` placeholder.
     """
-    path = Path(path) if path is not None else DEFAULT_TEMPLATES
+    default = path is None
+    path = CLIP_BENCHMARK_TEMPLATES if default else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"templates file {path} not found; pass a JSON list of strings with {{c}} in each")
     try:
         templates = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"templates file {path} is not valid JSON ({err}); it must be a list of strings") from None
+    if default:
+        templates = templates[dataset]  # one list per dataset name (classification.templates checks the name)
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
         raise ValueError(f"templates file {path} must hold a non-empty JSON list of strings")
     for i, template in enumerate(templates):

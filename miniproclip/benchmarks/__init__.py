@@ -17,6 +17,6 @@ class RetrievalSet:
 
 @dataclass
 class ClassificationSet:
-    images: list[str]
+    images: list  # image paths, or image.ArrayImage where a set ships pixel arrays (CIFAR): load_image reads both
     labels: list[int]  # class index of each image
     classnames: list[str]  # display names in class-index order
