@@ -206,6 +206,8 @@ def make_pool(settings: EmbedSettings, folder: str | None = None, dtype: torch.d
         return lambda hidden, attention, pool_mask: mean_pool(hidden, pool_mask)
     if settings.pool == "last":
         return lambda hidden, attention, pool_mask: last_token_pool(hidden, attention)
+    if folder is None:
+        raise ValueError("latent-attention pooling needs the NV-Embed folder its weights are in")
     latent = LatentAttention.from_pretrained(folder, dtype, device)
     latent.requires_grad_(False)
     return lambda hidden, attention, pool_mask: latent(hidden, pool_mask)

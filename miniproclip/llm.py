@@ -308,6 +308,6 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     """(B, T, C) states, (B, T) 1/0 mask of real tokens -> (B, C) fp32 state of each row's last real token, whether
     the batch is padded on the left or the right (the model cards' `last_token_pool` of e5-mistral, gte-Qwen2 and
     Qwen3-Embedding, which branch on the padding side)."""
-    T = attention_mask.shape[1]
-    last = T - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,) index of the last 1 in each row
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # (T,)
+    last = (attention_mask.long() * positions).argmax(-1)  # (B,) the last 1 of each row: its largest, unique value
     return hidden[torch.arange(len(hidden), device=hidden.device), last].float()

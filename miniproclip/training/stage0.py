@@ -68,10 +68,6 @@ class CaptionContrastive:
         self.batch_tokens = batch_tokens  # padded tokens per forward on one process (see `features`)
         self.grad_checkpointing = grad_checkpointing  # the LLM's: keeps the fused attention kernel
         self.clip_loss = ClipLoss(gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
-        if tokenize.settings.pool == "latent":  # its pooler's weights would need training and merging too
-            raise TrainingError("stage 0 trains mean- or last-token-pooled embedders, not NV-Embed's latent "
-                                "attention; pass another --embed-preset, or use NV-Embed-v2 as it is in stages 1-2")
-        self.pool = make_pool(tokenize.settings)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """(N, C) L2-normalised pooled embeddings (fp32), through `embedder.pooled_embeddings` as `LLMEmbedder`
@@ -85,7 +81,7 @@ class CaptionContrastive:
                 return self.forward(input_ids, attention)
         ids, _ = self.tokenize(texts)
         one_batch = self.clip_loss.world_size > 1 and torch.is_grad_enabled()
-        pooled = pooled_embeddings(forward, self.pool, ids, self.tokenize.unpooled, self.batch_tokens, self.device,
+        pooled = pooled_embeddings(forward, make_pool(self.tokenize.settings), ids, self.tokenize.unpooled, self.batch_tokens, self.device,
                                    one_batch=one_batch)
         return F.normalize(pooled, dim=-1)  # (N, C) in input order
 
@@ -172,6 +168,9 @@ def setup_stage0(args, settings: EmbedSettings, device: torch.device, rank: int,
                  resume_path: str | None, log) -> Stage0:
     """The LLM with LoRA adapters (a resumed run's from its checkpoint, which holds only them), its groups, and the
     stage. The frozen base is bf16 under --precision amp_bf16, else fp32; the adapters are fp32."""
+    if settings.pool == "latent":  # its pooler's weights would need training and merging too
+        raise TrainingError("stage 0 trains mean- or last-token-pooled embedders, not NV-Embed's latent attention; "
+                            "pass another --embed-preset, or use NV-Embed-v2 as it is in stages 1-2")
     groups = read_groups(args.train_data, strict=args.strict_data, log=log)
     lora, dtype = lora_settings(args), torch.bfloat16 if args.precision == "amp_bf16" else torch.float32
     model = load_stage0_llm(args.llm, settings, lora, dtype, str(device), args.grad_checkpointing)
