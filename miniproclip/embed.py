@@ -287,21 +287,24 @@ def embed_to_file(make_encode: Callable[[], Callable[[list[str]], torch.Tensor]]
 def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], Callable[[list[str]], torch.Tensor]],
                         identity: dict[str, str], info: dict[str, str] | None = None,
                         store_dtype: str = DEFAULT_STORE_DTYPE, chunk_texts: int = CHUNK_TEXTS,
-                        what: str = "text cache", flag: str = "--text-cache", log=print) -> TextEmbeddingCache:
+                        what: str = "text cache", flag: str = "--text-cache", log=print,
+                        absent: dict[str, str] | None = None) -> TextEmbeddingCache:
     """Open the cache at `path`, encoding (and appending) whichever of `texts` it lacks; all ranks call this.
 
     `identity` says what the vectors mean (e.g. the encoder's fingerprint and settings): a cache whose stored
     identity differs is refused, since its vectors would silently mean something else. `info` is stored too but
-    not compared (e.g. the encoder's path). Appending copies the old file's bytes; it never loads them.
+    not compared (e.g. the encoder's path). `absent` holds the value a cache written before an identity key existed
+    is taken to have. Appending copies the old file's bytes; it never loads them.
     """
     known = None
     if os.path.isfile(path):
         known = TextEmbeddingCache(path)
-        differing = [k for k, v in identity.items() if known.metadata.get(k) != v]
+        stored = {k: known.metadata.get(k, (absent or {}).get(k)) for k in identity}
+        differing = [k for k, v in identity.items() if stored[k] != v]
         if differing:
             key = differing[0]
             raise CacheError(f"{path}: {what} was built with another {key.replace('_', ' ')} "
-                             f"({known.metadata.get(key)}, now {identity[key]}); pass a new {flag} or delete this file")
+                             f"({stored[key]}, now {identity[key]}); pass a new {flag} or delete this file")
         todo = known.missing(texts)
         if not todo:
             return known
@@ -342,6 +345,10 @@ def llm_identity(llm_dir: str, settings: EmbedSettings) -> dict[str, str]:
     return {"llm_fingerprint": folder_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
 
 
+# the settings fields added with the presets (mean pooling, plain instruction), as caches written before them hold
+LLM_IDENTITY_ABSENT = {"pool": json.dumps("mean"), "instruction_format": json.dumps("{}")}
+
+
 def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,
                       device: str = "cpu", batch_tokens: int = 8192, log=print,
                       store_dtype: str = DEFAULT_STORE_DTYPE) -> TextEmbeddingCache:
@@ -349,7 +356,7 @@ def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: Embed
     A cache made by another LLM or with other embedding settings is refused."""
     return ensure_vector_cache(path, texts, llm_encoder(llm_dir, settings, dtype, device, batch_tokens, log),
                                llm_identity(llm_dir, settings), {"llm": os.path.abspath(llm_dir)}, store_dtype,
-                               log=log)
+                               log=log, absent=LLM_IDENTITY_ABSENT)
 
 
 def main(argv=None):
@@ -365,7 +372,8 @@ def main(argv=None):
     parser.add_argument("--append-eos", action="store_true", help="end every text with the EOS token")
     parser.add_argument("--bidirectional", action="store_true", help="non-causal attention (LLM2Vec-style LLMs)")
     parser.add_argument("--embed-preset", choices=PRESETS, default="default",
-                        help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
+                        help="named embedding settings: llm2vec-llama3, qwen3-embedding, e5-mistral, gte-qwen2, "
+                             "nv-embed-v2 (README, 'Embedder presets')")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight and compute dtype")
     parser.add_argument("--store-dtype", choices=STORE_DTYPES, default=DEFAULT_STORE_DTYPE,
                         help="dtype of the stored vectors (fp16: half the bytes of fp32, cosine to fp32 > 0.99999)")

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
 import train  # noqa: E402
-from miniproclip.embed import ensure_text_cache  # noqa: E402
+from miniproclip.embed import ensure_text_cache, load_cache  # noqa: E402
 from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, pad_batch  # noqa: E402
 from miniproclip.llm import DecoderLM, decoder_key, last_token_pool  # noqa: E402
 from miniproclip.nvembed import LatentAttention, LatentAttentionConfig, latent_key  # noqa: E402
@@ -253,6 +253,17 @@ def test_trailing_whitespace_no_longer_changes_a_caption(tmp_path):
     # the cache is keyed by the raw caption and holds the stripped caption's vector
     cache = ensure_text_cache(str(tmp_path / "c.safetensors"), folder, raw, EmbedSettings(), store_dtype="fp32")
     torch.testing.assert_close(cache(raw), LLMEmbedder(folder).embed(stripped)[0])
+
+
+def test_caches_written_before_the_pool_field_still_serve_mean_pooling(tiny_llm, tmp_path):
+    path = str(tmp_path / "old.safetensors")
+    ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings(), store_dtype="fp32")
+    embeddings, hashes, metadata = load_cache(path)
+    old = {k: v for k, v in metadata.items() if k not in ("pool", "instruction_format")}
+    save_file({"embeddings": embeddings, "text_hashes": hashes}, path, metadata=old)  # as an earlier version wrote it
+    torch.testing.assert_close(ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings())(TEXTS), embeddings)
+    with pytest.raises(ValueError, match='built with another pool \\("mean", now "last"\\)'):
+        ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings(pool="last"))
 
 
 def test_last_token_pool_is_the_same_under_left_and_right_padding(tiny_llm):
