@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from .data import DataError
 from .distributed import close_distributed, exit_torchrun_rank, init_distributed, rank_and_world
-from .embedder import PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
-    text_hash
+from .embedder import FIELDS_BEFORE_PRESETS, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, \
+    folder_fingerprint, text_hash
 from .files import atomic_path
 from .precision import DTYPES
 from .weights import ModelFolderError
@@ -345,10 +345,6 @@ def llm_identity(llm_dir: str, settings: EmbedSettings) -> dict[str, str]:
     return {"llm_fingerprint": folder_fingerprint(llm_dir), **{k: json.dumps(v) for k, v in settings.__dict__.items()}}
 
 
-# the settings fields added with the presets (mean pooling, plain instruction), as caches written before them hold
-LLM_IDENTITY_ABSENT = {"pool": json.dumps("mean"), "instruction_format": json.dumps("{}")}
-
-
 def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,
                       device: str = "cpu", batch_tokens: int = 8192, log=print,
                       store_dtype: str = DEFAULT_STORE_DTYPE) -> TextEmbeddingCache:
@@ -356,7 +352,7 @@ def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: Embed
     A cache made by another LLM or with other embedding settings is refused."""
     return ensure_vector_cache(path, texts, llm_encoder(llm_dir, settings, dtype, device, batch_tokens, log),
                                llm_identity(llm_dir, settings), {"llm": os.path.abspath(llm_dir)}, store_dtype,
-                               log=log, absent=LLM_IDENTITY_ABSENT)
+                               log=log, absent={k: json.dumps(v) for k, v in FIELDS_BEFORE_PRESETS.items()})
 
 
 def main(argv=None):
@@ -372,8 +368,7 @@ def main(argv=None):
     parser.add_argument("--append-eos", action="store_true", help="end every text with the EOS token")
     parser.add_argument("--bidirectional", action="store_true", help="non-causal attention (LLM2Vec-style LLMs)")
     parser.add_argument("--embed-preset", choices=PRESETS, default="default",
-                        help="named embedding settings: llm2vec-llama3, qwen3-embedding, e5-mistral, gte-qwen2, "
-                             "nv-embed-v2 (README, 'Embedder presets')")
+                        help="named embedding settings, e.g. qwen3-embedding, nv-embed-v2 (README, 'Embedder presets')")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight and compute dtype")
     parser.add_argument("--store-dtype", choices=STORE_DTYPES, default=DEFAULT_STORE_DTYPE,
                         help="dtype of the stored vectors (fp16: half the bytes of fp32, cosine to fp32 > 0.99999)")

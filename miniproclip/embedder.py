@@ -64,6 +64,7 @@ def safetensors_content_sample(path: str) -> bytes:
 
 
 POOLS = ("mean", "last", "latent")  # mean_pool, last_token_pool, NV-Embed's latent attention (nvembed.py)
+FIELDS_BEFORE_PRESETS = {"pool": "mean", "instruction_format": "{}"}  # what caches written before these fields hold
 
 
 @dataclass
