@@ -247,7 +247,8 @@ class LLMEmbedder:
     @torch.no_grad()
     def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """(B, hidden) float32 embeddings of one padded batch of token-id rows."""
-        return pooled_embeddings(self.model, self.pool, ids, self.tokenize.unpooled, 0, self.device, one_batch=True).cpu()
+        vectors = pooled_embeddings(self.model, self.pool, ids, self.tokenize.unpooled, 0, self.device, one_batch=True)
+        return vectors.cpu()
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch_tokens: int = 8192, progress: bool = False) -> tuple[torch.Tensor, int]:

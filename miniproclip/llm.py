@@ -279,7 +279,7 @@ class DecoderLM(nn.Module):
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         causal: bool = True) -> "DecoderLM":
         """Load an HF causal-LM or base-model folder (or NV-Embed's decoder); built on the meta device, so an 8B model
-        exists once. Attention is bidirectional where `causal` is False or the folder's config says `is_causal: false`."""
+        exists once. Attention is bidirectional where `causal` is False or config.json says `is_causal: false`."""
         from .weights import load_safetensors_folder, load_state_dict_strict
         llm_config = LLMConfig.from_folder(folder)
         with torch.device("meta"):

@@ -81,8 +81,8 @@ class CaptionContrastive:
                 return self.forward(input_ids, attention)
         ids, _ = self.tokenize(texts)
         one_batch = self.clip_loss.world_size > 1 and torch.is_grad_enabled()
-        pooled = pooled_embeddings(forward, make_pool(self.tokenize.settings), ids, self.tokenize.unpooled, self.batch_tokens, self.device,
-                                   one_batch=one_batch)
+        pooled = pooled_embeddings(forward, make_pool(self.tokenize.settings), ids, self.tokenize.unpooled,
+                                   self.batch_tokens, self.device, one_batch=one_batch)
         return F.normalize(pooled, dim=-1)  # (N, C) in input order
 
     def features(self, pairs: list[tuple[str, str]], student_only: bool = False) -> dict[str, torch.Tensor]:
