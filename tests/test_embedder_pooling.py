@@ -153,7 +153,8 @@ def write_tiny_nvembed(folder, seed=0):
     d, inner, L = 32, LATENT["num_cross_heads"] * LATENT["cross_dim_head"], LATENT["num_latents_value"]
     shapes = {"latents": (L, d), "cross_attend_blocks.0.norm.weight": (d,), "cross_attend_blocks.0.norm.bias": (d,),
               "cross_attend_blocks.0.norm_context.weight": (d,), "cross_attend_blocks.0.norm_context.bias": (d,),
-              "cross_attend_blocks.0.fn.to_q.weight": (inner, d), "cross_attend_blocks.0.fn.to_kv.weight": (2 * inner, d),
+              "cross_attend_blocks.0.fn.to_q.weight": (inner, d),
+              "cross_attend_blocks.0.fn.to_kv.weight": (2 * inner, d),
               "cross_attend_blocks.0.fn.to_out.weight": (d, inner), "cross_attend_blocks.1.norm.weight": (d,),
               "cross_attend_blocks.1.norm.bias": (d,), "cross_attend_blocks.1.fn.net.0.weight": (8 * d, d),
               "cross_attend_blocks.1.fn.net.0.bias": (8 * d,), "cross_attend_blocks.1.fn.net.2.weight": (d, 4 * d),
@@ -225,7 +226,8 @@ def test_nvembed_keys_map_onto_the_decoder_and_the_pooler(tmp_path):
     assert decoder_key("embedding_model.norm.weight") == "norm.weight"
     assert decoder_key("model.embed_tokens.weight") == "embed_tokens.weight"  # a *ForCausalLM folder
     assert decoder_key("latent_attention_model.latents") is None and decoder_key("lm_head.weight") is None
-    assert latent_key("latent_attention_model.latents") == "latents" and latent_key("embedding_model.norm.weight") is None
+    assert latent_key("latent_attention_model.latents") == "latents"
+    assert latent_key("embedding_model.norm.weight") is None
     _, latent = write_tiny_nvembed(str(tmp_path / "nv"))  # the names modeling_nvembed.py's modules give
     assert set(LatentAttention(LatentAttentionConfig(**LATENT)).state_dict()) == set(latent)
 
@@ -240,8 +242,8 @@ def tiny_llm(tmp_path_factory):
 def test_trailing_whitespace_no_longer_changes_a_caption(tmp_path):
     """Issue 28: llm2vec strips captions; "a red circle " had cosine 0.845 to "a red circle" before."""
     folder = write_tiny_llama3(tmp_path / "llama3")  # byte-level BPE: spaces and newlines are tokens
-    raw, stripped = ["a red circle ", "the dog.  ", "the blue square\n", "two cats \t\n"], ["a red circle",
-                                                                                          "the dog.", "the blue square", "two cats"]
+    raw = ["a red circle ", "the dog.  ", "the blue square\n", "two cats \t\n"]
+    stripped = ["a red circle", "the dog.", "the blue square", "two cats"]
     tokenizer = CaptionTokenizer(folder).tokenizer
     assert all(tokenizer.encode(r).ids != tokenizer.encode(s).ids for r, s in zip(raw, stripped))  # they would differ
     for preset in ("default", "llm2vec-llama3", "e5-mistral"):
