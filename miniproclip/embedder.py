@@ -254,6 +254,8 @@ class LLMEmbedder:
     def embed(self, texts: list[str], batch_tokens: int = 8192, progress: bool = False) -> tuple[torch.Tensor, int]:
         """(N, hidden) float32 embeddings in input order, computed in length-sorted token-budget batches,
         and the number of texts cut to max_length."""
+        if not texts:
+            return torch.empty(0, self.model.config.hidden_size), 0
         ids, truncated = self.tokenize(texts)
         vectors = pooled_embeddings(self.model, self.pool, ids, self.tokenize.unpooled, batch_tokens, self.device,
                                     progress=progress)
