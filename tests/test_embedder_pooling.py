@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
 import train  # noqa: E402
-from miniproclip.embed import ensure_text_cache, load_cache  # noqa: E402
+from miniproclip.embed import ensure_text_cache, load_cache, main as embed_main  # noqa: E402
 from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, pad_batch  # noqa: E402
 from miniproclip.llm import DecoderLM, decoder_key, last_token_pool  # noqa: E402
 from miniproclip.nvembed import LatentAttention, LatentAttentionConfig, latent_key  # noqa: E402
@@ -219,6 +219,12 @@ def test_nv_embed_preset_equals_its_modeling_code(tmp_path):
     # the latent attention is what pools: a plain mean of the same states is far from it
     mean = F.normalize(ours(folder, "nv-embed-v2", TEXTS, pool="mean"), dim=-1)
     assert (mean - nvembed_encode(folder, mistral, latent, TEXTS)).abs().max() > 1e-2
+    # the folder as --llm of the embed CLI
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n")
+    embed_main(["--llm", folder, "--texts", str(tmp_path / "t.txt"), "--output", str(tmp_path / "c.safetensors"),
+                "--embed-preset", "nv-embed-v2", "--dtype", "fp32", "--store-dtype", "fp32"])
+    torch.testing.assert_close(load_cache(str(tmp_path / "c.safetensors"))[0],
+                               nvembed_encode(folder, mistral, latent, TEXTS), atol=1e-5, rtol=1e-5)
 
 
 def test_nvembed_keys_map_onto_the_decoder_and_the_pooler(tmp_path):
