@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from .data import DataError
 from .distributed import close_distributed, exit_torchrun_rank, init_distributed, rank_and_world
-from .embedder import PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, folder_fingerprint, \
-    text_hash
+from .embedder import FIELDS_BEFORE_PRESETS, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, \
+    folder_fingerprint, text_hash
 from .files import atomic_path
 from .precision import DTYPES
 from .weights import ModelFolderError
@@ -287,21 +287,24 @@ def embed_to_file(make_encode: Callable[[], Callable[[list[str]], torch.Tensor]]
 def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], Callable[[list[str]], torch.Tensor]],
                         identity: dict[str, str], info: dict[str, str] | None = None,
                         store_dtype: str = DEFAULT_STORE_DTYPE, chunk_texts: int = CHUNK_TEXTS,
-                        what: str = "text cache", flag: str = "--text-cache", log=print) -> TextEmbeddingCache:
+                        what: str = "text cache", flag: str = "--text-cache", log=print,
+                        absent: dict[str, str] | None = None) -> TextEmbeddingCache:
     """Open the cache at `path`, encoding (and appending) whichever of `texts` it lacks; all ranks call this.
 
     `identity` says what the vectors mean (e.g. the encoder's fingerprint and settings): a cache whose stored
     identity differs is refused, since its vectors would silently mean something else. `info` is stored too but
-    not compared (e.g. the encoder's path). Appending copies the old file's bytes; it never loads them.
+    not compared (e.g. the encoder's path). `absent` holds the value a cache written before an identity key existed
+    is taken to have. Appending copies the old file's bytes; it never loads them.
     """
     known = None
     if os.path.isfile(path):
         known = TextEmbeddingCache(path)
-        differing = [k for k, v in identity.items() if known.metadata.get(k) != v]
+        stored = {k: known.metadata.get(k, (absent or {}).get(k)) for k in identity}
+        differing = [k for k, v in identity.items() if stored[k] != v]
         if differing:
             key = differing[0]
             raise CacheError(f"{path}: {what} was built with another {key.replace('_', ' ')} "
-                             f"({known.metadata.get(key)}, now {identity[key]}); pass a new {flag} or delete this file")
+                             f"({stored[key]}, now {identity[key]}); pass a new {flag} or delete this file")
         todo = known.missing(texts)
         if not todo:
             return known
@@ -349,7 +352,7 @@ def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: Embed
     A cache made by another LLM or with other embedding settings is refused."""
     return ensure_vector_cache(path, texts, llm_encoder(llm_dir, settings, dtype, device, batch_tokens, log),
                                llm_identity(llm_dir, settings), {"llm": os.path.abspath(llm_dir)}, store_dtype,
-                               log=log)
+                               log=log, absent={k: json.dumps(v) for k, v in FIELDS_BEFORE_PRESETS.items()})
 
 
 def main(argv=None):
@@ -365,7 +368,7 @@ def main(argv=None):
     parser.add_argument("--append-eos", action="store_true", help="end every text with the EOS token")
     parser.add_argument("--bidirectional", action="store_true", help="non-causal attention (LLM2Vec-style LLMs)")
     parser.add_argument("--embed-preset", choices=PRESETS, default="default",
-                        help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
+                        help="named embedding settings, e.g. qwen3-embedding, nv-embed-v2 (README, 'Embedder presets')")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight and compute dtype")
     parser.add_argument("--store-dtype", choices=STORE_DTYPES, default=DEFAULT_STORE_DTYPE,
                         help="dtype of the stored vectors (fp16: half the bytes of fp32, cosine to fp32 > 0.99999)")

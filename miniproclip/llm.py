@@ -10,6 +10,12 @@ Differences between the four layouts, all read from `config.json`:
 - Qwen3 RMS-normalises q and k per head (`q_norm`, `k_norm`) before RoPE, and gives `head_dim` explicitly.
 - Llama 3.1+ rescales the RoPE frequencies (`rope_scaling` of type `llama3`).
 - `rope_theta` sits at the top level in older configs and in `rope_parameters` in transformers ≥5 ones.
+- `is_causal: false` (gte-Qwen2-7B-instruct) runs bidirectional attention, as transformers ≥5.2 (`masking_utils.
+  create_causal_mask`) and vLLM do; NV-Embed's folder (`model_type` "nvembed") holds a bidirectional Mistral as
+  `text_config`, its weights under `embedding_model.` (`decoder_key`).
+
+Poolings: `mean_pool` (ProCLIP/LLM2CLIP, LLM2Vec) and `last_token_pool` (e5-mistral, gte-Qwen2, Qwen3-Embedding);
+NV-Embed's latent-attention pooling is in nvembed.py.
 
 This file depends on torch only and can be copied into another codebase alone.
 """
@@ -45,9 +51,12 @@ class LLMConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3", "factor": 8.0, ...} or empty
     sliding_window: int | None = None  # Mistral v0.1 limits attention to the last `sliding_window` keys
+    is_causal: bool = True  # False: the checkpoint was trained with bidirectional attention (config.json `is_causal`)
 
     @classmethod
     def from_hf(cls, config: dict) -> "LLMConfig":
+        if config.get("model_type") == "nvembed":  # NV-Embed: a bidirectional Mistral (configuration_nvembed.py)
+            return cls.from_hf({**config["text_config"], "model_type": "mistral", "is_causal": False})
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported LLM model_type {model_type!r}; "
@@ -70,7 +79,8 @@ class LLMConfig:
             hidden_act=config.get("hidden_act", "silu"), qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias and model_type != "qwen2", mlp_bias=bool(config.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3", rope_theta=float(rope_theta),
-            rope_scaling=rope if rope_type != "default" else {}, sliding_window=window)
+            rope_scaling=rope if rope_type != "default" else {}, sliding_window=window,
+            is_causal=bool(config.get("is_causal", True)))
 
     @classmethod
     def from_folder(cls, folder: str) -> "LLMConfig":
@@ -268,19 +278,36 @@ class DecoderLM(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         causal: bool = True) -> "DecoderLM":
-        """Load an HF causal-LM or base-model folder; built on the meta device, so an 8B model exists once."""
+        """Load an HF causal-LM or base-model folder (or NV-Embed's decoder); built on the meta device, so an 8B model
+        exists once. Attention is bidirectional where `causal` is False or config.json says `is_causal: false`."""
         from .weights import load_safetensors_folder, load_state_dict_strict
         llm_config = LLMConfig.from_folder(folder)
         with torch.device("meta"):
-            model = cls(llm_config, causal=causal)
-        # `*ForCausalLM` folders prefix the body with `model.`; the LM head is not needed for embeddings.
-        state_dict = load_safetensors_folder(folder, dtype=dtype, device=device, drop_prefix="model.",
-                                             ignore=("lm_head.weight",))
+            model = cls(llm_config, causal=causal and llm_config.is_causal)
+        state_dict = load_safetensors_folder(folder, dtype=dtype, device=device, rename=decoder_key)
         load_state_dict_strict(model, state_dict, folder, assign=True)
         return model.eval()
+
+
+def decoder_key(key: str) -> str | None:
+    """Our name for a checkpoint tensor of the decoder, None for one it does not hold: `*ForCausalLM` folders prefix
+    the body with `model.` (their `lm_head` is not needed for embeddings), NV-Embed's with `embedding_model.` (beside
+    its `latent_attention_model.` pooler, modeling_nvembed.py `NVEmbedModel`)."""
+    if key == "lm_head.weight" or key.startswith("latent_attention_model."):
+        return None
+    return key.removeprefix("model.").removeprefix("embedding_model.")
 
 
 def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
     """(B, T, C) states, (B, T) 1/0 mask -> (B, C) fp32 mean over the masked tokens (LLM2CLIP's pooling)."""
     weights = pool_mask.to(torch.float32)[..., None]  # (B, T, 1)
     return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) states, (B, T) 1/0 mask of real tokens -> (B, C) fp32 state of each row's last real token, whether
+    the batch is padded on the left or the right (the model cards' `last_token_pool` of e5-mistral, gte-Qwen2 and
+    Qwen3-Embedding, which branch on the padding side)."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # (T,)
+    last = (attention_mask.long() * positions).argmax(-1)  # (B,) the last 1 of each row: its largest, unique value
+    return hidden[torch.arange(len(hidden), device=hidden.device), last].float()

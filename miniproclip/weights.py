@@ -86,23 +86,24 @@ def weight_files(folder: str) -> list[str]:
 
 
 def load_safetensors_folder(folder: str, dtype: torch.dtype | None = None, device: str = "cpu",
-                            drop_prefix: str = "", ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                            ignore: tuple[str, ...] = (), rename=None) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors files (sharded or not), optionally cast to `dtype`.
 
-    `drop_prefix` is removed from keys that start with it; keys ending with one of `ignore` are skipped
-    (for tensors the model recomputes, such as `lm_head.weight` of a tied model or old `position_ids`).
+    Keys ending with one of `ignore` are skipped (tensors the model recomputes, such as old `position_ids`);
+    `rename(key)` gives the name a tensor is stored under, or None to leave it unread (e.g. `llm.decoder_key`).
     Floating-point tensors are cast; integer buffers keep their dtype.
     """
     state_dict = {}
     for path in weight_files(folder):
         with safe_open(path, framework="pt", device=device) as f:
             for key in f.keys():
-                if key.endswith(ignore):
+                name = rename(key) if rename else key
+                if name is None or key.endswith(ignore):
                     continue
                 tensor = f.get_tensor(key)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                state_dict[key.removeprefix(drop_prefix)] = tensor
+                state_dict[name] = tensor
     return state_dict
 
 

@@ -56,7 +56,7 @@ def test_embed_matches_one_by_one_in_input_order(tiny_llm):
 
 def test_instruction_prefix_is_attended_but_not_pooled(tiny_llm):
     embedder = LLMEmbedder(tiny_llm, EmbedSettings(instruction="retrieve"))
-    assert embedder.prefix == [1, 60]
+    assert embedder.tokenize.start == [1, 60] and embedder.tokenize.unpooled == 2
     embedding, _ = embedder.embed(["a red cat"])
     ids = torch.tensor([[1, 60] + embedder.tokenizer.encode("a red cat", add_special_tokens=False).ids])
     hidden = embedder.model(ids)

@@ -88,11 +88,11 @@ def test_llm2vec_llama3_preset_equals_llm2vec(tmp_path):
     tokenize = CaptionTokenizer(folder, settings)
     ids, truncated = tokenize(TEXTS)
     assert truncated == 0 and ids == reference_ids  # BOS, header, caption, <|eot_id|>: the same tokens
-    header = tokenize.tokenizer.decode(tokenize.prefix, skip_special_tokens=False)
+    header = tokenize.tokenizer.decode(tokenize.start, skip_special_tokens=False)
     assert header == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"  # BOS and the header
     assert all(row[-1] == 4 for row in ids)  # <|eot_id|>
     for row, pool in zip(ids, reference_pool):  # the pool: everything after BOS and the header
-        assert pool == [0] * len(tokenize.prefix) + [1] * (len(row) - len(tokenize.prefix))
+        assert pool == [0] * tokenize.unpooled + [1] * (len(row) - tokenize.unpooled)
     ours, _ = LLMEmbedder(folder, settings).embed(TEXTS)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
     causal, _ = LLMEmbedder(folder, EmbedSettings.preset("llm2vec-llama3", causal=True)).embed(TEXTS)
@@ -111,8 +111,8 @@ def test_pool_bos_and_suffix(tmp_path):
     folder = write_tiny_llm(tmp_path / "llm")  # its tokenizer adds BOS (id 1)
     with_bos = CaptionTokenizer(folder, EmbedSettings())
     without_bos = CaptionTokenizer(folder, EmbedSettings(max_length=5, suffix="dog", append_eos=True, pool_bos=False))
-    assert with_bos.prefix == [] and with_bos(["red cat"])[0] == [[1, 9, 7]]  # a = 3, cat = 7, dog = 8, red = 9
-    assert without_bos.prefix == [1] and without_bos.suffix == [8, 2]
+    assert with_bos.unpooled == 0 and with_bos(["red cat"])[0] == [[1, 9, 7]]  # a = 3, cat = 7, dog = 8, red = 9
+    assert without_bos.start == [1] and without_bos.unpooled == 1 and without_bos.end == [8, 2]
     assert without_bos(["red cat", "a red cat"]) == ([[1, 9, 7, 8, 2], [1, 3, 9, 8, 2]], 1)  # cut before the suffix
     embedder = LLMEmbedder(folder, EmbedSettings(pool_bos=False))
     states = embedder.model(torch.tensor([[1, 9, 7]]))

@@ -67,7 +67,7 @@ def test_stage2_export_loads_in_transformers_and_load_model(world, tmp_path):
     assert config["llm"] == os.path.abspath(world["llm"]) and config["llm_dtype"] == "fp32"
     assert config["source"]["stage"] == 2 and config["source"]["step"] == 7
     assert config["embedding"] == {"max_length": 8, "instruction": "", "append_eos": False, "causal": True, "suffix": "",
-                                   "pool_bos": True}
+                                   "pool_bos": True, "pool": "mean", "instruction_format": "{}"}
 
 
 def test_stage1_export_has_the_original_image_tower(world, tmp_path):

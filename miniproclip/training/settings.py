@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--instruction", default="", help="LLM instruction prefix, excluded from the mean pool")
     p.add_argument("--bidirectional", action="store_true", help="LLM with bidirectional attention (LLM2Vec-style)")
     p.add_argument("--embed-preset", choices=PRESETS, default="default",
-                   help="named embedding settings (llm2vec-llama3: llm2vec's encode() for Llama-3 instruct)")
+                   help="named embedding settings: llm2vec-llama3, qwen3-embedding, e5-mistral, gte-qwen2, "
+                        "nv-embed-v2 (README, 'Embedder presets')")
     p.add_argument("--llm-dtype", choices=("fp32", "bf16"), default="bf16",
                    help="LLM weights when filling the cache (bf16: ~2x faster on CPU too, cosine to fp32 >= 0.999)")
     p.add_argument("--text-cache", default=None,

@@ -6,8 +6,9 @@ texts in the batch negatives. Here, as a stage of train.py's loop (the protocol 
 - data: groups of texts (groups.py); each step pairs every group's anchor with one of its other texts, all of a
   batch's groups from one source file (LLM2Vec draws each batch from one dataset);
 - loss: symmetric InfoNCE over in-batch negatives, `(CE(S/τ, I) + CE(Sᵀ/τ, I)) / 2` with S the cosine
-  similarities of the pooled embeddings, computed exactly as `embedder.LLMEmbedder` does (same tokenization,
-  prefix/suffix, attention mode and mean pool). LLM2Vec's `HardNegativeNLLLoss` is the one-way half with scale 50
+  similarities of the pooled embeddings, computed exactly as `embedder.LLMEmbedder` does (one implementation,
+  `embedder.pooled_embeddings`: same tokenization, prefix/suffix, attention mode and the preset's pooling, mean or
+  last token). LLM2Vec's `HardNegativeNLLLoss` is the one-way half with scale 50
   (τ = 0.02, LLM2CLIP's config); gathering across ranks is `losses.ClipLoss`'s;
 - LoRA (lora.py) on the frozen LLM, r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up, down by default;
   checkpoints hold the adapters only;
@@ -23,10 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_weights
-from ..embedder import CaptionTokenizer, EmbedSettings, pad_batch, token_budget_batches
+from ..embedder import CaptionTokenizer, EmbedSettings, make_pool, pooled_embeddings
 from ..errors import TrainingError
 from ..groups import Groups, anchor_recall, pick_pairs, read_groups
-from ..llm import DecoderLM, mean_pool
+from ..llm import DecoderLM
 from ..lora import LoRASettings, apply_lora, load_lora_state_dict, lora_state_dict
 from ..losses import ClipLoss
 from ..merge import write_merged_llm
@@ -69,23 +70,20 @@ class CaptionContrastive:
         self.clip_loss = ClipLoss(gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """(N, C) L2-normalised pooled embeddings (fp32), computed as `embedder.LLMEmbedder` computes them.
+        """(N, C) L2-normalised pooled embeddings (fp32), through `embedder.pooled_embeddings` as `LLMEmbedder`
+        computes them: the same tokens, attention and pooling (the preset's: mean or last token).
 
         On one process the texts run in length-sorted batches of at most `batch_tokens` padded tokens, so a long
-        caption does not pad every short one to its length; mean pooling makes each text's embedding independent
+        caption does not pad every short one to its length; the pooling makes each text's embedding independent
         of its batch. DDP allows one forward per backward, so under torchrun they run as one padded batch."""
-        ids, _ = self.tokenize(texts)
-        single = self.clip_loss.world_size == 1 or not torch.is_grad_enabled()
-        batches = token_budget_batches([len(row) for row in ids], self.batch_tokens) if single else [range(len(ids))]
-        pooled = [None] * len(ids)
-        for batch in batches:
-            padded = pad_batch([ids[i] for i in batch], len(self.tokenize.prefix))
-            input_ids, attention, pool = (t.to(self.device) for t in padded)
+        def forward(input_ids, attention):  # (b, T) -> (b, T, C), under autocast
             with self.autocast, attention_for_training(self.device, self.grad_checkpointing):
-                hidden = self.forward(input_ids, attention)  # (b, T, C)
-            for i, vector in zip(batch, F.normalize(mean_pool(hidden, pool), dim=-1)):  # (b, C) fp32
-                pooled[i] = vector
-        return torch.stack(pooled)  # (N, C) in input order
+                return self.forward(input_ids, attention)
+        ids, _ = self.tokenize(texts)
+        one_batch = self.clip_loss.world_size > 1 and torch.is_grad_enabled()
+        pooled = pooled_embeddings(forward, make_pool(self.tokenize.settings), ids, self.tokenize.unpooled,
+                                   self.batch_tokens, self.device, one_batch=one_batch)
+        return F.normalize(pooled, dim=-1)  # (N, C) in input order
 
     def features(self, pairs: list[tuple[str, str]], student_only: bool = False) -> dict[str, torch.Tensor]:
         """{"a": (B, C), "b": (B, C)}: the embeddings of each pair's anchor and positive."""
@@ -170,6 +168,9 @@ def setup_stage0(args, settings: EmbedSettings, device: torch.device, rank: int,
                  resume_path: str | None, log) -> Stage0:
     """The LLM with LoRA adapters (a resumed run's from its checkpoint, which holds only them), its groups, and the
     stage. The frozen base is bf16 under --precision amp_bf16, else fp32; the adapters are fp32."""
+    if settings.pool == "latent":  # its pooler's weights would need training and merging too
+        raise TrainingError("stage 0 trains mean- or last-token-pooled embedders, not NV-Embed's latent attention; "
+                            "pass another --embed-preset, or use NV-Embed-v2 as it is in stages 1-2")
     groups = read_groups(args.train_data, strict=args.strict_data, log=log)
     lora, dtype = lora_settings(args), torch.bfloat16 if args.precision == "amp_bf16" else torch.float32
     model = load_stage0_llm(args.llm, settings, lora, dtype, str(device), args.grad_checkpointing)
