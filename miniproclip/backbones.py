@@ -10,7 +10,7 @@ import torch
 from .clip import CLIP
 from .image import ImageTransform
 from .openclip import image_transform, load_clip as load_open_clip
-from .weights import is_open_clip_folder
+from .weights import is_open_clip_folder, read_model_config
 
 
 def load_clip(folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CLIP:
@@ -25,3 +25,10 @@ def load_transform(folder: str) -> ImageTransform:
     CLIP's defaults when neither is there."""
     return image_transform(folder) if is_open_clip_folder(folder) else ImageTransform.from_folder(folder)
 
+
+
+def joint_width(folder: str) -> int:
+    """D, the width of `folder`'s joint embedding space, from its config alone (HF `projection_dim`, open_clip
+    `embed_dim`): what a text head maps to, known before the weights are read."""
+    config = read_model_config(folder)
+    return config["model_cfg"]["embed_dim"] if is_open_clip_folder(folder) else config.get("projection_dim", 512)

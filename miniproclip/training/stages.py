@@ -105,6 +105,9 @@ class LossSettings:
     gather_with_grad: bool = False  # InfoNCE and the stage-1 terms over the global batch (open_clip's flag)
     local_loss: bool = False  # InfoNCE: score local rows against all (open_clip --local-loss)
     reg_scope: str = "device"  # L_reg over this device's rows (official) or the gathered "global" batch
+    ema_momentum: float = 1.0  # stage 2: L_reg's teacher = EMA of the image tower; 1 keeps the initial one
+    skip_truncated_long: bool = False  # stage 1: long captions the 77-token teacher sees cut leave L_ins
+    temperature: float | None = None  # stage 0's InfoNCE τ
 
 
 # -----------------------------------------------------------------------------
