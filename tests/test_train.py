@@ -207,7 +207,7 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
                                         "--eval-every", "1")])
     logged = losses(tmp_path / "s1")[2]
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
-    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), HeadConfig(**meta["head"]))
+    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), HeadConfig(**meta["config"]["head"]))
     model.load_state_dict({**model.state_dict(), **weights})
     rows = read_rows(val)
     transform = ImageTransform.from_folder(world["clip"])
