@@ -254,8 +254,9 @@ def config_sections(meta: dict) -> dict[str, dict]:
     sections = {name: {key: args[key] for key in keys if key in args} for name, keys in LEGACY_SECTIONS.items()}
     if args.get("warmup", 0) is None:  # stage 0's "10% of the steps", filled in once the steps were counted
         sections["optimizer"].update(warmup=0, warmup_ratio=0.1)
-    embedding = EmbedSettings.from_flags(args.get("embed_preset", "default"), args["max_length"], args["instruction"],
-                                         args.get("append_eos", False), args["bidirectional"])
+    embedding = EmbedSettings.from_flags(args.get("embed_preset", "default"), args.get("max_length", 512),
+                                         args.get("instruction", ""), args.get("append_eos", False),
+                                         args.get("bidirectional", False))  # argparse's defaults where absent
     sections["embedding"] = embedding.__dict__
     if "lora_rank" in args:  # adapters as named on the command line: q -> q_proj
         targets = [t if t.endswith("_proj") else f"{t}_proj" for t in args["lora_targets"].split(",") if t]
