@@ -65,7 +65,8 @@ def test_legacy_reader_gives_every_section():
     assert (config.run.stage, config.run.save_every, config.models.llm, config.data.text_cache) == (
         1, 1, "WORLD/llm", "WORLD/data/text_cache.safetensors")
     assert (config.optimizer.batch_size, config.optimizer.warmup, config.optimizer.lr) == (8, 2, 1e-3)
-    assert (config.loss.reg_scope, config.precision.llm_dtype, config.precision.batch_tokens) == ("device", "bf16", 1024)
+    assert (config.loss.reg_scope, config.precision.llm_dtype, config.precision.batch_tokens) == (
+        "device", "bf16", 1024)
     assert config.embedding == EmbedSettings(max_length=512)
     assert config.lora == LoRASettings()  # "q,k,v,o,gate,up,down" -> q_proj, ... down_proj
     assert config.head == HeadConfig(32, 16, num_blocks=1, mlp_ratio=8)

@@ -1,7 +1,7 @@
 """What `train.py` takes from the toy world when no --train-data is given: its data, models and recipes.
 
-train.py's `resolve_settings` applies these after a resumed run's own settings and before each stage's defaults;
-`paths` builds the world (or the part of it the stage needs) first. Only flags that were not typed, and that a
+training/config.py's `resolve_config` (given this module by train.py) applies these after a resumed run's own
+settings and before each stage's defaults; `paths` builds the world (or the part of it the stage needs) first. Only flags that were not typed, and that a
 resumed run did not bring, take the recipes' values.
 """
 

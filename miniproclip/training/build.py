@@ -1,7 +1,8 @@
-"""Stages 1 and 2 from the run's Config (config.py): CLIP and the head, the data, the LLM cache, the teachers, the wrapping.
+"""Stages 1 and 2 from the run's Config (config.py): CLIP and the head, the data, the LLM cache, the teachers, the
+wrapping.
 
 `setup_clip_stage` is what `stage0.setup_stage0` is for stage 0: everything a stage needs before the first step,
-a resumed run's weights included, returned as the stages.Stage that train.py's loop runs. The optimizer, the
+a resumed run's weights included, returned as the stages.Stage that the loop (loop.py) runs. The optimizer, the
 GradScaler and the data cursor are the loop's (loop.py).
 """
 
@@ -69,7 +70,8 @@ def check_images(train_data: str, dataset: ImageTextDataset) -> None:
                         f"{probe[0]['bad_image']}); check the image paths, which are relative to the data file")
 
 
-def retrieval_validation(config: Config, model: ProCLIP, val_rows: list, cache: TextEmbeddingCache, device: torch.device):
+def retrieval_validation(config: Config, model: ProCLIP, val_rows: list, cache: TextEmbeddingCache,
+                         device: torch.device):
     """--eval-every's measure: retrieval R@K both ways on the --val-data rows (one caption each), with the model as
     it is at the call, through eval.py's retrieval runner and CLIP's eval (centre crop) transform; None without
     validation rows."""
@@ -120,8 +122,8 @@ def setup_clip_stage(config: Config, device: torch.device, rank: int, world: int
     return stage
 
 
-def setup_stage1(config: Config, rows: list, cache: TextEmbeddingCache, resume_path: str | None, world: int, shared: dict,
-                 log) -> Stage1:
+def setup_stage1(config: Config, rows: list, cache: TextEmbeddingCache, resume_path: str | None, world: int,
+                 shared: dict, log) -> Stage1:
     """Stage 1: the head alone trains, on the device alone (with the image tower for --eval-every's retrieval),
     against CLIP's text features read from their cache; DDP and torch.compile wrap the text side only, with
     dynamic shapes since the row count varies with the long captions."""

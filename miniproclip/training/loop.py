@@ -89,7 +89,8 @@ def setup(config: Config, checkpoints: Checkpoints, rank: int, world: int, log=p
     # optimizer: AdamW over the stage's parameter groups (stage 2: the head at --lr, the image tower at --lr-vision)
     optimizer = torch.optim.AdamW(param_groups(stage.model, opt.wd, stage.lr_of), lr=opt.lr,
                                   betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision.precision == "amp")  # fp16 only; a no-op otherwise
+    # fp16 (--precision amp) only; a no-op otherwise
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision.precision == "amp")
     cursor = Cursor()
     if resume_path:  # the optimizer, scaler, RNG and data cursor of the resumed run
         optimizer.load_state_dict(train_state["optimizer"])
@@ -217,10 +218,11 @@ def step_verdict(run: Run, loss, grad_norm, stop: "StopSignal") -> tuple[bool, b
 def step_record(config: Config, run: Run, loss, parts, grad_norm, timer) -> dict:
     """The numbers of the step just taken (host syncs: called on log, eval and save steps only)."""
     since, since_step = timer
+    rows = config.optimizer.batch_size * run.world  # per step, all ranks
     return {"step": run.cursor.step, "epoch": run.cursor.epoch, "loss": loss.item(),
             **{k: v.item() for k, v in parts.items()}, "lr": run.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm.item(),
-            "samples_per_s": config.optimizer.batch_size * run.world * (run.cursor.step - since_step) / (time.time() - since),
+            "samples_per_s": rows * (run.cursor.step - since_step) / (time.time() - since),
             **run.stage.counters(), "bad_images": run.cursor.bad_images}
 
 
@@ -264,5 +266,6 @@ def finish_message(config: Config, run: Run, stop: StopSignal, record: dict, log
         if measures:  # metrics.jsonl's last line: the final step's numbers with the final measures
             record.update(measures)
             append_metrics(config.run.output, record)
-        log(f"stage {config.run.stage} done: {run.cursor.step} steps, final loss {record.get('loss', float('nan')):.4f}, "
+        log(f"stage {config.run.stage} done: {run.cursor.step} steps, "
+            f"final loss {record.get('loss', float('nan')):.4f}, "
             f"checkpoints in {config.run.output}\nnext: {next_command}")

@@ -2,7 +2,7 @@
 
 LLM2CLIP (arXiv 2411.04997, sec. 3; `llm_caption_contrastive/run_supervised.py`, LLM2Vec's supervised SimCSE)
 turns a decoder LLM into a caption embedder: texts that mean the same thing are positives, the other groups'
-texts in the batch negatives. Here, as a stage of train.py's loop (the protocol in stages.py):
+texts in the batch negatives. Here, as a stage of the training loop (loop.py) (the protocol in stages.py):
 - data: groups of texts (groups.py); each step pairs every group's anchor with one of its other texts, all of a
   batch's groups from one source file (LLM2Vec draws each batch from one dataset);
 - loss: symmetric InfoNCE over in-batch negatives, `(CE(S/τ, I) + CE(Sᵀ/τ, I)) / 2` with S the cosine
@@ -100,7 +100,7 @@ class CaptionContrastive:
 
 
 # -----------------------------------------------------------------------------
-# the stage in train.py's loop
+# the stage in the training loop
 
 class GroupDataset(torch.utils.data.Dataset):
     """The loader's items: group indices only (the texts are drawn in `Stage0.prepare`)."""

@@ -42,7 +42,7 @@ from .teacher_cache import RowVectors
 
 
 class Stage(Protocol):
-    """What train.py's loop runs. Stages 0 (stage0.Stage0), 1 and 2 (below) implement it, each built from the
+    """What the training loop (loop.py) runs. Stages 0 (stage0.Stage0), 1 and 2 (below) implement it, each built from the
     settings by its setup function (stage0.setup_stage0, build.setup_clip_stage), which also loads a resumed run's
     weights and wraps the forward for DDP and torch.compile (`wrap_forward`). A step is: `prepare` the collated
     batch, `accumulated_backward` over its micro-batches with `features` and `loss`, the optimizer step, then
