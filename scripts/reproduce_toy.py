@@ -105,7 +105,7 @@ def run_training(stage, flags, out, common, log):
 
 
 def longer_stage0(toy_dir, llm_dir, steps, runs, quick) -> tuple[str, str]:
-    """The stage-0 embedder trained for `steps` steps of the toy recipe (toy/defaults.STAGE0_RECIPE) instead of the
+    """The stage-0 embedder trained for `steps` steps of the toy recipe (toy/embedder.STAGE0_RECIPE) instead of the
     default flow's 120, which its 15-minute budget on two CPU cores caps (issue 23): on validation (seed 0), 200
     steps took the ProCLIP row's de/fr/es/ja R@1 from 4.8 to 11.4. Reused once trained. Returns (its merged LLM
     folder, a sentence for RESULTS.md with its validation anchor recall)."""
