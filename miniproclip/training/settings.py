@@ -214,8 +214,9 @@ def inherited_settings(args, given: set[str], found: Checkpoints, saved: dict | 
 def stage_defaults(args, fixed: set[str]) -> dict:
     """The values of the flags still unset (and of those stage 0 sets differently, where not in `fixed`: typed, or
     brought by a resumed run). Stage 0: LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch, warmup 10% of the
-    steps, `warmup_ratio`), LLM2Vec's optimizer, and no loader processes unless --workers is typed. Stages 1-2: 20 / 10 epochs, the head's lr 1e-3 when
-    fresh (stage 1, --init scratch) else 1e-4, the image tower's 1e-5, the text cache beside the data."""
+    steps, `warmup_ratio`), LLM2Vec's optimizer, and no loader processes unless --workers is typed. Stages 1-2:
+    20 / 10 epochs, the head's lr 1e-3 when fresh (stage 1, --init scratch) else 1e-4, the image tower's 1e-5, the
+    text cache beside the data."""
     if args.stage == 0 and args.llm is None:
         raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune")
     if args.stage != 0 and (args.clip is None or args.llm is None):
