@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .backbones import load_clip, load_transform
-from .checkpoint import latest_checkpoint, load_meta, load_trained_weights, resolve_checkpoint
+from .checkpoint import config_sections, latest_checkpoint, load_meta, load_trained_weights, resolve_checkpoint
 from .embedder import EmbedSettings, LLMEmbedder, default_batch_tokens
 from .head import HeadConfig
 from .image import ImageTransform, load_image
@@ -114,12 +114,6 @@ class TrainedModel:
         return torch.cat(features)
 
 
-def embed_settings(saved: dict) -> EmbedSettings:
-    """The EmbedSettings train.py used, from a checkpoint's saved arguments (`meta["args"]`)."""
-    return EmbedSettings.from_flags(saved.get("embed_preset", "default"), saved["max_length"], saved["instruction"],
-                                    saved.get("append_eos", False), saved["bidirectional"])
-
-
 def _check_folder(source: str, kind: str, folder: str, keyword: str) -> None:
     if not os.path.isfile(os.path.join(folder, "config.json")) and not is_open_clip_folder(folder):
         raise ModelFolderError(f"the {kind} folder {folder} of {source} is not there (no config.json; a relative path "
@@ -131,11 +125,13 @@ def _from_checkpoint(path: str, clip: str | None, llm: str | None, device: torch
     """(ProCLIP, TextSide, CLIP folder, meta, weights path) of a train.py run folder or checkpoint."""
     checkpoint = resolve_checkpoint(path)
     meta = load_meta(checkpoint)
-    try:
-        args, head = meta["args"], HeadConfig(**meta["head"])
-        text = TextSide(llm or args["llm"], embed_settings(args), DTYPES[args["llm_dtype"]],
-                        default_batch_tokens(device), args["text_cache"])
-        clip_dir = clip or args["clip"]
+    try:  # the run's config by section (a run saved with flat flags is read into the same sections)
+        config = config_sections(meta)
+        head, models = HeadConfig(**config["head"]), config["models"]
+        text = TextSide(llm or models["llm"], EmbedSettings(**config["embedding"]),
+                        DTYPES[config["precision"]["llm_dtype"]], default_batch_tokens(device),
+                        config["data"]["text_cache"])
+        clip_dir = clip or models["clip"]
     except (KeyError, TypeError) as err:
         raise ModelFolderError(f"{checkpoint}: its meta lacks {err}; is it a train.py checkpoint?") from None
     _check_folder(checkpoint, "CLIP", clip_dir, "clip")

@@ -11,9 +11,9 @@ import torch
 from .clip import CLIP
 from .image import ImageTransform
 from .openclip import image_transform, is_siglip, load_clip as load_open_clip
-from .siglip import SigLIP
+from .siglip import SigLIP, SiglipConfig
 from .tokenizer import CLIPTokenizer, siglip_tokenizer
-from .weights import is_open_clip_folder, read_config, read_open_clip_config
+from .weights import is_open_clip_folder, read_config, read_model_config, read_open_clip_config
 
 
 def is_siglip_folder(folder: str) -> bool:
@@ -47,3 +47,15 @@ def load_transform(folder: str) -> ImageTransform:
     """The eval preprocessing of `folder`: HF's preprocessor_config.json, an open_clip folder's preprocess_cfg, or
     CLIP's defaults when neither is there."""
     return image_transform(folder) if is_open_clip_folder(folder) else ImageTransform.from_folder(folder)
+
+
+def joint_width(folder: str) -> int:
+    """D, the width of `folder`'s joint embedding space, from its config alone (HF CLIP `projection_dim`, HF
+    SigLIP's vision width, whose MAP head output is the embedding, open_clip `embed_dim`): what a text head maps to,
+    known before the weights are read."""
+    config = read_model_config(folder)
+    if is_open_clip_folder(folder):
+        return config["model_cfg"]["embed_dim"]
+    if is_siglip_folder(folder):
+        return SiglipConfig.from_hf(config).projection_dim
+    return config.get("projection_dim", 512)

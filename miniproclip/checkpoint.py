@@ -4,7 +4,7 @@ Mirrors karpathy/nanochat `checkpoint_manager.py` (weights + readable JSON meta 
 load) and open_clip's `--resume latest`, except that weights are safetensors and the training state loads with
 `torch.load(weights_only=True)` (no file can run code), and that files are fsynced under temp names and renamed
 before `latest` moves (a kill -9 or a full disk at any moment leaves the previous checkpoint usable). A run folder:
-    meta.json                  run-level meta: args, stage, CLIP and LLM folders, head config (write_run_meta)
+    meta.json                  run-level meta: stage, step, the run's config by named section (write_run_meta)
     metrics.jsonl              one JSON record per line, appended by the trainer (append_metrics)
     step_000120.safetensors    trainable weights; the header's metadata holds {"meta": json}
     step_000120.state.pt       optimizer / scheduler / GradScaler state, RNG states, data cursor, counters
@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .embedder import EmbedSettings
 from .files import TMP, fsync_path, write_text_atomic
 from .weights import PICKLE_SUFFIXES, load_state_dict_strict
 
@@ -225,6 +226,44 @@ def load_meta(path: str) -> dict:
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); "
                               f"pass another step_NNNNNN.safetensors or its run folder") from None
+
+
+# Runs saved before the config had sections hold a flat dictionary of train.py's flags, meta["args"] (and the head
+# beside it, meta["head"]). The section each of those flags now lives in; the embedding and LoRA sections are
+# built from their flags, flags of no section (e.g. given_flags) are dropped.
+LEGACY_SECTIONS = {
+    "run": ("stage", "init", "output", "seed", "save_every", "keep", "log_every", "eval_every", "max_bad_steps",
+            "toy_dir", "device", "compile", "grad_checkpointing"),
+    "models": ("clip", "llm", "lock_image_layers"),
+    "data": ("train_data", "val_data", "text_cache", "csv_img_key", "csv_caption_key", "csv_separator",
+             "strict_data", "workers", "train_crop", "long_prob"),
+    "optimizer": ("batch_size", "accum_freq", "epochs", "max_steps", "lr", "lr_vision", "wd", "beta1", "beta2", "eps",
+                  "warmup", "grad_clip_norm"),
+    "loss": ("ins_weight", "struct_weight", "reg_weight", "reduction", "gather_with_grad", "local_loss", "reg_scope",
+             "ema_momentum", "skip_truncated_long", "temperature"),
+    "precision": ("precision", "llm_dtype", "batch_tokens"),
+}
+
+
+def config_sections(meta: dict) -> dict[str, dict]:
+    """The run's config by section ({"run": {...}, "models": {...}, "embedding": {...}, "head": {...}, ...}) of a
+    checkpoint's meta; a run saved with the flat flag dictionary (meta["args"]) is read into the same sections."""
+    if "config" in meta:
+        return meta["config"]
+    args = meta["args"]  # KeyError: not a train.py meta (the callers say so)
+    sections = {name: {key: args[key] for key in keys if key in args} for name, keys in LEGACY_SECTIONS.items()}
+    if args.get("warmup", 0) is None:  # stage 0's "10% of the steps", filled in once the steps were counted
+        sections["optimizer"].update(warmup=0, warmup_ratio=0.1)
+    embedding = EmbedSettings.from_flags(args.get("embed_preset", "default"), args.get("max_length", 512),
+                                         args.get("instruction", ""), args.get("append_eos", False),
+                                         args.get("bidirectional", False))  # argparse's defaults where absent
+    sections["embedding"] = embedding.__dict__
+    if "lora_rank" in args:  # adapters as named on the command line: q -> q_proj
+        targets = [t if t.endswith("_proj") else f"{t}_proj" for t in args["lora_targets"].split(",") if t]
+        sections["lora"] = {"rank": args["lora_rank"], "alpha": args["lora_alpha"], "dropout": args["lora_dropout"],
+                            "targets": targets}
+    sections["head"] = meta.get("head")
+    return sections
 
 
 def load_train_state(path: str) -> dict:

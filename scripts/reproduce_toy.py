@@ -31,13 +31,14 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import train  # noqa: E402  (the repository's train.py, run in-process)
 from miniproclip import evaluation  # noqa: E402
-from miniproclip.checkpoint import resolve_checkpoint  # noqa: E402
+from miniproclip.checkpoint import config_sections, resolve_checkpoint  # noqa: E402
 from miniproclip.metrics import load_templates  # noqa: E402
 from miniproclip.precision import default_precision  # noqa: E402
 from miniproclip.training.curves import font  # noqa: E402
+from miniproclip.toy import defaults as toy_defaults  # noqa: E402
 from miniproclip.toy.world import LANGUAGES, build_toyworld, eval_set_name  # noqa: E402
+from miniproclip.training.loop import train_from_flags  # noqa: E402  (train.py's run, in-process)
 
 DIRECT = ["--init", "scratch", "--reg-weight", "0", "--head-blocks", "4", "--head-mlp-ratio", "2"]
 # name -> (LLM: "raw" or "stage0", stage-1 flags or None for no stage 1, stage-2 flags or None for no stage 2)
@@ -98,21 +99,21 @@ def run_training(stage, flags, out, common, log):
             REUSED.add(out)
         return out
     log(f"train stage {stage} {' '.join(flags)} -> {out}")
-    train.main(["--stage", str(stage), *flags, *common, "--output", out])
+    train_from_flags(["--stage", str(stage), *flags, *common, "--output", out], toy=toy_defaults)
     TRAINED.add(out)
     return out
 
 
 def longer_stage0(toy_dir, llm_dir, steps, runs, quick) -> tuple[str, str]:
-    """The stage-0 embedder trained for `steps` steps of the toy recipe (toy/defaults.STAGE0_RECIPE) instead of the
+    """The stage-0 embedder trained for `steps` steps of the toy recipe (toy/embedder.STAGE0_RECIPE) instead of the
     default flow's 120, which its 15-minute budget on two CPU cores caps (issue 23): on validation (seed 0), 200
     steps took the ProCLIP row's de/fr/es/ja R@1 from 4.8 to 11.4. Reused once trained. Returns (its merged LLM
     folder, a sentence for RESULTS.md with its validation anchor recall)."""
     out = os.path.join(runs, f"stage0_{steps}_steps")
     if not os.path.isfile(os.path.join(out, "llm", "config.json")):
         shutil.rmtree(out, ignore_errors=True)  # an interrupted run: its merged LLM is missing, start again
-        train.main(["--stage", "0", "--toy-dir", toy_dir, "--llm", llm_dir, "--output", out, "--max-steps", str(steps),
-                    *(["--batch-size", "4"] if quick else [])])
+        train_from_flags(["--stage", "0", "--toy-dir", toy_dir, "--llm", llm_dir, "--output", out, "--max-steps",
+                          str(steps), *(["--batch-size", "4"] if quick else [])], toy=toy_defaults)
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         last = json.loads(f.readlines()[-1])
     recall = ", ".join(f"{k[4:]} {100 * v:.1f}%" for k, v in last.items() if k.startswith("val/"))
@@ -268,21 +269,22 @@ def main(argv=None):
 
 
 def settings_text(stage1_run, stage2_run):
-    """The settings the ProCLIP row trained with, read back from its two runs' meta.json."""
+    """The settings the ProCLIP row trained with, read back from its two runs' meta.json (the config's sections)."""
     texts = []
     for stage, run in ((1, stage1_run), (2, stage2_run)):
         with open(os.path.join(run, "meta.json"), encoding="utf-8") as f:
-            a = json.load(f)["args"]
-        length = f"{a['max_steps']} steps" if a["max_steps"] else f"{a['epochs']} epochs"
-        text = (f"stage {stage}: {length}, batch {a['batch_size']}, head lr {a['lr']:g}, wd {a['wd']:g}, "
-                f"warmup {a['warmup']} steps then cosine, reduction {a['reduction']}")
+            config = config_sections(json.load(f))
+        o, loss = config["optimizer"], config["loss"]
+        length = f"{o['max_steps']} steps" if o["max_steps"] else f"{o['epochs']} epochs"
+        text = (f"stage {stage}: {length}, batch {o['batch_size']}, head lr {o['lr']:g}, wd {o['wd']:g}, "
+                f"warmup {o['warmup']} steps then cosine, reduction {loss['reduction']}")
         if stage == 1:
-            text += ", long captions cut by the teacher " + ("left out" if a["skip_truncated_long"] else "distilled")
+            text += ", long captions cut by the teacher " + ("left out" if loss["skip_truncated_long"] else "distilled")
         if stage == 2:
-            text += (f", image-encoder lr {a['lr_vision']:g}, λ (reg weight) {a['reg_weight']:g}, EMA momentum "
-                     f"{a['ema_momentum']:g} (1 = frozen initial image encoder)")
+            text += (f", image-encoder lr {o['lr_vision']:g}, λ (reg weight) {loss['reg_weight']:g}, EMA momentum "
+                     f"{loss['ema_momentum']:g} (1 = frozen initial image encoder)")
         texts.append(text)
-    return "; ".join(texts) + f"; LLM {a['llm']} ({a['llm_dtype']} cache)."
+    return "; ".join(texts) + f"; LLM {config['models']['llm']} ({config['precision']['llm_dtype']} cache)."
 
 
 def write_results(args, results, minutes, png, settings):

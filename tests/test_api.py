@@ -6,7 +6,6 @@ LLMEmbedder embeddings (tolerance 1e-5: the same float32 math, batched different
 equal to 1e-6 (they are fractions of hits).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -33,10 +32,7 @@ from miniproclip.weights import ModelFolderError
 
 from fixtures import WORDS, write_tiny_clip, write_tiny_llm
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")  # "eval" would shadow the builtin
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
+from miniproclip import eval_cli  # eval.py's flags and flow
 
 N_IMAGES = 7
 

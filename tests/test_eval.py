@@ -8,7 +8,6 @@
 - Unreadable images are skipped and listed, user errors exit with code 2 and one line, --show draws its grid.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,9 +35,7 @@ from miniproclip.precision import autocast, default_precision
 from fixtures import WORDS, write_tiny_clip, write_tiny_llm
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")  # "eval" would shadow the builtin
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
+from miniproclip import eval_cli  # eval.py's flags and flow
 
 TOL = 1e-6
 LONG_CAPTION = " ".join(["a red cat on the grass"] * 20)  # 120 words: past CLIP's 77 tokens

@@ -10,7 +10,6 @@ Everything runs on the tiny random CLIP / Llama of tests/fixtures.py, a few step
 import ast
 import errno
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -35,9 +34,7 @@ from miniproclip.head import HeadConfig, TextHead
 from safetensors.torch import load_file, save_file
 from test_train import ROOT, common, losses, run_cli, wait_for_lines
 
-spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))  # "eval" is a builtin
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
+from miniproclip import eval_cli  # eval.py's flags and flow
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """open_clip folders wherever a model goes in: eval.py --clip, train.py --clip (stage 2 on an EVA02 tower),
 load_model on the run, and its export in open_clip's own format (open_clip loads it back)."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,10 +20,7 @@ from miniproclip.metrics import retrieval_metrics
 
 open_clip, timm = import_references()
 pytest.importorskip("transformers")  # the tiny LLM is written by transformers
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
+from miniproclip import eval_cli  # eval.py's flags and flow
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ eva_clip's spellings, with LLM2CLIP/ProCLIP's TextProj adapter (1 block x 8, 4 b
 the model it came from (image: open_clip's EVA02 / ViT; text: the adapter on llm2vec-llama3 embeddings), through
 load_model and eval.py. And LLM2CLIP's LlamaBiModel LLM folders (no `model.` prefix) embed as llm2vec does."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -24,10 +23,7 @@ from miniproclip.weights import ModelFolderError
 
 open_clip, timm = import_references()
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
+from miniproclip import eval_cli  # eval.py's flags and flow
 TOL = 1e-4
 TO_EVA_CLIP = {"attn.q_proj.bias": "attn.q_bias", "attn.v_proj.bias": "attn.v_bias",
                "attn.norm.": "attn.inner_attn_ln.", "mlp.fc1_g.": "mlp.w1.", "mlp.fc1_x.": "mlp.w2.",

@@ -381,11 +381,16 @@ def test_stage1_takes_the_merged_llm_and_refuses_the_base_cache(tiny_llm, groups
     assert losses(tmp_path / "tuned")[1]["loss"] != pytest.approx(losses(tmp_path / "base")[1]["loss"], rel=1e-4)
 
 
-def test_embed_preset_is_saved_with_the_run_and_read_back():
-    from miniproclip.api import embed_settings
-    args = vars(train.parse_args(["--stage", "1", "--embed-preset", "llm2vec-llama3", "--max-length", "64"]))
-    assert embed_settings(args) == EmbedSettings.preset("llm2vec-llama3", max_length=64)
-    assert embed_settings({**args, "embed_preset": "default", "bidirectional": True}) == EmbedSettings(
+def test_embed_preset_of_a_run_saved_with_flat_flags_is_read_back():
+    """A run saved before the config had sections holds its flags: checkpoint.config_sections reads them into the
+    embedding section as train.py built it then (the preset, then --max-length, --bidirectional)."""
+    from miniproclip.checkpoint import config_sections
+    from miniproclip.training.settings import parse_args
+
+    args = vars(parse_args(["--stage", "1", "--embed-preset", "llm2vec-llama3", "--max-length", "64"])[0])
+    embedding = lambda saved: EmbedSettings(**config_sections({"args": saved})["embedding"])
+    assert embedding(args) == EmbedSettings.preset("llm2vec-llama3", max_length=64)
+    assert embedding({**args, "embed_preset": "default", "bidirectional": True}) == EmbedSettings(
         max_length=64, causal=False)
     del args["embed_preset"]  # a checkpoint saved before the flag existed
-    assert embed_settings(args) == EmbedSettings(max_length=64)
+    assert embedding(args) == EmbedSettings(max_length=64)

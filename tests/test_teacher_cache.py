@@ -10,20 +10,23 @@ import torch
 
 pytest.importorskip("transformers")
 
-import train
 from miniproclip.clip import CLIP
 from miniproclip.loader import collate
 from miniproclip.losses import ClipLoss, distillation_loss
+from miniproclip.training.config import resolve_config
+from miniproclip.training.loop import setup
+from miniproclip.training.settings import parse_args
 from miniproclip.training.stages import LossSettings, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
 
 
 def setup_run(world, out, *extra, device="cpu"):
-    """train.py's setup in fp32, where the caches equal the live teacher to rounding (the references run in fp32)."""
+    """The training setup (training/loop.py) in fp32, where the caches equal the live teacher to rounding (the references run in fp32)."""
     argv = ["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"], "--output", str(out),
             "--workers", "0", "--batch-size", "8", "--device", device, "--precision", "fp32", *extra]
-    args, checkpoints, rank, world, _ = train.resolve_settings(argv)
-    return train.setup(args, checkpoints, rank, world, lambda *a, **k: None)
+    args, given = parse_args(argv)
+    config, checkpoints = resolve_config(args, given, world=1)
+    return setup(config, checkpoints, 0, 1, lambda *a, **k: None)
 
 
 def first_batch(run, n=8):

@@ -207,7 +207,7 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
                                         "--eval-every", "1")])
     logged = losses(tmp_path / "s1")[2]
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s1")))
-    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), HeadConfig(**meta["head"]))
+    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), HeadConfig(**meta["config"]["head"]))
     model.load_state_dict({**model.state_dict(), **weights})
     rows = read_rows(val)
     transform = ImageTransform.from_folder(world["clip"])
@@ -222,8 +222,8 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
 
 def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
     def filled(*flags):
-        args = parse_args(["--stage", *flags, *common(world, tmp_path / "run")])
-        values = stage_defaults(args, set(args.given_flags))
+        args, given = parse_args(["--stage", *flags, *common(world, tmp_path / "run")])
+        values = stage_defaults(args, given)
         return values["lr"], values["lr_vision"]
 
     assert filled("1") == (1e-3, 1e-5)  # a fresh head; real data keeps a pretrained CLIP's vision rate
@@ -234,14 +234,15 @@ def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
 
 def test_stage0_defaults_leave_typed_and_resumed_flags_alone(world):
     """Stage 0 takes LLM2CLIP's recipe and LLM2Vec's optimizer for the flags nobody set: not for a typed one, nor
-    for one a resumed run brought (settings.stage_defaults, applied last by train.resolve_settings)."""
-    args = parse_args(["--stage", "0", "--llm", world["llm"], "--train-data", "groups.jsonl", "--wd", "0.1"])
-    values = stage_defaults(args, set(args.given_flags))
-    assert "wd" not in values and (values["beta2"], values["eps"], values["warmup"]) == (0.999, 1e-8, None)
+    for one a resumed run brought (settings.stage_defaults, applied last by config.resolve_config)."""
+    args, given = parse_args(["--stage", "0", "--llm", world["llm"], "--train-data", "groups.jsonl", "--wd", "0.1"])
+    values = stage_defaults(args, given)
+    assert "wd" not in values and (values["beta2"], values["eps"]) == (0.999, 1e-8)
+    assert (values["warmup"], values["warmup_ratio"]) == (0, 0.1)  # 10% of the steps, counted at setup
     assert (values["lr"], values["temperature"], values["epochs"], values["workers"]) == (2e-4, 0.02, 1, 0)
     assert values["precision"] == default_precision("cpu")  # bf16 where the CPU has it
-    resumed = stage_defaults(args, set(args.given_flags) | {"beta2", "eps", "warmup"})
-    assert not {"wd", "beta2", "eps", "warmup"} & set(resumed)
+    resumed = stage_defaults(args, given | {"beta2", "eps", "warmup", "workers"})
+    assert not {"wd", "beta2", "eps", "warmup", "warmup_ratio", "workers"} & set(resumed)
 
 
 def test_toy_recipe_gives_a_trained_head_the_low_stage2_rate():

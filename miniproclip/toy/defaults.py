@@ -1,19 +1,16 @@
 """What `train.py` takes from the toy world when no --train-data is given: its data, models and recipes.
 
-train.py's `resolve_settings` applies these after a resumed run's own settings and before each stage's defaults;
-`paths` builds the world (or the part of it the stage needs) first. Only flags that were not typed, and that a
+training/config.py's `resolve_config` (given this module by train.py) applies these after a resumed run's own
+settings and before each stage's defaults; `paths` builds the world (or the part of it the stage needs) first. Only flags that were not typed, and that a
 resumed run did not bring, take the recipes' values.
 """
 
 import os
 from pathlib import Path
 
+from .embedder import STAGE0_RECIPE  # stage 0's, chosen on the world's validation groups
 from .world import build_toyworld, stage0_sources
 
-TOY_TEMPERATURE = 0.05  # stage 0 on the toy world's groups
-# Stage 0's recipe, chosen on the world's validation groups (RESULTS.md, "Stage 0"): a faster rate than LLM2CLIP's,
-# which starts from an embedder already trained, no adapter dropout, and `max_steps` batches of 32 pairs
-STAGE0_RECIPE = {"lr": 1e-3, "lora_dropout": 0.0, "batch_size": 32, "max_steps": 120, "temperature": TOY_TEMPERATURE}
 # Stages 1-2: the toy's small ViT barely moves at a pretrained CLIP's 1e-5, and its long captions are filler up to
 # token 77, so a cut caption's teacher target describes nothing (--skip-truncated-long)
 CLIP_STAGE_RECIPE = {"lr_vision": 1e-4, "skip_truncated_long": True}

@@ -355,7 +355,7 @@ def build_toyworld(toy_dir="toyworld", seed: int = 0, llm_dir=None, quick: bool 
         return {}
 
     def build_embedder() -> dict:
-        return {"stage0": build_toy_embedder(toy_dir, llm_path, quick, log)}
+        return {"stage0": build_toy_embedder(toy_dir, llm_path, quick, stage0_sources(toy_dir), log)}
 
     steps = [  # (name, output that must exist for the mark to count, work returning manifest entries)
         ("world", toy_dir / "zeroshot" / "templates.json", lambda: build_world(toy_dir, seed, quick)),

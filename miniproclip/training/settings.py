@@ -1,9 +1,9 @@
 """train.py's flags (open_clip's params.py) and the rules that give the unset ones their values.
 
-argparse leaves the stage-dependent defaults None. train.py's `resolve_settings` is the one function that writes
-the settings: it applies, in this order, what a resumed run brings (`inherited_settings`), the toy world's
+argparse leaves the stage-dependent defaults None. config.py's `resolve_config` is the one function that writes
+the run's settings: it applies, in this order, what a resumed run brings (`inherited_settings`), the toy world's
 (toy/defaults.py, without --train-data) and each stage's (`stage_defaults`). The functions here only read the
-flags and return values. `args.given_flags` lists the flags typed on the command line: a resumed run takes every
+flags and return values. `parse_args` also returns the flags typed on the command line: a resumed run takes every
 other setting from its checkpoint.
 """
 
@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import CheckpointError, load_meta, resolve_checkpoint
+from ..checkpoint import CheckpointError, config_sections, load_meta, resolve_checkpoint
 from ..embedder import PRESETS, default_batch_tokens
 from ..errors import TrainingError
 from ..precision import PRECISIONS, default_precision
 from .stage0 import LLM2CLIP_LR, LLM2CLIP_TEMPERATURE, STAGE0_OPTIMIZER
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
+    """(the flags' values, the names of those typed on the command line)."""
     p = argparse.ArgumentParser(description="Train ProCLIP: stage 0 (LoRA caption-contrastive fine-tune of the "
                                             "LLM embedder), stage 1 (distil CLIP's text encoder into LLM+head), "
                                             "stage 2 (contrastive tuning of the image encoder with L_reg).")
@@ -139,17 +140,17 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=None,
                    help="InfoNCE temperature (default: 0.02, LLM2CLIP's scale 50; 0.05 on the toy groups)")
     args = p.parse_args(argv)
-    # the flags given on this command line: a resumed run takes every other setting from its checkpoint
-    for action in p._actions:
-        action.default, action.required = argparse.SUPPRESS, False
-    args.given_flags = sorted(vars(p.parse_args(argv)))
-    return args
+    # the flags given on this command line: parsed again into a namespace where every flag already holds a marker
+    # (argparse sets a default only where the namespace has none), the typed ones replace it
+    unset = object()
+    typed = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return args, {name for name, value in vars(typed).items() if value is not unset}
 
 
 # -----------------------------------------------------------------------------
 # --resume and --init: which checkpoints a run starts from, and the settings a resumed run keeps
 
-PER_LAUNCH = {"resume", "device", "workers", "given_flags"}  # settings of a launch, never taken from a checkpoint
+PER_LAUNCH = {"resume", "device", "workers"}  # settings of a launch, never taken from a checkpoint
 FIXED_ON_RESUME = ("train_data", "batch_size")  # the data cursor counts batches of these: a change is refused
 
 
@@ -162,7 +163,7 @@ class Checkpoints:
     init_meta: dict | None = None
 
 
-def find_checkpoints(args, world: int) -> Checkpoints:
+def find_checkpoints(args, given: set[str], world: int) -> Checkpoints:
     """The run's checkpoints, each checked against the flags; a bad one fails here, before any work."""
     if args.stage == 2 and not (args.init or args.resume):
         raise CheckpointError("--stage 2 needs --init RUN_OR_CHECKPOINT (a stage-1 run), or --resume")
@@ -181,7 +182,7 @@ def find_checkpoints(args, world: int) -> Checkpoints:
                                   f"not {world}: its data position counts per-rank batches; resume it with the same "
                                   "number of processes")
     # a resumed stage-2 run rebuilds its teacher from its own --init; `--init scratch` is stage 2 with a fresh head
-    init = found.resumed_meta["args"].get("init") if found.resumed_meta and "init" not in args.given_flags \
+    init = config_sections(found.resumed_meta)["run"].get("init") if found.resumed_meta and "init" not in given \
         else args.init
     if args.stage != 0 and init and init != "scratch":
         found.init_path = resolve_checkpoint(init)
@@ -192,22 +193,20 @@ def find_checkpoints(args, world: int) -> Checkpoints:
     return found
 
 
-def inherited_settings(args, found: Checkpoints) -> dict:
-    """`--resume`: every flag not given again comes from the run being resumed (its data, models, losses,
-    schedule, ...), so the command a stopped run prints continues the same run. Else the CLIP and LLM that the
-    --init checkpoint names, where not given."""
-    if not found.resumed_meta:
-        names = (found.init_meta or {}).get("args", {})
-        return {key: names[key] for key in ("clip", "llm") if getattr(args, key) is None and key in names}
-    saved = found.resumed_meta["args"]
+def inherited_settings(args, given: set[str], found: Checkpoints, saved: dict | None, init_config) -> dict:
+    """`--resume`: every flag not given again comes from the run being resumed (`saved`, its plain config sections'
+    values by flag name: its data, models, losses, schedule, ...), so the command a stopped run prints continues
+    the same run. Else the CLIP and LLM that the --init checkpoint's config (`init_config`) names, where not given."""
+    if saved is None:
+        names = vars(init_config.models) if init_config else {}
+        return {key: names[key] for key in ("clip", "llm") if getattr(args, key) is None and names.get(key)}
     for key in FIXED_ON_RESUME:
-        if key in args.given_flags and saved.get(key) != getattr(args, key):
+        if key in given and saved.get(key) != getattr(args, key):
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"{found.resume_path} was trained with {flag} {saved.get(key)}; a resumed run keeps "
                                   f"it (its data position counts those batches): leave {flag} out, or start a new "
                                   f"run with --init {found.resume_path}")
-    return {key: value for key, value in saved.items()
-            if key in vars(args) and key not in args.given_flags and key not in PER_LAUNCH}
+    return {key: value for key, value in saved.items() if key not in given and key not in PER_LAUNCH}
 
 
 # -----------------------------------------------------------------------------
@@ -216,8 +215,9 @@ def inherited_settings(args, found: Checkpoints) -> dict:
 def stage_defaults(args, fixed: set[str]) -> dict:
     """The values of the flags still unset (and of those stage 0 sets differently, where not in `fixed`: typed, or
     brought by a resumed run). Stage 0: LLM2CLIP's recipe (lr 2e-4, temperature 0.02, 1 epoch, warmup 10% of the
-    steps, set once they are counted) and LLM2Vec's optimizer. Stages 1-2: 20 / 10 epochs, the head's lr 1e-3 when
-    fresh (stage 1, --init scratch) else 1e-4, the image tower's 1e-5, the text cache beside the data."""
+    steps, `warmup_ratio`), LLM2Vec's optimizer, and no loader processes unless --workers is typed. Stages 1-2:
+    20 / 10 epochs, the head's lr 1e-3 when fresh (stage 1, --init scratch) else 1e-4, the image tower's 1e-5, the
+    text cache beside the data."""
     if args.stage == 0 and args.llm is None:
         raise TrainingError("--stage 0 needs --llm LLM_DIR, the Hugging Face LLM to fine-tune")
     if args.stage != 0 and (args.clip is None or args.llm is None):
@@ -230,11 +230,12 @@ def stage_defaults(args, fixed: set[str]) -> dict:
             raise TrainingError("--init is for stage 2; stage 0 starts from --llm (continue a run with --resume)")
         values.update({key: value for key, value in STAGE0_OPTIMIZER.items() if key not in fixed})
         if "warmup" not in fixed:
-            values["warmup"] = None  # 10% of the steps (train.py, once counted)
+            values.update(warmup=0, warmup_ratio=0.1)  # 10% of the steps (counted at setup)
+        if "workers" not in fixed:
+            values["workers"] = 0  # the texts are in memory: no loader processes
         return {**values, "epochs": args.epochs or 1, "lr": LLM2CLIP_LR if args.lr is None else args.lr,
                 "temperature": LLM2CLIP_TEMPERATURE if args.temperature is None else args.temperature,
-                "precision": args.precision or default_precision(args.device),
-                "workers": 0}  # the texts are in memory: no loader processes
+                "precision": args.precision or default_precision(args.device)}
     # the text cache sits beside the (first) data source, so every run on that data shares it
     first_source = os.path.abspath(args.train_data.split("::")[0])
     return {**values, "text_cache": args.text_cache or os.path.join(os.path.dirname(first_source),

@@ -2,7 +2,7 @@
 
 LLM2CLIP (arXiv 2411.04997, sec. 3; `llm_caption_contrastive/run_supervised.py`, LLM2Vec's supervised SimCSE)
 turns a decoder LLM into a caption embedder: texts that mean the same thing are positives, the other groups'
-texts in the batch negatives. Here, as a stage of train.py's loop (the protocol in stages.py):
+texts in the batch negatives. Here, as a stage of the training loop (loop.py) (the protocol in stages.py):
 - data: groups of texts (groups.py); each step pairs every group's anchor with one of its other texts, all of a
   batch's groups from one source file (LLM2Vec draws each batch from one dataset);
 - loss: symmetric InfoNCE over in-batch negatives, `(CE(S/τ, I) + CE(Sᵀ/τ, I)) / 2` with S the cosine
@@ -18,13 +18,14 @@ texts in the batch negatives. Here, as a stage of train.py's loop (the protocol 
 
 import contextlib
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_weights
-from ..embedder import CaptionTokenizer, EmbedSettings, make_pool, pooled_embeddings
+from ..embedder import PRESETS, CaptionTokenizer, EmbedSettings, make_pool, pooled_embeddings
 from ..errors import TrainingError
 from ..groups import Groups, anchor_recall, pick_pairs, read_groups
 from ..llm import DecoderLM
@@ -97,7 +98,7 @@ class CaptionContrastive:
 
 
 # -----------------------------------------------------------------------------
-# the stage in train.py's loop
+# the stage in the training loop
 
 class GroupDataset(torch.utils.data.Dataset):
     """The loader's items: group indices only (the texts are drawn in `Stage0.prepare`)."""
@@ -159,36 +160,43 @@ class Stage0(CaptionContrastive):
         return metrics, " ".join(["python train.py --stage 1 --llm", folder, *self.next_flags])
 
 
-def lora_settings(args) -> LoRASettings:
-    targets = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in args.lora_targets.split(",") if t)
-    return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
-
-
-def setup_stage0(args, settings: EmbedSettings, device: torch.device, rank: int, world: int,
-                 resume_path: str | None, log) -> Stage0:
+def setup_stage0(config, device: torch.device, rank: int, world: int, resume_path: str | None, log) -> Stage0:
     """The LLM with LoRA adapters (a resumed run's from its checkpoint, which holds only them), its groups, and the
-    stage. The frozen base is bf16 under --precision amp_bf16, else fp32; the adapters are fp32."""
-    if settings.pool == "latent":  # its pooler's weights would need training and merging too
+    stage, from the run's Config (config.py). The frozen base is bf16 under --precision amp_bf16, else fp32; the
+    adapters are fp32."""
+    run, data, llm, lora, embedding = config.run, config.data, config.models.llm, config.lora, config.embedding
+    if embedding.pool == "latent":  # its pooler's weights would need training and merging too
         raise TrainingError("stage 0 trains mean- or last-token-pooled embedders, not NV-Embed's latent attention; "
                             "pass another --embed-preset, or use NV-Embed-v2 as it is in stages 1-2")
-    groups = read_groups(args.train_data, strict=args.strict_data, log=log)
-    lora, dtype = lora_settings(args), torch.bfloat16 if args.precision == "amp_bf16" else torch.float32
-    model = load_stage0_llm(args.llm, settings, lora, dtype, str(device), args.grad_checkpointing)
+    precision = config.precision.precision
+    groups = read_groups(data.train_data, strict=data.strict_data, log=log)
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float32
+    model = load_stage0_llm(llm, embedding, lora, dtype, str(device), run.grad_checkpointing)
     adapted = {name.split(".")[-2] for name in lora_state_dict(model)}  # "layers.0.self_attn.q_proj.lora_A" -> q_proj
     missing = set(lora.targets) - adapted
     if missing:  # a typo would silently leave those layers untrained
-        raise TrainingError(f"--lora-targets: {args.llm} has no {', '.join(sorted(missing))} layers")
+        raise TrainingError(f"--lora-targets: {llm} has no {', '.join(sorted(missing))} layers")
     if resume_path:
         load_lora_state_dict(model, load_weights(resume_path)[0])
-    log(f"stage 0: {len(groups)} groups in {len(set(groups.sources))} source(s) from {args.train_data}, LLM "
-        f"{args.llm} ({dtype}), LoRA r {args.lora_rank} on {args.lora_targets}, temperature {args.temperature}, "
-        f"{describe(args.precision, device)}, output {args.output}")
-    forward, no_sync = wrap_forward(model, world, args.compile, dynamic=True)  # text lengths vary
-    next_flags = [f"--embed-preset {args.embed_preset}"] * (args.embed_preset != "default") + \
-        ["--bidirectional"] * args.bidirectional + [f"--instruction {args.instruction!r}"] * bool(args.instruction)
-    return Stage0(model=model, groups=groups, seed=args.seed, lr=args.lr, llm=args.llm, lora=lora,
-                  val_data=args.val_data, output=args.output, next_flags=next_flags, forward=forward,
-                  no_sync=no_sync, tokenize=CaptionTokenizer(args.llm, settings), temperature=args.temperature,
-                  gather_with_grad=args.gather_with_grad, rank=rank, world_size=world, device=device,
-                  autocast=autocast(device.type, args.precision), batch_tokens=args.batch_tokens,
-                  grad_checkpointing=args.grad_checkpointing)
+    log(f"stage 0: {len(groups)} groups in {len(set(groups.sources))} source(s) from {data.train_data}, LLM "
+        f"{llm} ({dtype}), LoRA r {lora.rank} on {','.join(lora.targets)}, temperature {config.loss.temperature}, "
+        f"{describe(precision, device)}, output {run.output}")
+    forward, no_sync = wrap_forward(model, world, run.compile, dynamic=True)  # text lengths vary
+    return Stage0(model=model, groups=groups, seed=run.seed, lr=config.optimizer.lr, llm=llm, lora=lora,
+                  val_data=data.val_data, output=run.output, next_flags=embedding_flags(embedding), forward=forward,
+                  no_sync=no_sync, tokenize=CaptionTokenizer(llm, embedding), temperature=config.loss.temperature,
+                  gather_with_grad=config.loss.gather_with_grad, rank=rank, world_size=world, device=device,
+                  autocast=autocast(device.type, precision), batch_tokens=config.precision.batch_tokens,
+                  grad_checkpointing=run.grad_checkpointing)
+
+
+def embedding_flags(settings: EmbedSettings) -> list[str]:
+    """The flags that give stage 1 the embedding settings stage 0 trained with: the preset they come from (not
+    named when "default"), with --bidirectional and --instruction where they differ from it."""
+    for name in PRESETS:
+        base = EmbedSettings.preset(name, max_length=settings.max_length)
+        if replace(base, instruction=settings.instruction, causal=settings.causal) == settings:
+            return [f"--embed-preset {name}"] * (name != "default") + \
+                ["--bidirectional"] * (base.causal and not settings.causal) + \
+                [f"--instruction {settings.instruction!r}"] * (settings.instruction != base.instruction)
+    return []

@@ -42,7 +42,7 @@ from .teacher_cache import RowVectors
 
 
 class Stage(Protocol):
-    """What train.py's loop runs. Stages 0 (stage0.Stage0), 1 and 2 (below) implement it, each built from the
+    """What the training loop (loop.py) runs. Stages 0 (stage0.Stage0), 1 and 2 (below) implement it, each built from the
     settings by its setup function (stage0.setup_stage0, build.setup_clip_stage), which also loads a resumed run's
     weights and wraps the forward for DDP and torch.compile (`wrap_forward`). A step is: `prepare` the collated
     batch, `accumulated_backward` over its micro-batches with `features` and `loss`, the optimizer step, then
@@ -105,6 +105,9 @@ class LossSettings:
     gather_with_grad: bool = False  # InfoNCE and the stage-1 terms over the global batch (open_clip's flag)
     local_loss: bool = False  # InfoNCE: score local rows against all (open_clip --local-loss)
     reg_scope: str = "device"  # L_reg over this device's rows (official) or the gathered "global" batch
+    ema_momentum: float = 1.0  # stage 2: L_reg's teacher = EMA of the image tower; 1 keeps the initial one
+    skip_truncated_long: bool = False  # stage 1: long captions the 77-token teacher sees cut leave L_ins
+    temperature: float | None = None  # stage 0's InfoNCE τ
 
 
 # -----------------------------------------------------------------------------
