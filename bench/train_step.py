@@ -206,7 +206,7 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
                        next_command="", device=device, autocast=run_autocast, settings=settings)
     stage1 = Stage1(forward=text_side, llm=llm, teacher_vectors=taught, skip_truncated_long=False, **common_args)
     stage2 = Stage2(forward=model, teacher=None, llm=RowVectors.map(llm_cache, caption_columns(rows)),
-                    teacher_vectors=RowVectors.map(images, [(row.image for row in rows)]), clip_loss=ClipLoss(),
+                    teacher_vectors=RowVectors.map(images, [(row.image for row in rows)]), contrastive_loss=ClipLoss(),
                     ema_momentum=1.0, long_prob=0.0, seed=0, **common_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 

@@ -136,7 +136,8 @@ def _from_checkpoint(path: str, clip: str | None, llm: str | None, device: torch
         raise ModelFolderError(f"{checkpoint}: its meta lacks {err}; is it a train.py checkpoint?") from None
     _check_folder(checkpoint, "CLIP", clip_dir, "clip")
     _check_folder(checkpoint, "LLM", text.llm_dir, "llm")
-    model = ProCLIP.from_clip(load_clip(clip_dir), head)
+    sigmoid = config["loss"].get("contrastive_loss") == "sigmoid"  # its model has SigLIP's bias b
+    model = ProCLIP.from_clip(load_clip(clip_dir), head, logit_bias=sigmoid)
     load_trained_weights(model, checkpoint)  # stage 1: the head; stage 2: everything (an EMA teacher is not used)
     return model, text, clip_dir, meta, checkpoint
 

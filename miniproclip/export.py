@@ -57,6 +57,8 @@ def _write_clip_folder(trained, folder: str) -> None:
     # the CLIP folder's tensors, whose image tower and temperature are then replaced by the trained ones
     weights = load_safetensors_folder(trained.clip_dir, dtype=torch.float32, ignore=("position_ids",))
     tuned = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("text_head.")}
+    if "logit_bias" not in weights:  # a sigmoid-loss run on a CLIP folder: CLIPModel has no bias (nor needs one
+        tuned.pop("logit_bias", None)  # to rank: it shifts every logit alike); a SigLIP folder's is replaced
     # a SigLIP folder stores its temperature as (1,), ProCLIP as a scalar: the folder's shapes are kept
     weights.update({k: v.detach().float().cpu().reshape(weights[k].shape if k in weights else v.shape).contiguous()
                     for k, v in tuned.items()})

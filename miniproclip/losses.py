@@ -8,6 +8,7 @@
 - `ClipLoss`: the symmetric InfoNCE of mlfoundations/open_clip `src/open_clip/loss.py` (`ClipLoss`,
   `gather_features`), with the same `local_loss` / `gather_with_grad` / `rank` / `world_size` switches;
   `all_gather_with_grad` is the gather whose backward returns each rank its rows' gradient.
+- `SigmoidLoss`: SigLIP's pairwise sigmoid loss (open_clip `SigLipLoss`), texts passed round the ranks' ring.
 - `splice_micro_batch`: the feature splicing of open_clip's `--accum-freq` (open_clip_train/train.py).
 - `ema_update`, `clamp_logit_scale_`: the stage-2 teacher update and open_clip's `clamp_(0, ln 100)`.
 
@@ -232,6 +233,68 @@ class ClipLoss(nn.Module):
                 image_features.float(), text_features.float(), torch.as_tensor(logit_scale).float())
             labels = self.get_labels(image_features.device, logits_per_image.shape[0])
             return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class NeighbourExchange(torch.autograd.Function):
+    """Send (B, D) rows to rank `to_rank` and receive the same shape from `from_rank`, one hop round the ring
+    (open_clip `neighbour_exchange_with_grad`); the backward sends the gradient one hop back the other way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, from_rank: int, to_rank: int) -> torch.Tensor:
+        ctx.from_rank, ctx.to_rank = from_rank, to_rank
+        received = torch.empty_like(x)  # every rank's batch has the same shape (the SigLIP exchange needs it)
+        ops = [dist.P2POp(dist.isend, x.contiguous(), to_rank), dist.P2POp(dist.irecv, received, from_rank)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return NeighbourExchange.apply(grad.contiguous(), ctx.to_rank, ctx.from_rank), None, None
+
+
+class SigmoidLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (arXiv 2303.15343; open_clip `SigLipLoss`), stage 2's `--loss sigmoid`:
+
+        L = -(1/B) Σ_ij log σ(z_ij (t · v_i·s_j + b)),  z_ij = +1 on the diagonal, -1 elsewhere
+
+    over this rank's B images against every text of the global batch; `logit_scale` is t itself (exp'd, as
+    ClipLoss takes it) and `logit_bias` is b. Every pair is its own binary problem, so no softmax needs the
+    whole batch at once: with world_size > 1 the texts travel round the ring one neighbour at a time (open_clip's
+    "shift" exchange; its default "bidir" sends both ways at once and gives the same sum) and the other ranks'
+    blocks add negatives only. No rank ever holds the global (N, N) logits. Each rank's loss is its own images'
+    share; as in open_clip, the gradient that reaches a rank's texts from the others comes back through the ring.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    @staticmethod
+    def block(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+              positives_on_diagonal: bool) -> torch.Tensor:
+        """-Σ log σ(z · logits) / B over one (B, B') block: the local block has the positives on its diagonal."""
+        logits = scale * image @ text.T + bias  # (B, B')
+        signs = -torch.ones_like(logits)
+        if positives_on_diagonal:
+            signs.diagonal().fill_(1.0)
+        return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> torch.Tensor:
+        """Loss from L2-normalised (B, D) image and text features, row i of each forming the positive pair."""
+        if image_features.dim() != 2 or image_features.shape != text_features.shape:
+            raise ValueError(f"image and text features must both be (B, D), got {tuple(image_features.shape)} "
+                             f"and {tuple(text_features.shape)}")
+        with _fp32_region(image_features):
+            image, text = image_features.float(), text_features.float()
+            scale, bias = torch.as_tensor(logit_scale).float(), torch.as_tensor(logit_bias).float()
+            loss = self.block(image, text, scale, bias, positives_on_diagonal=True)
+            left, right = (self.rank - 1) % self.world_size, (self.rank + 1) % self.world_size
+            for _ in range(self.world_size - 1):  # hop k: the texts of the rank k places to the left
+                text = NeighbourExchange.apply(text, left, right)
+                loss = loss + self.block(image, text, scale, bias, positives_on_diagonal=False)
+            return loss
 
 
 def splice_micro_batch(cached: list[torch.Tensor], index: int, fresh: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,17 @@ def test_stage1_then_stage2_train_on_a_siglip_tower(world, tmp_path):
         assert (trained.model.encode_image(pixels) - theirs).abs().max() < TOL
 
 
+def test_sigmoid_loss_starts_from_the_siglip_scale_and_bias(siglip):
+    """ProCLIP for --loss sigmoid on a SigLIP folder takes its own t and b (the test's SigLIP: log t 2.3, b -7)."""
+    from miniproclip.head import HeadConfig
+    from miniproclip.model import ProCLIP
+    clip = load_clip(siglip[0])
+    model = ProCLIP.from_clip(clip, HeadConfig(16, clip.config.projection_dim), logit_bias=True)
+    assert model.logit_scale.item() == clip.logit_scale.item() == pytest.approx(2.3)
+    assert model.logit_bias.item() == clip.logit_bias.item() == pytest.approx(-7.0)
+    assert not hasattr(ProCLIP.from_clip(clip, HeadConfig(16, clip.config.projection_dim)), "logit_bias")
+
+
 def test_eval_retrieval_equals_transformers_features(siglip, tmp_path):
     """eval.py --clip SIGLIP_DIR: its recalls equal those of transformers' SiglipModel features (processor: PIL
     SiglipImageProcessor; text: the same tokenizer.json, lowercased, EOS, `<pad>` to 64) put through the metric."""

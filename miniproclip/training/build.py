@@ -18,7 +18,7 @@ from ..evaluation import Encoders, RetrievalSet, inference, run_retrieval
 from ..image import RandomResizedCropTransform
 from ..llm import LLMConfig
 from ..loader import ImageTextDataset
-from ..losses import ClipLoss
+from ..losses import ClipLoss, SigmoidLoss
 from ..model import ProCLIP
 from ..precision import DTYPES, autocast, compute_dtype, describe
 from .config import Config
@@ -40,7 +40,7 @@ def build_model(config: Config, clip: CLIP, source: str | None) -> ProCLIP:
     if head.input_dim != llm_width:
         raise TrainingError(f"{source}: its head takes {head.input_dim}-dim LLM embeddings but {config.models.llm} "
                             f"is {llm_width} wide; use the --llm it was trained with")
-    return ProCLIP.from_clip(clip, head)
+    return ProCLIP.from_clip(clip, head, logit_bias=config.loss.contrastive_loss == "sigmoid")
 
 
 def read_data(config: Config, log) -> tuple[list, list, TextEmbeddingCache]:
@@ -169,5 +169,6 @@ def setup_stage2(config: Config, rows: list, cache: TextEmbeddingCache, resume_p
     return Stage2(forward=forward, no_sync=no_sync, dataset=dataset, llm=RowVectors.map(cache, caption_columns(rows)),
                   teacher=teacher, teacher_vectors=taught, ema_momentum=loss.ema_momentum,
                   long_prob=config.data.long_prob, seed=config.run.seed,
-                  clip_loss=ClipLoss(loss.local_loss, loss.gather_with_grad, rank, world),
+                  contrastive_loss=SigmoidLoss(rank, world) if loss.contrastive_loss == "sigmoid" else
+                  ClipLoss(loss.local_loss, loss.gather_with_grad, rank, world),
                   next_command=f"python eval.py --task retrieval --model {config.run.output}", **shared)

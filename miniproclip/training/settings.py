@@ -123,6 +123,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
                         "batch's InfoNCE gradient (without it InfoNCE still sees all ranks' features as negatives, "
                         "but only through the local rows), and stage 1's L_ins/L_struct span the global batch")
     p.add_argument("--local-loss", action="store_true", help="InfoNCE of local rows against all (open_clip)")
+    p.add_argument("--loss", dest="contrastive_loss", choices=("clip", "sigmoid"), default="clip",
+                   help="stage 2's contrastive loss: clip (InfoNCE, CLIP's) or sigmoid (SigLIP's, with a learnable "
+                        "bias: a SigLIP folder's own scale and bias, else log 10 and -10; texts pass between "
+                        "neighbouring ranks under torchrun)")
     # speed
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available); under torchrun each rank takes its LOCAL_RANK GPU")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..losses import ClipLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, \
+from ..losses import ClipLoss, SigmoidLoss, all_gather_with_grad, clamp_logit_scale_, distillation_loss, ema_update, \
     instance_loss, splice_micro_batch, structure_loss
 from ..model import ProCLIP
 from .teacher_cache import RowVectors
@@ -108,6 +108,7 @@ class LossSettings:
     ema_momentum: float = 1.0  # stage 2: L_reg's teacher = EMA of the image tower; 1 keeps the initial one
     skip_truncated_long: bool = False  # stage 1: long captions the 77-token teacher sees cut leave L_ins
     temperature: float | None = None  # stage 0's InfoNCE τ
+    contrastive_loss: str = "clip"  # stage 2: "clip" (InfoNCE, losses.ClipLoss) or "sigmoid" (SigLIP's, SigmoidLoss)
 
 
 # -----------------------------------------------------------------------------
@@ -158,9 +159,11 @@ def stage1_loss(f: dict, settings: LossSettings) -> tuple[torch.Tensor, dict]:
     return total, {"ins": ins.detach(), "struct": struct.detach()}
 
 
-def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scale: torch.Tensor,
-                last: bool = True, teacher_may_be_unknown: bool = False) -> tuple[torch.Tensor, dict]:
-    """Stage-2 loss from features {image, text, teacher_image}, each (B, D); `logit_scale` is the log.
+def stage2_loss(f: dict, settings: LossSettings, contrastive_loss: ClipLoss | SigmoidLoss, logit_scale: torch.Tensor,
+                last: bool = True, teacher_may_be_unknown: bool = False,
+                logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Stage-2 loss from features {image, text, teacher_image}, each (B, D); `logit_scale` is the log, and
+    `logit_bias` the sigmoid loss's b (None for InfoNCE).
 
     teacher_may_be_unknown: the teacher's features come from the image cache, where a row is NaN if its image
     could not be read when the cache was filled (teacher_cache.py). L_reg then leaves such rows out; the
@@ -168,7 +171,10 @@ def stage2_loss(f: dict, settings: LossSettings, clip_loss: ClipLoss, logit_scal
     asks for it only when it saw such a row (Stage2.loss).
     """
     scale = (logit_scale if last else logit_scale.detach()).exp()
-    contrastive = clip_loss(f["image"], f["text"], scale)
+    if logit_bias is None:
+        contrastive = contrastive_loss(f["image"], f["text"], scale)
+    else:  # as the scale, b gets its gradient once, from the last micro-batch's pass
+        contrastive = contrastive_loss(f["image"], f["text"], scale, logit_bias if last else logit_bias.detach())
     across = settings.reg_scope == "global"
     image, teacher = gather_rows(f["image"], across), gather_rows(f["teacher_image"], across)  # (B or W·B, D)
     if teacher_may_be_unknown:
@@ -311,10 +317,10 @@ class Stage2(ClipStage):
     random crops) it runs live on the micro-batch's pixels.
     """
 
-    def __init__(self, *, teacher, teacher_vectors: RowVectors | None, clip_loss: ClipLoss, ema_momentum: float,
-                 long_prob: float, seed: int, **shared):
+    def __init__(self, *, teacher, teacher_vectors: RowVectors | None, contrastive_loss: ClipLoss | SigmoidLoss,
+                 ema_momentum: float, long_prob: float, seed: int, **shared):
         super().__init__(**shared)
-        self.teacher, self.teacher_vectors, self.clip_loss = teacher, teacher_vectors, clip_loss
+        self.teacher, self.teacher_vectors, self.contrastive_loss = teacher, teacher_vectors, contrastive_loss
         self.ema_momentum, self.long_prob, self.seed = ema_momentum, long_prob, seed
         self.unknown_in_step = False  # a NaN v̂ in this step's micro-batches (known on the host, no sync)
         self.pick_long, self.coins_epoch = None, None  # this epoch's coin per row: show the long caption?
@@ -358,12 +364,14 @@ class Stage2(ClipStage):
         # the mask's sync only when this rank saw a NaN v̂, or always when L_reg spans every rank's rows
         cached = self.teacher_vectors is not None
         mask = cached and (self.unknown_in_step or (self.settings.reg_scope == "global" and distributed()))
-        return stage2_loss(features, self.settings, self.clip_loss, self.model.logit_scale, last,
-                           teacher_may_be_unknown=mask)
+        return stage2_loss(features, self.settings, self.contrastive_loss, self.model.logit_scale, last,
+                           teacher_may_be_unknown=mask, logit_bias=getattr(self.model, "logit_bias", None))
 
     def after_step(self) -> None:
-        """Clamp the temperature to τ ≤ 100 (CLIP), then move the EMA teacher (momentum 1: it stays frozen)."""
-        clamp_logit_scale_(self.model.logit_scale)
+        """Clamp the temperature to τ ≤ 100 under InfoNCE (CLIP; open_clip leaves SigLIP's unclamped, and a SigLIP's
+        is often above), then move the EMA teacher (momentum 1: it stays frozen)."""
+        if self.settings.contrastive_loss == "clip":
+            clamp_logit_scale_(self.model.logit_scale)
         ema_update(self.teacher, self.model, self.ema_momentum)
 
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
