@@ -19,7 +19,7 @@ stages 1-2; the model math is in the library, miniproclip/ (model.py, losses.py)
 import sys
 
 from miniproclip.distributed import exit_torchrun_rank, init_distributed
-from miniproclip.errors import USER_ERRORS, TrainingError
+from miniproclip.errors import TrainingError, UserError, exit_with
 from miniproclip.toy import defaults as toy_defaults
 from miniproclip.training.config import resolve_config
 from miniproclip.training.loop import setup, train
@@ -33,14 +33,14 @@ def main(argv=None):
         log = print if rank == 0 else (lambda *a, **k: None)
         config, checkpoints = resolve_config(args, given, world, toy=toy_defaults, log=log)
         run = setup(config, checkpoints, rank, world, log)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    except UserError as err:
+        exit_with(err)
     except KeyboardInterrupt:  # before the first step nothing needs saving (the text cache is written atomically)
         sys.exit("interrupted before training started; nothing was lost, run the same command again")
     try:
         train(config, run, log)
     except TrainingError as err:  # a fatal condition mid-run; the last checkpoint is intact
-        sys.exit(f"error: {err}")
+        exit_with(err)
 
 
 if __name__ == "__main__":

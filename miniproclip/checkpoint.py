@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .embedder import EmbedSettings
+from .errors import UserError
 from .files import TMP, fsync_path, write_text_atomic
 from .weights import PICKLE_SUFFIXES, load_state_dict_strict
 
@@ -42,7 +43,7 @@ PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)  # exact types t
 PLAIN_LEAVES = (torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None), torch.dtype, torch.device)
 
 
-class CheckpointError(OSError):
+class CheckpointError(UserError, OSError):
     """A checkpoint that cannot be saved or loaded as asked; the message is one line saying why and what to do."""
 
 

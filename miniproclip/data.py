@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
 from .files import atomic_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar members that hold a sample's image, in order of preference
@@ -35,7 +36,7 @@ INDEX_SUFFIX, INDEX_VERSION = ".index.npz", 1  # the sidecar next to each tar sh
 TAR_PREFIX = "tar://"  # Row.image of a shard's sample: "tar://<tar path>#<member>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source that cannot be used: missing file, wrong columns, no valid rows, a bad row with strict=True."""
 
 

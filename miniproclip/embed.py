@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -36,9 +35,9 @@ from .data import DataError
 from .distributed import close_distributed, exit_torchrun_rank, init_distributed, rank_and_world
 from .embedder import FIELDS_BEFORE_PRESETS, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, \
     folder_fingerprint, text_hash
+from .errors import UserError, exit_with
 from .files import atomic_path
 from .precision import DTYPES
-from .weights import ModelFolderError
 
 # --store-dtype -> (torch dtype, safetensors dtype code); see BENCHMARKS.md "Storage dtype" for the default
 STORE_DTYPES = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16")}
@@ -86,7 +85,7 @@ def hash_texts(texts: list[str]) -> np.ndarray:
     return np.frombuffer(b"".join(text_hash(t) for t in texts), dtype=np.uint8).reshape(len(texts), 16)
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache file that cannot be used as it is (damaged, truncated, or built for other vectors); the message
     names the file and what to do."""
 
@@ -387,8 +386,8 @@ def main(argv=None):
                                   args.batch_tokens or default_batch_tokens(args.device))
         embed_to_file(make_encode, chunked(iter_texts(args.texts, args.text_key), args.chunk_texts), args.output,
                       metadata, args.store_dtype, count)
-    except (ModelFolderError, CacheError, DataError) as err:  # the user errors of this command
-        sys.exit(f"error: {err}")
+    except UserError as err:
+        exit_with(err)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"embedded {count} texts with {args.llm} in {time.time() - start:.1f}s -> {args.output}")
     close_distributed()

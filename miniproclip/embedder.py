@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from .errors import SettingsError
 from .llm import DecoderLM, last_token_pool, mean_pool
 from .nvembed import LatentAttention
 from .weights import ModelFolderError, model_weight_files, read_config, read_model_config
@@ -83,14 +84,14 @@ class EmbedSettings:
 
     def __post_init__(self):
         if self.pool not in POOLS:
-            raise ValueError(f"unknown pooling {self.pool!r} in the embedding settings; use one of {', '.join(POOLS)} "
+            raise SettingsError(f"unknown pooling {self.pool!r} in the embedding settings; use one of {', '.join(POOLS)} "
                              "(or an --embed-preset that names one)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "EmbedSettings":
         """Named settings (PRESETS), with fields such as max_length overridden by keyword."""
         if name not in PRESETS:
-            raise ValueError(f"unknown embedding preset {name!r}; pass --embed-preset one of {', '.join(PRESETS)}")
+            raise SettingsError(f"unknown embedding preset {name!r} (embed_preset); known: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -176,7 +177,7 @@ class CaptionTokenizer:
         """Token ids per text and how many texts were cut to max_length."""
         room = self.settings.max_length - len(self.start) - len(self.end)
         if room <= 0:
-            raise ValueError(f"--max-length {self.settings.max_length} leaves no room after the prefix and suffix")
+            raise SettingsError(f"max_length {self.settings.max_length} leaves no room after the prefix and suffix")
         ids, truncated = [], 0
         for encoding in self.tokenizer.encode_batch([text.rstrip() for text in texts], add_special_tokens=False):
             truncated += len(encoding.ids) > room
@@ -208,7 +209,7 @@ def make_pool(settings: EmbedSettings, folder: str | None = None, dtype: torch.d
     if settings.pool == "last":
         return lambda hidden, attention, pool_mask: last_token_pool(hidden, attention)
     if folder is None:
-        raise ValueError("latent-attention pooling needs the NV-Embed folder its weights are in")
+        raise SettingsError("latent-attention pooling needs the NV-Embed folder its weights are in")
     latent = LatentAttention.from_pretrained(folder, dtype, device)
     latent.requires_grad_(False)
     return lambda hidden, attention, pool_mask: latent(hidden, pool_mask)

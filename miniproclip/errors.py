@@ -1,31 +1,37 @@
 """The project's own error types: what the entry points (train.py, eval.py, the CLIs) print as one line.
 
-Every error a user can fix (a wrong model folder, a malformed data file, a damaged cache or checkpoint, a bad flag)
-is one of USER_ERRORS, and its message names the file and what to do; the entry points print `error: <message>`
-and exit with status 1 (eval.py: 2). Any other exception is a bug and keeps its traceback. The library's types live beside the
-code that raises them (so a model file can be copied out with its error type); this module names them all, and
-holds the types of the layers above the model files (training, evaluation, the toy world).
+Every error a user can fix (a wrong model folder, a malformed data file, a damaged cache or checkpoint, a bad
+setting) is a `UserError`, and its message names the file or parameter and what to do; every entry point catches
+this one base, prints `error: <message>` and exits with status 1 (`exit_with`). Any other exception is a bug and
+keeps its traceback. This module imports nothing, so a model file that raises one of these can be copied out with
+it; the library's own types live beside the code that raises them (weights.ModelFolderError, data.DataError,
+checkpoint.CheckpointError, embed.CacheError, image.ImageReadError), the layers above the model files' here.
 """
 
-from .checkpoint import CheckpointError
-from .data import DataError
-from .embed import CacheError
-from .image import ImageReadError
-from .weights import ModelFolderError
+import sys
 
 
-class TrainingError(Exception):
+class UserError(Exception):
+    """Something the user can fix; the message names the file or the parameter and what to do."""
+
+
+class SettingsError(UserError, ValueError):
+    """A setting whose value cannot work (an unknown preset, a length that leaves no room for the caption)."""
+
+
+class TrainingError(UserError):
     """A bad flag, or a fatal condition met mid-run (a full disk, too many non-finite steps); say what to do next."""
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A dataset or model that cannot be evaluated as given (evaluation.py, eval.py); the message names the file and
     what to do."""
 
 
-class ToyWorldError(Exception):
+class ToyWorldError(UserError):
     """The toy world cannot be built as asked (another world in the folder, SmolLM2 missing, its stage 0 failed)."""
 
 
-USER_ERRORS = (TrainingError, ToyWorldError, ModelFolderError, DataError, CheckpointError, CacheError,
-               ImageReadError, BenchmarkError)
+def exit_with(error: UserError):
+    """The entry points' one way out on a user error: `error: <message>` on stderr, exit status 1."""
+    sys.exit(f"error: {error}")

@@ -10,14 +10,13 @@ import json
 import os
 import re
 import shlex
-import sys
 
 import torch
 
 from . import evaluation
 from .api import EXPORT_JSON
 from .checkpoint import LATEST, resolve_checkpoint
-from .errors import USER_ERRORS
+from .errors import UserError, exit_with
 from .metrics import load_templates
 from .precision import PRECISIONS, default_precision, describe
 from .released import is_released
@@ -194,9 +193,8 @@ def main(argv=None):
     try:
         fill_defaults(args)
         report, gallery, clip_dir = evaluate(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as err:
+        exit_with(err)
     print_report(report)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import torch
 from safetensors.torch import save_file
 
 from .api import EXPORT_JSON, HEAD_FILE, load_model
-from .errors import USER_ERRORS
+from .errors import UserError, exit_with
 from .files import atomic_folder
 from .openclip import is_siglip, write_tuned_folder
 from .precision import DTYPES
@@ -117,8 +116,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         out = export(args.run, args.out, args.copy_llm, args.clip, args.llm)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    except UserError as err:
+        exit_with(err)
     reader = (f"open_clip: open_clip.create_model('local-dir:{out}').encode_image(...)" if is_open_clip_folder(out)
               else f"transformers: CLIPModel.from_pretrained({out!r}).get_image_features(...)")
     print(f"exported {args.run} to {out}\n"

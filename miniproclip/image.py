@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
 from .weights import ModelFolderError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image file that cannot be opened or decoded (data loaders catch it to skip and count)."""
 
 

@@ -15,6 +15,9 @@ import os
 import torch
 from safetensors import safe_open
 
+from .errors import UserError
+
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -23,7 +26,7 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.saf
                      "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")  # open_clip's order of preference
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError, ValueError):
     """A model folder or checkpoint that cannot be used as given; the message says why and what to do."""
 
 

@@ -244,7 +244,7 @@ def test_fp16_overflow_is_refused(tmp_path):
 def test_a_truncated_cache_names_its_file_and_the_remedy(tmp_path, cut):
     """A cache cut short (a full disk, a copy that stopped) is refused with one line naming it, not numpy's
     "mmap length is greater than file size"; deleting it rebuilds it with the same vectors."""
-    from miniproclip.errors import USER_ERRORS
+    from miniproclip.errors import UserError
     path, texts = str(tmp_path / "c.safetensors"), [f"t{i}" for i in range(20)]
     whole = ensure_vector_cache(path, texts, counting_encoder([]), {"k": "v"})(texts)
     size = os.path.getsize(path)
@@ -252,7 +252,7 @@ def test_a_truncated_cache_names_its_file_and_the_remedy(tmp_path, cut):
         f.truncate(size - 10 if cut == "data" else 20)
     with pytest.raises(embed.CacheError) as error:
         ensure_vector_cache(path, texts, counting_encoder([]), {"k": "v"})
-    assert isinstance(error.value, USER_ERRORS)
+    assert isinstance(error.value, UserError)
     assert str(error.value).startswith(f"{path} is damaged or truncated (")
     assert str(error.value).endswith("delete it and run the same command again, which rebuilds it")
     os.remove(path)

@@ -307,7 +307,7 @@ def test_stage0_trains_with_the_presets_last_token_pooling(tiny_llm, tmp_path):
 
 
 def test_errors_name_the_remedy(tiny_llm, tmp_path):
-    with pytest.raises(ValueError, match="unknown embedding preset 'qwen3'; pass --embed-preset one of default,"):
+    with pytest.raises(ValueError, match=r"unknown embedding preset 'qwen3' \(embed_preset\); known: default,"):
         EmbedSettings.preset("qwen3")
     with pytest.raises(ValueError, match="unknown pooling 'cls' in the embedding settings; use one of mean, last"):
         EmbedSettings(pool="cls")

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import USER_ERRORS, ToyWorldError
+from ..errors import ToyWorldError, UserError
 from ..training.config import Config
 from ..training.loop import train_from_flags
 
@@ -26,7 +26,7 @@ def run_train_stage0(flags: list[str], log=print) -> Config:
     log("running: train.py --stage 0 " + " ".join(flags))
     try:
         return train_from_flags(["--stage", "0", *flags], log=log)
-    except USER_ERRORS as err:
+    except UserError as err:
         raise ToyWorldError(f"stage 0 failed: {err} (train.py --stage 0 {' '.join(flags)})") from err
 
 

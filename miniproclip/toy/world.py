@@ -22,7 +22,6 @@ import functools
 import json
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..errors import USER_ERRORS, ToyWorldError
+from ..errors import ToyWorldError, UserError, exit_with
 from ..files import write_text_atomic
 from ..tokenizer import build_clip_tokenizer
 from .embedder import build_toy_embedder
@@ -391,8 +390,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         manifest = build_toyworld(args.toy_dir, args.seed, args.llm_dir, args.quick)
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    except UserError as error:
+        exit_with(error)
     print(json.dumps({k: manifest[k] for k in ("counts", "llm_tokens", "teacher", "steps")}, indent=1))
 
 
