@@ -11,7 +11,7 @@ On one GPU, on your data (JSONL/CSV rows or webdataset tar shards; the LLM embed
 On N GPUs (DDP; --gather-with-grad gives every rank the gradient of the global-batch losses):
     torchrun --nproc_per_node 8 train.py --stage 2 --init runs/<stage-1 run> --train-data ... --gather-with-grad
 Interrupted runs continue with `--resume latest --output RUN`. This file is flag parsing plus the calls: the flags
-(training/settings.py) -> the run's Config, resolved once (training/config.py) -> `setup` and `train`, the loop
+(training/flags.py) -> the run's Config, resolved once (training/config.py) -> `setup` and `train`, the loop
 (training/loop.py). stages.py holds the Stage protocol and stages 1-2, stage0.py stage 0, build.py the setup of
 stages 1-2; the model math is in the library, miniproclip/ (model.py, losses.py).
 """
@@ -23,7 +23,7 @@ from miniproclip.errors import TrainingError, UserError, exit_with
 from miniproclip.toy import defaults as toy_defaults
 from miniproclip.training.config import resolve_config
 from miniproclip.training.loop import setup, train
-from miniproclip.training.settings import parse_args
+from miniproclip.training.flags import parse_args
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.precision import autocast, compute_dtype
 from miniproclip.toy.teacher import toy_clip_config
-from miniproclip.training.stages import LossSettings, TextSide, attention_for_training, stage1_loss
+from miniproclip.training.stages import HeadOnly, LossSettings, attention_for_training, stage1_loss
 
 PRECISIONS = ("fp32", "amp_bf16")
 
@@ -88,7 +88,7 @@ def stage1_step(precision: str, args):
     """Stage1's step without its caches: the head on 64 short + 64 long LLM embeddings, L_ins + L_struct."""
     torch.manual_seed(0)
     llm_dim = 64 if args.quick else 576
-    text_side = TextSide(ProCLIP(toy_clip_config(), HeadConfig(llm_dim, 64))).train()  # what Stage1 trains
+    text_side = HeadOnly(ProCLIP(toy_clip_config(), HeadConfig(llm_dim, 64))).train()  # what Stage1 trains
     optimizer = torch.optim.AdamW(text_side.parameters(), lr=1e-3)
     embeddings, teacher = torch.randn(128, llm_dim), F.normalize(torch.randn(128, 64), dim=-1)
     settings = LossSettings()
@@ -132,7 +132,7 @@ def text_encoding(precision: str, args):
     (embedder.LLMEmbedder; bf16 is the cache's default on CPU), mean pool, then the head under autocast."""
     model = llm(args.quick, compute_dtype(precision))
     torch.manual_seed(0)
-    text_side = TextSide(ProCLIP(toy_clip_config(), HeadConfig(model.config.hidden_size, 64))).eval()
+    text_side = HeadOnly(ProCLIP(toy_clip_config(), HeadConfig(model.config.hidden_size, 64))).eval()
     ids = torch.randint(10, model.config.vocab_size, (64, args.tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 

@@ -168,7 +168,7 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
     """name -> one training step: stage 1 and stage 2, each with the teacher live (the code before the caches:
     CLIP tokenisation, caption hashing and the teacher forward every step) and with the caches (train.py's)."""
     from miniproclip.embed import ensure_vector_cache
-    from miniproclip.training.stages import Stage1, Stage2, TextSide
+    from miniproclip.training.stages import HeadOnly, Stage1, Stage2
     from miniproclip.training.teacher_cache import RowVectors, caption_columns, stage1_vectors
     from miniproclip.tokenizer import CLIPTokenizer
     clip, rows, llm_cache, pixels = toy_folder(root, device, args.quick)
@@ -183,7 +183,7 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
     settings, batch = LossSettings(), {"indices": list(range(args.teacher_batch))}
     batch.update(captions=[rows[i].caption for i in batch["indices"]], pixels=pixels[:args.teacher_batch],
                  long_captions=[rows[i].long_caption for i in batch["indices"]])
-    text_side = TextSide(model)
+    text_side = HeadOnly(model)
 
     def live_stage1(mb, student_only):  # the stage-1 features before the caches
         texts = mb["captions"] + [c for c in mb["long_captions"] if c]
@@ -203,9 +203,9 @@ def teacher_cache_steps(args, device: torch.device, root: Path) -> dict:
 
     # the Stage fields the loop alone uses (dataset, optimizer groups, validation, next command) are left out
     common_args = dict(model=model, no_sync=contextlib.nullcontext, dataset=rows, lr_of=None, validate=None,
-                       next_command="", device=device, autocast=run_autocast, settings=settings)
-    stage1 = Stage1(forward=text_side, llm=llm, teacher_vectors=taught, skip_truncated_long=False, **common_args)
-    stage2 = Stage2(forward=model, teacher=None, llm=RowVectors.map(llm_cache, caption_columns(rows)),
+                       next_command="", device=device, autocast=run_autocast, loss_settings=settings)
+    stage1 = Stage1(forward=text_side, llm_vectors=llm, teacher_vectors=taught, skip_truncated_long=False, **common_args)
+    stage2 = Stage2(forward=model, teacher=None, llm_vectors=RowVectors.map(llm_cache, caption_columns(rows)),
                     teacher_vectors=RowVectors.map(images, [(row.image for row in rows)]), contrastive_loss=ClipLoss(),
                     ema_momentum=1.0, long_prob=0.0, seed=0, **common_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

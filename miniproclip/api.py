@@ -49,7 +49,7 @@ WHAT_PATH_IS = ("pass a train.py run folder, a step_NNNNNN.safetensors checkpoin
 class TextSide:
     """How captions become the LLM embeddings the head was trained on."""
     llm_dir: str
-    settings: EmbedSettings  # max length, instruction prefix, EOS, causal or bidirectional
+    embedding: EmbedSettings  # max length, instruction prefix, EOS, causal or bidirectional
     llm_dtype: torch.dtype  # the LLM's weights when the training cache was filled (bf16 by default)
     batch_tokens: int  # padded tokens per LLM batch (count × longest caption)
     cache: str | None = None  # the run's text cache, which eval.py reads; None for an exported folder
@@ -76,7 +76,7 @@ class TrainedModel:
     def embedder(self) -> LLMEmbedder:
         """The LLM (tokenizer + frozen decoder + mean pool), loaded on the first encode_text."""
         if self._embedder is None:
-            self._embedder = LLMEmbedder(self.text.llm_dir, self.text.settings, self.llm_dtype, str(self.device))
+            self._embedder = LLMEmbedder(self.text.llm_dir, self.text.embedding, self.llm_dtype, str(self.device))
         return self._embedder
 
     @property

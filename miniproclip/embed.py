@@ -145,7 +145,7 @@ def load_cache(path: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
 
 # ----------------------------------------------------------------------------- reading
 
-class TextEmbeddingCache:
+class VectorCache:
     """Text -> cached vector, read from a cache file without loading it (numpy memmap of the embeddings block).
 
     Lookup: the first 8 bytes of each row's hash, as int64, sorted once (`sorted_keys`, with `order` mapping back
@@ -287,7 +287,7 @@ def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], C
                         identity: dict[str, str], info: dict[str, str] | None = None,
                         store_dtype: str = DEFAULT_STORE_DTYPE, chunk_texts: int = CHUNK_TEXTS,
                         what: str = "text cache", flag: str = "--text-cache", log=print,
-                        absent: dict[str, str] | None = None) -> TextEmbeddingCache:
+                        absent: dict[str, str] | None = None) -> VectorCache:
     """Open the cache at `path`, encoding (and appending) whichever of `texts` it lacks; all ranks call this.
 
     `identity` says what the vectors mean (e.g. the encoder's fingerprint and settings): a cache whose stored
@@ -297,7 +297,7 @@ def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], C
     """
     known = None
     if os.path.isfile(path):
-        known = TextEmbeddingCache(path)
+        known = VectorCache(path)
         stored = {k: known.metadata.get(k, (absent or {}).get(k)) for k in identity}
         differing = [k for k, v in identity.items() if stored[k] != v]
         if differing:
@@ -321,7 +321,7 @@ def ensure_vector_cache(path: str, texts: list[str], make_encode: Callable[[], C
             os.replace(fresh, path)
     if dist.is_initialized():
         dist.barrier()
-    return TextEmbeddingCache(path)
+    return VectorCache(path)
 
 
 def llm_encoder(llm_dir: str, settings: EmbedSettings, dtype: torch.dtype, device: str, batch_tokens: int,
@@ -346,7 +346,7 @@ def llm_identity(llm_dir: str, settings: EmbedSettings) -> dict[str, str]:
 
 def ensure_text_cache(path: str, llm_dir: str, texts: list[str], settings: EmbedSettings, dtype=torch.float32,
                       device: str = "cpu", batch_tokens: int = 8192, log=print,
-                      store_dtype: str = DEFAULT_STORE_DTYPE) -> TextEmbeddingCache:
+                      store_dtype: str = DEFAULT_STORE_DTYPE) -> VectorCache:
     """The LLM text cache at `path` holding every one of `texts` (see `ensure_vector_cache`); all ranks call this.
     A cache made by another LLM or with other embedding settings is refused."""
     return ensure_vector_cache(path, texts, llm_encoder(llm_dir, settings, dtype, device, batch_tokens, log),

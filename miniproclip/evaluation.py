@@ -166,9 +166,9 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
 
     def prepare_texts(texts):
         nonlocal cache
-        cache = ensure_text_cache(text_cache, text.llm_dir, texts, text.settings, text.llm_dtype, str(device),
+        cache = ensure_text_cache(text_cache, text.llm_dir, texts, text.embedding, text.llm_dtype, str(device),
                                   text.batch_tokens, log)
-        return CaptionTokenizer(text.llm_dir, text.settings)(texts)[1]
+        return CaptionTokenizer(text.llm_dir, text.embedding)(texts)[1]
 
     encode_text = inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
     return Encoders(checkpoint, trained.clip_dir, trained.transform, inference(model.encode_image, device, precision),

@@ -94,7 +94,7 @@ def export(run: str, out: str, copy_llm: bool = False, clip: str | None = None, 
         save_file(head, os.path.join(partial, HEAD_FILE))
         if copy_llm:
             _copy_llm(trained.text.llm_dir, os.path.join(partial, "llm"))
-        settings = trained.text.settings
+        settings = trained.text.embedding
         config = {"head": trained.model.text_head.config.__dict__,
                   "llm": "llm" if copy_llm else os.path.abspath(trained.text.llm_dir),  # relative: inside OUT
                   "embedding": settings.__dict__,

@@ -19,7 +19,7 @@ from miniproclip.head import HeadConfig
 from miniproclip.lora import LoRASettings
 from miniproclip.training.config import Config, resolve_config
 from miniproclip.training.loop import train_from_flags
-from miniproclip.training.settings import parse_args
+from miniproclip.training.flags import parse_args
 
 SECTIONS = {"run", "models", "data", "optimizer", "loss", "embedding", "lora", "head", "precision"}
 LEGACY = Path(__file__).parent / "legacy_meta_stage1.json"
@@ -88,7 +88,7 @@ def test_meta_holds_sections_and_a_flat_run_loads_and_resumes(world, tmp_path):
     assert "config" not in ckpt.load_meta(str(tmp_path / "old"))
     old, new = (load_model(tmp_path / name, device="cpu", dtype=torch.float32) for name in ("old", "new"))
     assert old.model.text_head.config == new.model.text_head.config == HeadConfig(32, 16, mlp_ratio=8)
-    assert (old.text.settings, old.text.cache, old.clip_dir) == (new.text.settings, new.text.cache, new.clip_dir)
+    assert (old.text.embedding, old.text.cache, old.clip_dir) == (new.text.embedding, new.text.cache, new.clip_dir)
     captions = ["a red square on grass", "two blue circles"]
     assert torch.equal(old.encode_text(captions), new.encode_text(captions))
     for name in ("new", "old"):

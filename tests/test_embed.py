@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from miniproclip import embed
-from miniproclip.embed import TextEmbeddingCache, ensure_text_cache, ensure_vector_cache, load_cache, main
+from miniproclip.embed import VectorCache, ensure_text_cache, ensure_vector_cache, load_cache, main
 from miniproclip.embedder import EmbedSettings, LLMEmbedder, text_hash, token_budget_batches
 from miniproclip.llm import mean_pool
 
@@ -119,7 +119,7 @@ def test_text_cache_embeds_once_appends_missing_and_refuses_another_llm(tiny_llm
     grown = ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings())  # appends the two new captions only
     assert grown.embeddings.shape == (len(TEXTS), 32)
     assert (grown(TEXTS) - reference).abs().max() < 1e-5
-    assert (TextEmbeddingCache(path)(TEXTS[:1]) - reference[:1]).abs().max() < 1e-5
+    assert (VectorCache(path)(TEXTS[:1]) - reference[:1]).abs().max() < 1e-5
     with pytest.raises(ValueError, match=f"^{path}: text cache was built with another max length"):
         ensure_text_cache(path, tiny_llm, TEXTS, EmbedSettings(max_length=64))
     other = tmp_path / "other_llm"
@@ -187,7 +187,7 @@ def test_append_copies_old_rows_without_loading_them_and_encodes_only_new_texts(
     old_bytes = np.array(first.embeddings).tobytes()
     # appending may not read the old vectors into tensors: only copy bytes
     monkeypatch.setattr(embed, "load_cache", None)
-    monkeypatch.setattr(TextEmbeddingCache, "__call__", None)
+    monkeypatch.setattr(VectorCache, "__call__", None)
     calls.clear()
     grown = ensure_vector_cache(path, texts[::-1], counting_encoder(calls), identity, log=print)
     assert [text for call in calls for text in call] == texts[30:][::-1]  # the 20 missing ones, once

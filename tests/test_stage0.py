@@ -385,7 +385,7 @@ def test_embed_preset_of_a_run_saved_with_flat_flags_is_read_back():
     """A run saved before the config had sections holds its flags: checkpoint.config_sections reads them into the
     embedding section as train.py built it then (the preset, then --max-length, --bidirectional)."""
     from miniproclip.checkpoint import config_sections
-    from miniproclip.training.settings import parse_args
+    from miniproclip.training.flags import parse_args
 
     args = vars(parse_args(["--stage", "1", "--embed-preset", "llm2vec-llama3", "--max-length", "64"])[0])
     embedding = lambda saved: EmbedSettings(**config_sections({"args": saved})["embedding"])

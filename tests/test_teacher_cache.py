@@ -15,7 +15,7 @@ from miniproclip.loader import collate
 from miniproclip.losses import ClipLoss, distillation_loss
 from miniproclip.training.config import resolve_config
 from miniproclip.training.loop import setup
-from miniproclip.training.settings import parse_args
+from miniproclip.training.flags import parse_args
 from miniproclip.training.stages import LossSettings, stage1_loss, stage2_loss
 from miniproclip.tokenizer import CLIPTokenizer
 
@@ -54,14 +54,14 @@ def test_stage1_cached_losses_equal_the_live_teacher(world, tmp_path, skip):
     texts = batch["captions"] + long_
     with torch.no_grad():
         teacher = clip.encode_text(tokenizer(texts).input_ids, normalize=True)
-        student = run.stage.model.encode_text(run.stage.llm.cache(texts))
+        student = run.stage.model.encode_text(run.stage.llm_vectors.cache(texts))
     n = len(batch["captions"])
     live = {"student_short": student[:n], "student_long": student[n:], "teacher_short": teacher[:n],
             "teacher_long": teacher[n:]}
     for key in live:
         assert cached[key].shape == live[key].shape and torch.allclose(cached[key], live[key], rtol=0, atol=1e-5), key
     assert run.stage.teacher_truncated == tokenizer(texts).num_truncated
-    (loss, parts), (ref, ref_parts) = stage1_loss(cached, run.stage.settings), stage1_loss(live, run.stage.settings)
+    (loss, parts), (ref, ref_parts) = stage1_loss(cached, run.stage.loss_settings), stage1_loss(live, run.stage.loss_settings)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and loss.item() > 0
     assert parts["struct"].item() == pytest.approx(ref_parts["struct"].item(), rel=1e-5, abs=1e-7)
 
@@ -72,7 +72,7 @@ def test_stage2_cached_teacher_equals_the_live_one(world, tmp_path):
     assert cached.stage.teacher is None and cached.stage.teacher_vectors is not None  # no teacher tower at all
     batch = first_batch(cached)
     image_cache = cached.stage.teacher_vectors.cache.path
-    assert os.path.dirname(image_cache) == os.path.dirname(cached.stage.llm.cache.path)  # beside the LLM cache
+    assert os.path.dirname(image_cache) == os.path.dirname(cached.stage.llm_vectors.cache.path)  # beside the LLM cache
     with torch.no_grad():
         features = cached.stage.features(batch, student_only=False)
         live = cached.stage.model.image_teacher().encode_image(batch["pixels"])  # the initial tower, run on the pixels
@@ -81,9 +81,9 @@ def test_stage2_cached_teacher_equals_the_live_one(world, tmp_path):
     chosen = [lc if lc and i % 3 == 0 else c for i, c, lc in zip(batch["indices"], batch["captions"],
                                                                    batch["long_captions"])]
     with torch.no_grad():
-        assert torch.equal(features["text"], cached.stage.model.encode_text(cached.stage.llm.cache(chosen)))
-    loss, _ = stage2_loss(features, cached.stage.settings, cached.stage.clip_loss, cached.stage.model.logit_scale)
-    ref, _ = stage2_loss({**features, "teacher_image": live}, cached.stage.settings, cached.stage.clip_loss,
+        assert torch.equal(features["text"], cached.stage.model.encode_text(cached.stage.llm_vectors.cache(chosen)))
+    loss, _ = stage2_loss(features, cached.stage.loss_settings, cached.stage.contrastive_loss, cached.stage.model.logit_scale)
+    ref, _ = stage2_loss({**features, "teacher_image": live}, cached.stage.loss_settings, cached.stage.contrastive_loss,
                          cached.stage.model.logit_scale)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     # a second run reuses the file: nothing is encoded again
@@ -114,10 +114,10 @@ def test_stage2_image_unreadable_when_the_cache_was_filled(world, tmp_path):
         features = run.stage.features(batch, student_only=False)
         loss, parts = run.stage.loss(features, last=True)
     assert run.stage.teacher_unknown == 1 and torch.isnan(features["teacher_image"][0]).all()
-    settings = run.stage.settings
+    settings = run.stage.loss_settings
     reg, _ = distillation_loss(features["image"][1:], features["teacher_image"][1:], settings.ins_weight,
                                settings.struct_weight, settings.reduction)
-    contrastive = run.stage.clip_loss(features["image"], features["text"], run.stage.model.logit_scale.exp())
+    contrastive = run.stage.contrastive_loss(features["image"], features["text"], run.stage.model.logit_scale.exp())
     assert parts["reg"].item() == pytest.approx(reg.item(), rel=1e-6) and reg.item() > 0.1
     assert loss.item() == pytest.approx(contrastive.item() + settings.reg_weight * reg.item(), rel=1e-6)
 

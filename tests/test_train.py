@@ -22,7 +22,7 @@ from miniproclip.head import HeadConfig
 from miniproclip.losses import ClipLoss
 from miniproclip.model import ProCLIP
 from miniproclip.precision import default_precision
-from miniproclip.training.settings import parse_args, stage_defaults
+from miniproclip.training.flags import parse_args, stage_defaults
 from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +199,7 @@ def test_stage2_without_init_is_a_one_line_error(world, tmp_path):
 def test_eval_every_logs_validation_retrieval(world, tmp_path):
     """The logged val/ metrics at the last step equal retrieval computed by hand from the saved checkpoint."""
     from miniproclip.data import read_rows
-    from miniproclip.embed import TextEmbeddingCache
+    from miniproclip.embed import VectorCache
     from miniproclip.metrics import retrieval_metrics
     from miniproclip.image import ImageTransform, load_image
     val = write_tiny_pairs(world["dir"] / "val", n=12, seed=3, name="val.jsonl")
@@ -213,7 +213,7 @@ def test_eval_every_logs_validation_retrieval(world, tmp_path):
     transform = ImageTransform.from_folder(world["clip"])
     with torch.no_grad():
         images = model.encode_image(torch.stack([transform(load_image(r.image)) for r in rows]))
-        cache = TextEmbeddingCache(os.path.join(os.path.dirname(world["data"]), "text_cache.safetensors"))
+        cache = VectorCache(os.path.join(os.path.dirname(world["data"]), "text_cache.safetensors"))
         texts = model.encode_text(cache([r.caption for r in rows]))
     expected = retrieval_metrics(images, texts, torch.arange(len(rows)), ks=(1, 5, 10))
     for key, value in expected.items():
@@ -234,7 +234,7 @@ def test_learning_rate_defaults_and_explicit_zero(world, tmp_path):
 
 def test_stage0_defaults_leave_typed_and_resumed_flags_alone(world):
     """Stage 0 takes LLM2CLIP's recipe and LLM2Vec's optimizer for the flags nobody set: not for a typed one, nor
-    for one a resumed run brought (settings.stage_defaults, applied last by config.resolve_config)."""
+    for one a resumed run brought (flags.stage_defaults, applied last by config.resolve_config)."""
     args, given = parse_args(["--stage", "0", "--llm", world["llm"], "--train-data", "groups.jsonl", "--wd", "0.1"])
     values = stage_defaults(args, given)
     assert "wd" not in values and (values["beta2"], values["eps"]) == (0.999, 1e-8)

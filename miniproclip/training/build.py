@@ -12,7 +12,7 @@ from ..backbones import load_clip, load_transform
 from ..checkpoint import load_trained_weights
 from ..clip import CLIP
 from ..data import DataError, caption_texts, read_rows
-from ..embed import TextEmbeddingCache, ensure_text_cache
+from ..embed import VectorCache, ensure_text_cache
 from ..errors import TrainingError
 from ..evaluation import Encoders, RetrievalSet, inference, run_retrieval
 from ..image import RandomResizedCropTransform
@@ -22,7 +22,7 @@ from ..losses import ClipLoss, SigmoidLoss
 from ..model import ProCLIP
 from ..precision import DTYPES, autocast, compute_dtype, describe
 from .config import Config
-from .stages import Stage1, Stage2, TextSide, wrap_forward
+from .stages import HeadOnly, Stage1, Stage2, wrap_forward
 from .teacher_cache import RowVectors, caption_columns, image_teacher_vectors, place_image_teacher, release_memory, \
     stage1_vectors
 
@@ -43,7 +43,7 @@ def build_model(config: Config, clip: CLIP, source: str | None) -> ProCLIP:
     return ProCLIP.from_clip(clip, head, logit_bias=config.loss.contrastive_loss == "sigmoid")
 
 
-def read_data(config: Config, log) -> tuple[list, list, TextEmbeddingCache]:
+def read_data(config: Config, log) -> tuple[list, list, VectorCache]:
     """Training rows, validation rows (when evaluating) and the LLM embedding cache covering both."""
     data = config.data
     keys = {"csv_img_key": data.csv_img_key, "csv_caption_key": data.csv_caption_key,
@@ -70,7 +70,7 @@ def check_images(train_data: str, dataset: ImageTextDataset) -> None:
                         f"{probe[0]['bad_image']}); check the image paths, which are relative to the data file")
 
 
-def retrieval_validation(config: Config, model: ProCLIP, val_rows: list, cache: TextEmbeddingCache,
+def retrieval_validation(config: Config, model: ProCLIP, val_rows: list, cache: VectorCache,
                          device: torch.device):
     """--eval-every's measure: retrieval R@K both ways on the --val-data rows (one caption each), with the model as
     it is at the call, through eval.py's retrieval runner and CLIP's eval (centre crop) transform; None without
@@ -107,7 +107,7 @@ def setup_clip_stage(config: Config, device: torch.device, rank: int, world: int
     rows, val_rows, cache = read_data(config, log)
     release_memory(device)
     opt, precision = config.optimizer, config.precision.precision
-    shared = dict(model=model, device=device, autocast=autocast(device.type, precision), settings=config.loss,
+    shared = dict(model=model, device=device, autocast=autocast(device.type, precision), loss_settings=config.loss,
                   grad_checkpointing=config.run.grad_checkpointing,
                   lr_of=lambda name: ("vision", opt.lr_vision) if name.startswith(VISION) else ("head", opt.lr),
                   validate=retrieval_validation(config, model, val_rows, cache, device))
@@ -122,24 +122,25 @@ def setup_clip_stage(config: Config, device: torch.device, rank: int, world: int
     return stage
 
 
-def setup_stage1(config: Config, rows: list, cache: TextEmbeddingCache, resume_path: str | None, world: int,
+def setup_stage1(config: Config, rows: list, cache: VectorCache, resume_path: str | None, world: int,
                  shared: dict, log) -> Stage1:
     """Stage 1: the head alone trains, on the device alone (with the image tower for --eval-every's retrieval),
     against CLIP's text features read from their cache; DDP and torch.compile wrap the text side only, with
     dynamic shapes since the row count varies with the long captions."""
     model, device = shared["model"], shared["device"]
     model.requires_grad_(False).text_head.requires_grad_(True)
-    llm, taught = stage1_vectors(cache, rows, config.models.clip, device, shared["autocast"], log)
+    llm_vectors, taught = stage1_vectors(cache, rows, config.models.clip, device, shared["autocast"], log)
     (model if config.run.eval_every and config.data.val_data else model.text_head).to(device)
     if resume_path:
         load_trained_weights(model, resume_path)
-    forward, no_sync = wrap_forward(TextSide(model), world, config.run.compile, dynamic=True)
+    forward, no_sync = wrap_forward(HeadOnly(model), world, config.run.compile, dynamic=True)
     return Stage1(forward=forward, no_sync=no_sync, dataset=ImageTextDataset(rows, None, seed=config.run.seed),
-                  llm=llm, teacher_vectors=taught, skip_truncated_long=config.loss.skip_truncated_long,
+                  llm_vectors=llm_vectors, teacher_vectors=taught,
+                  skip_truncated_long=config.loss.skip_truncated_long,
                   next_command=f"python train.py --stage 2 --init {config.run.output}", **shared)
 
 
-def setup_stage2(config: Config, rows: list, cache: TextEmbeddingCache, resume_path: str | None, rank: int, world: int,
+def setup_stage2(config: Config, rows: list, cache: VectorCache, resume_path: str | None, rank: int, world: int,
                  shared: dict, log) -> Stage2:
     """Stage 2: everything trains (--lock-image-layers freezes the stem and the first N layers) against L_reg's
     teacher, a frozen (or EMA) copy of the initial image tower: its features v̂ cached with --ema-momentum 1 and
@@ -166,7 +167,8 @@ def setup_stage2(config: Config, rows: list, cache: TextEmbeddingCache, resume_p
         if teacher_weights:
             teacher.load_state_dict(teacher_weights)
     forward, no_sync = wrap_forward(model, world, config.run.compile)
-    return Stage2(forward=forward, no_sync=no_sync, dataset=dataset, llm=RowVectors.map(cache, caption_columns(rows)),
+    return Stage2(forward=forward, no_sync=no_sync, dataset=dataset,
+                  llm_vectors=RowVectors.map(cache, caption_columns(rows)),
                   teacher=teacher, teacher_vectors=taught, ema_momentum=loss.ema_momentum,
                   long_prob=config.data.long_prob, seed=config.run.seed,
                   contrastive_loss=SigmoidLoss(rank, world) if loss.contrastive_loss == "sigmoid" else

@@ -3,7 +3,7 @@
 `resolve_config` turns train.py's flags into the Config, every value final, in this order (the first that has a
 value wins): the flags typed on the command line, what a resumed run brings (every flag not typed again, but not
 the launch's own --resume, --device, --workers), the toy world's data, models and recipe (without --train-data),
-each stage's defaults (settings.py `stage_defaults`), then argparse's defaults. Nothing changes the Config after.
+each stage's defaults (flags.py `stage_defaults`), then argparse's defaults. Nothing changes the Config after.
 
 A checkpoint saves the Config by named section (`Config.sections`: "run", "models", "data", "optimizer", "loss",
 "embedding", "lora", "head", "precision"); the library reads those sections (api.py), never flag names, and
@@ -23,7 +23,7 @@ from ..embedder import EmbedSettings
 from ..head import HeadConfig
 from ..llm import LLMConfig
 from ..lora import LoRASettings
-from .settings import Checkpoints, find_checkpoints, inherited_settings, stage_defaults
+from .flags import Checkpoints, find_checkpoints, inherited_settings, stage_defaults
 from .stages import LossSettings
 
 

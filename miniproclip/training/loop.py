@@ -22,7 +22,7 @@ from .build import setup_clip_stage
 from .config import Config, resolve_config
 from .curves import write_curves
 from .optim import cosine_lr_factor, param_groups
-from .settings import Checkpoints, parse_args
+from .flags import Checkpoints, parse_args
 from .stage0 import setup_stage0
 from .stages import Stage, accumulated_backward, split
 

@@ -229,7 +229,7 @@ def accumulated_backward(micro_batches: list, features_fn, loss_fn, no_sync=cont
 # -----------------------------------------------------------------------------
 # the stages: what a micro-batch's features are, and the loss over them
 
-class TextSide(nn.Module):
+class HeadOnly(nn.Module):
     """ProCLIP's text side alone, the part stage 1 trains: DDP and torch.compile wrap this, so the image tower
     need not be on the device. It shares the model's head (same parameter names, `text_head.*`)."""
 
@@ -245,10 +245,10 @@ class ClipStage:
     """What stages 1 and 2 share as Stages: the model and its data, the loop's hooks and the run's next command."""
 
     def __init__(self, *, model: ProCLIP, forward, no_sync, dataset, lr_of, validate, next_command: str,
-                 llm: RowVectors, device, autocast, settings: LossSettings, grad_checkpointing: bool = False):
+                 llm_vectors: RowVectors, device, autocast, loss_settings: LossSettings, grad_checkpointing: bool = False):
         self.model, self.forward, self.no_sync, self.dataset, self.sources = model, forward, no_sync, dataset, None
         self.lr_of, self.validate, self.next_command = lr_of, validate, next_command
-        self.llm, self.device, self.autocast, self.settings = llm, device, autocast, settings
+        self.llm_vectors, self.device, self.autocast, self.loss_settings = llm_vectors, device, autocast, loss_settings
         self.grad_checkpointing = grad_checkpointing  # of the image tower: keeps the fused attention kernel
         self.teacher_truncated = 0  # captions the 77-token text teacher saw cut (stage 1; logged)
         self.teacher_unknown = 0  # rows whose cached v̂ is NaN (stage 2: image unreadable when cached; logged)
@@ -287,10 +287,10 @@ class Stage1(ClipStage):
     def features(self, micro_batch: dict, student_only: bool) -> dict:
         index = np.asarray(micro_batch["indices"])  # the micro-batch's data rows
         taught, keep_long = self.teacher_features(index)
-        short, long_ = self.llm.rows[index, 0], self.llm.rows[index, 1]
+        short, long_ = self.llm_vectors.rows[index, 0], self.llm_vectors.rows[index, 1]
         llm_rows = np.concatenate([short, long_[long_ >= 0][keep_long]])  # (B + kept L,) LLM cache rows
         with self.autocast:
-            student = self.forward(self.llm.to_device(llm_rows, self.device))
+            student = self.forward(self.llm_vectors.to_device(llm_rows, self.device))
         f = {"student_short": student[:len(index)], "student_long": student[len(index):]}
         if not student_only:
             taught = taught[torch.from_numpy(np.concatenate([np.ones(len(index), dtype=bool), keep_long]))]
@@ -300,7 +300,7 @@ class Stage1(ClipStage):
         return f
 
     def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
-        return stage1_loss(features, self.settings)
+        return stage1_loss(features, self.loss_settings)
 
     def after_step(self) -> None:
         pass  # nothing but the head changes
@@ -333,7 +333,7 @@ class Stage2(ClipStage):
             self.pick_long = (torch.rand(len(self.dataset), generator=coins) < self.long_prob).numpy()
             self.coins_epoch = epoch
         index = np.asarray(batch["indices"], dtype=np.int64)
-        short, long_ = self.llm.rows[index, 0], self.llm.rows[index, 1]
+        short, long_ = self.llm_vectors.rows[index, 0], self.llm_vectors.rows[index, 1]
         batch["text_rows"] = np.where((long_ >= 0) & self.pick_long[index], long_, short)  # (B,)
         self.unknown_in_step = False  # a new step
         return batch
@@ -354,7 +354,7 @@ class Stage2(ClipStage):
     def features(self, micro_batch: dict, student_only: bool) -> dict:
         pixels = micro_batch["pixels"].to(self.device, non_blocking=True)
         with self.autocast, attention_for_training(self.device, self.grad_checkpointing):
-            image, text = self.forward(pixels, self.llm.to_device(micro_batch["text_rows"], self.device))
+            image, text = self.forward(pixels, self.llm_vectors.to_device(micro_batch["text_rows"], self.device))
         f = {"image": image, "text": text}
         if not student_only:
             f["teacher_image"] = self.teacher_features(micro_batch, pixels)
@@ -363,14 +363,14 @@ class Stage2(ClipStage):
     def loss(self, features: dict, last: bool) -> tuple[torch.Tensor, dict]:
         # the mask's sync only when this rank saw a NaN v̂, or always when L_reg spans every rank's rows
         cached = self.teacher_vectors is not None
-        mask = cached and (self.unknown_in_step or (self.settings.reg_scope == "global" and distributed()))
-        return stage2_loss(features, self.settings, self.contrastive_loss, self.model.logit_scale, last,
+        mask = cached and (self.unknown_in_step or (self.loss_settings.reg_scope == "global" and distributed()))
+        return stage2_loss(features, self.loss_settings, self.contrastive_loss, self.model.logit_scale, last,
                            teacher_may_be_unknown=mask, logit_bias=getattr(self.model, "logit_bias", None))
 
     def after_step(self) -> None:
         """Clamp the temperature to τ ≤ 100 under InfoNCE (CLIP; open_clip leaves SigLIP's unclamped, and a SigLIP's
         is often above), then move the EMA teacher (momentum 1: it stays frozen)."""
-        if self.settings.contrastive_loss == "clip":
+        if self.loss_settings.contrastive_loss == "clip":
             clamp_logit_scale_(self.model.logit_scale)
         ema_update(self.teacher, self.model, self.ema_momentum)
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..backbones import load_clip, load_tokenizer
 from ..data import caption_texts
-from ..embed import TextEmbeddingCache, chunked, ensure_vector_cache, hash_texts
+from ..embed import VectorCache, chunked, ensure_vector_cache, hash_texts
 from ..embedder import folder_fingerprint
 from ..loader import ImageTextDataset, make_loader
 from ..tokenizer import CLIPTokenizer
@@ -67,11 +67,11 @@ def release_memory(device: torch.device) -> None:
 class RowVectors:
     """A vector cache and, for each data row, its cache rows: column 0 the short caption (or the image), column 1
     the long caption, -1 where a row has none."""
-    cache: TextEmbeddingCache
+    cache: VectorCache
     rows: np.ndarray  # (N, K) int32 (int64 past 2^31 cache rows)
 
     @classmethod
-    def map(cls, cache: TextEmbeddingCache, columns: list[list[str | None]]) -> "RowVectors":
+    def map(cls, cache: VectorCache, columns: list[list[str | None]]) -> "RowVectors":
         return cls(cache, map_rows([cache], columns)[0])
 
     def to_device(self, cache_rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -85,7 +85,7 @@ class RowVectors:
         return (vectors.pin_memory() if device.type == "cuda" else vectors).to(device, non_blocking=True)
 
 
-def map_rows(caches: list[TextEmbeddingCache], columns: list[Iterable[str | None]]) -> list[np.ndarray]:
+def map_rows(caches: list[VectorCache], columns: list[Iterable[str | None]]) -> list[np.ndarray]:
     """For each cache, (N, len(columns)) rows of the texts of each column (None -> -1). Each text is hashed once,
     a chunk at a time, and looked up in every cache; a text missing from a cache is an error."""
     dtype = np.int32 if all(len(cache) < 2**31 for cache in caches) else np.int64
@@ -149,7 +149,7 @@ def clip_text_encoder(clip_dir: str, tokenizer: CLIPTokenizer, device: torch.dev
     return make_encode
 
 
-def stage1_vectors(llm_cache: TextEmbeddingCache, rows, clip_dir: str, device: torch.device, autocast,
+def stage1_vectors(llm_cache: VectorCache, rows, clip_dir: str, device: torch.device, autocast,
                    log=print) -> tuple[RowVectors, RowVectors]:
     """(LLM vectors, teacher vectors) of every row's short and long caption; the teacher cache is filled on first
     use beside the LLM cache, and the text tower released after."""
