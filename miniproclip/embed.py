@@ -21,6 +21,7 @@ and finds captions by binary search in a sorted array of hash prefixes (16 bytes
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,11 +34,11 @@ from tqdm import tqdm
 
 from .data import DataError
 from .distributed import close_distributed, exit_torchrun_rank, init_distributed, rank_and_world
-from .embedder import FIELDS_BEFORE_PRESETS, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, \
-    folder_fingerprint, text_hash
+from .embedder import FIELDS_BEFORE_PRESETS, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, text_hash
 from .errors import UserError, exit_with
 from .files import atomic_path
 from .precision import DTYPES
+from .weights import folder_fingerprint, read_safetensors_header
 
 # --store-dtype -> (torch dtype, safetensors dtype code); see BENCHMARKS.md "Storage dtype" for the default
 STORE_DTYPES = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16")}
@@ -96,10 +97,10 @@ def tensor_spans(path: str) -> tuple[dict[str, tuple[str, list[int], int, int]],
     """{name: (dtype code, shape, byte offset in the file, byte size)} and the metadata of a safetensors file.
     The format is an 8-byte header length, a JSON header with each tensor's data offsets, then the raw data."""
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+        raw, data_start = read_safetensors_header(f)
+    header = json.loads(raw)
     metadata = header.pop("__metadata__", None) or {}
-    return {name: (e["dtype"], e["shape"], 8 + header_len + e["data_offsets"][0],
+    return {name: (e["dtype"], e["shape"], data_start + e["data_offsets"][0],
                    e["data_offsets"][1] - e["data_offsets"][0]) for name, e in header.items()}, metadata
 
 
@@ -337,6 +338,14 @@ def llm_encoder(llm_dir: str, settings: EmbedSettings, dtype: torch.dtype, devic
             return vectors
         return encode
     return make_encode
+
+
+def text_cache_path(folder: str, tag: str | None = None) -> str:
+    """The one naming rule of LLM caches: FOLDER/text_cache.safetensors, or FOLDER/text_cache_<tag>.safetensors
+    where several LLMs share the folder (the toy world's LLMs, a dataset embedded by several released models);
+    the tag is the LLM's folder name or path, with every non-word character as '_'."""
+    name = "text_cache" if tag is None else "text_cache_" + re.sub(r"\W", "_", tag)
+    return os.path.join(folder, f"{name}.safetensors")
 
 
 def llm_identity(llm_dir: str, settings: EmbedSettings) -> dict[str, str]:

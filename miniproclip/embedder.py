@@ -9,7 +9,6 @@ ones. `embed.py` caches these vectors on disk; stage 0 trains through the same `
 """
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,47 +20,12 @@ from tqdm import tqdm
 from .errors import SettingsError
 from .llm import DecoderLM, last_token_pool, mean_pool
 from .nvembed import LatentAttention
-from .weights import ModelFolderError, model_weight_files, read_config, read_model_config
+from .weights import ModelFolderError, read_config
 
 
 
 def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def folder_fingerprint(folder: str) -> str:
-    """Identifies a model folder's weights (an LLM, a CLIP), so a cache made by another model (or another
-    fine-tune of it) is detected.
-
-    Hashes config.json and, per weight file, its name, size, safetensors header and a strided sample of its data.
-    Config and sizes alone do not tell a fine-tune from its base: a merged LoRA has the same config, keys, dtypes
-    and file sizes. The header holds the metadata stage 0 writes (a hash of the merged adapters, exact); the
-    sample (WEIGHT_SAMPLES chunks) catches other same-layout fine-tunes at a cost of a few MB read per file.
-    """
-    digest = hashlib.sha256(json.dumps(read_model_config(folder), sort_keys=True).encode())
-    for path in model_weight_files(folder):
-        digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode())
-        digest.update(safetensors_content_sample(path))
-    return digest.hexdigest()[:16]
-
-
-WEIGHT_SAMPLES, SAMPLE_BYTES = 64, 65536  # evenly spaced chunks of each weight file that the fingerprint reads
-
-
-def safetensors_content_sample(path: str) -> bytes:
-    """The header (8-byte length + JSON, with `__metadata__`) and WEIGHT_SAMPLES chunks of the data section."""
-    with open(path, "rb") as f:
-        if path.endswith(".safetensors"):
-            header_size = int.from_bytes(f.read(8), "little")
-            parts, data_start = [f.read(header_size)], 8 + header_size
-        else:  # an open_clip .bin (a torch pickle, never unpickled here) has no header: the whole file is sampled
-            parts, data_start = [], 0
-        data_size = os.path.getsize(path) - data_start
-        stride = max(data_size // WEIGHT_SAMPLES, SAMPLE_BYTES)
-        for offset in range(0, data_size, stride):
-            f.seek(data_start + offset)
-            parts.append(f.read(SAMPLE_BYTES))
-    return b"".join(parts)
 
 
 POOLS = ("mean", "last", "latent")  # mean_pool, last_token_pool, NV-Embed's latent attention (nvembed.py)

@@ -16,6 +16,7 @@ import torch
 from . import evaluation
 from .api import EXPORT_JSON
 from .checkpoint import LATEST, resolve_checkpoint
+from .embed import text_cache_path
 from .errors import UserError, exit_with
 from .metrics import load_templates
 from .precision import PRECISIONS, default_precision, describe
@@ -102,15 +103,14 @@ def fill_defaults(args):
         heldout = os.path.join(args.toy_dir, "zeroshot", "heldout_classes.txt")  # optional in a toy world
         args.heldout_classes = args.heldout_classes or (heldout if os.path.exists(heldout) else None)
     if args.model and is_released(args.model):  # LLM2CLIP/ProCLIP weights: no run folder, no training cache
-        name = re.sub(r"\W", "_", os.path.basename(os.path.normpath(args.llm or "llm")))
-        args.text_cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.dataset)),
-                                                          f"text_cache_{name}.safetensors")  # beside the data
+        args.text_cache = args.text_cache or text_cache_path(os.path.dirname(os.path.abspath(args.dataset)),
+                                                             os.path.basename(os.path.normpath(args.llm or "llm")))
     elif args.model:
         if os.path.isfile(os.path.join(args.model, EXPORT_JSON)):  # an exported folder (python -m miniproclip.export)
             args.model = folder = os.path.normpath(args.model)
             step = "export"
             # it has no training cache: its texts are cached inside it
-            args.text_cache = args.text_cache or os.path.join(args.model, "text_cache.safetensors")
+            args.text_cache = args.text_cache or text_cache_path(args.model)
         else:
             args.model = resolve_checkpoint(args.model)
             folder, step = os.path.dirname(args.model), os.path.basename(args.model).removesuffix(".safetensors")

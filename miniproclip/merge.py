@@ -3,7 +3,6 @@ Face folder (config, tokenizer files, `model.safetensors` or shards with the HF 
 everywhere and transformers loads, as LLM2CLIP publishes its merged caption-contrastive LLM.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,21 +13,17 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .embedder import folder_fingerprint
 from .files import atomic_folder
 from .llm import DecoderLM
 from .lora import LoRALinear, LoRASettings, lora_state_dict
-from .weights import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
+from .weights import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, folder_fingerprint, tensors_digest, weight_files
 
 MAX_SHARD_BYTES = 5 * 2**30  # shard size of the merged folder, as transformers' save_pretrained
 
 
 def adapter_digest(model: nn.Module, lora: LoRASettings) -> str:
     """A hash of the adapters' weights and settings, stored in the merged folder's safetensors metadata."""
-    digest = hashlib.sha256(json.dumps(asdict(lora), sort_keys=True).encode())
-    for name, tensor in sorted(lora_state_dict(model).items()):
-        digest.update(name.encode() + tensor.float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_digest(sorted(lora_state_dict(model).items()), salt=json.dumps(asdict(lora), sort_keys=True))
 
 
 def write_merged_llm(model: DecoderLM, base: str, output: str, lora: LoRASettings,

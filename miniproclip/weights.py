@@ -9,6 +9,7 @@ only thing done to the keys is dropping a prefix the caller names (e.g. `model.`
 Every user error is a `ModelFolderError` whose message is one line naming the folder and what to do.
 """
 
+import hashlib
 import json
 import os
 
@@ -160,3 +161,58 @@ def open_clip_weight_file(folder: str) -> str:
             return os.path.join(folder, name)
     raise ModelFolderError(f"{folder}: {OPEN_CLIP_CONFIG} but no weights ({' or '.join(OPEN_CLIP_WEIGHTS[::2])}); download "
                            f"the whole folder")
+
+
+# ----------------------------------------------------------------------------- identifying weights (cache keys)
+
+def read_safetensors_header(f) -> tuple[bytes, int]:
+    """(the JSON header's raw bytes, the offset where the data starts) of a safetensors file open in binary mode at
+    its start: an 8-byte little-endian header length, then the header (tensor offsets and `__metadata__`)."""
+    header_size = int.from_bytes(f.read(8), "little")
+    return f.read(header_size), 8 + header_size
+
+
+def tensors_digest(named_tensors, salt: str = "") -> str:
+    """A digest of tensors themselves (each one's name, dtype, shape and raw bytes, in the order given), after
+    `salt`: what identifies trained weights that have no file yet (a frozen teacher, stage 0's adapters)."""
+    digest = hashlib.blake2b(salt.encode(), digest_size=8)
+    for name, tensor in named_tensors:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: str) -> str:
+    """Identifies a model folder's weights (an LLM, a CLIP), so a cache made by another model (or another
+    fine-tune of it) is detected.
+
+    Hashes config.json and, per weight file, its name, size, safetensors header and a strided sample of its data.
+    Config and sizes alone do not tell a fine-tune from its base: a merged LoRA has the same config, keys, dtypes
+    and file sizes. The header holds the metadata stage 0 writes (a hash of the merged adapters, exact); the
+    sample (WEIGHT_SAMPLES chunks) catches other same-layout fine-tunes at a cost of a few MB read per file.
+    """
+    digest = hashlib.sha256(json.dumps(read_model_config(folder), sort_keys=True).encode())
+    for path in model_weight_files(folder):
+        digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode())
+        digest.update(safetensors_content_sample(path))
+    return digest.hexdigest()[:16]
+
+
+WEIGHT_SAMPLES, SAMPLE_BYTES = 64, 65536  # evenly spaced chunks of each weight file that the fingerprint reads
+
+
+def safetensors_content_sample(path: str) -> bytes:
+    """The header (8-byte length + JSON, with `__metadata__`) and WEIGHT_SAMPLES chunks of the data section."""
+    with open(path, "rb") as f:
+        if path.endswith(".safetensors"):
+            header, data_start = read_safetensors_header(f)
+            parts = [header]
+        else:  # an open_clip .bin (a torch pickle, never unpickled here) has no header: the whole file is sampled
+            parts, data_start = [], 0
+        data_size = os.path.getsize(path) - data_start
+        stride = max(data_size // WEIGHT_SAMPLES, SAMPLE_BYTES)
+        for offset in range(0, data_size, stride):
+            f.seek(data_start + offset)
+            parts.append(f.read(SAMPLE_BYTES))
+    return b"".join(parts)

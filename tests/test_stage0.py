@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from miniproclip.data import DataError  # noqa: E402
 from miniproclip.distributed import close_distributed  # noqa: E402
-from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder, folder_fingerprint  # noqa: E402
+from miniproclip.embedder import CaptionTokenizer, EmbedSettings, LLMEmbedder  # noqa: E402
+from miniproclip.weights import folder_fingerprint  # noqa: E402
 from miniproclip.lora import lora_state_dict  # noqa: E402
 from miniproclip.loader import epoch_batches  # noqa: E402
 from miniproclip.groups import anchor_recall, nearest_neighbour_accuracy, pick_pairs, read_groups  # noqa: E402

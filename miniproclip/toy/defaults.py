@@ -8,6 +8,7 @@ resumed run did not bring, take the recipes' values.
 import os
 from pathlib import Path
 
+from ..embed import text_cache_path
 from .embedder import STAGE0_RECIPE  # stage 0's, chosen on the world's validation groups
 from .world import build_toyworld, stage0_sources
 
@@ -34,7 +35,7 @@ def toy_models(toy_dir, llm: str | None, text_cache: str | None, log=print) -> t
     manifest = build_toyworld(toy_dir, stage0=llm is None, with_llm=not own, log=log)
     llm = llm or manifest["embedder_dir"]
     tag = Path(llm).name if own else Path(llm).resolve().relative_to(toy_dir.resolve()).as_posix()
-    return llm, text_cache or str(toy_dir / f"text_cache_{tag.replace('/', '_')}.safetensors")
+    return llm, text_cache or text_cache_path(str(toy_dir), tag)
 
 
 def paths(stage: int, toy_dir: str, llm: str | None, text_cache: str | None, val_data: str | None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import CheckpointError, config_sections, load_meta, resolve_checkpoint
+from ..embed import text_cache_path
 from ..embedder import PRESETS, default_batch_tokens
 from ..errors import TrainingError
 from ..precision import PRECISIONS, default_precision
@@ -242,8 +243,7 @@ def stage_defaults(args, fixed: set[str]) -> dict:
                 "precision": args.precision or default_precision(args.device)}
     # the text cache sits beside the (first) data source, so every run on that data shares it
     first_source = os.path.abspath(args.train_data.split("::")[0])
-    return {**values, "text_cache": args.text_cache or os.path.join(os.path.dirname(first_source),
-                                                                    "text_cache.safetensors"),
+    return {**values, "text_cache": args.text_cache or text_cache_path(os.path.dirname(first_source)),
             "epochs": args.epochs or (20 if args.stage == 1 else 10),
             # not `or`: --lr 0 (a frozen head) is a valid choice
             "lr": args.lr if args.lr is not None else 1e-3 if args.stage == 1 or args.init == "scratch" else 1e-4,

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..backbones import load_clip, load_tokenizer
 from ..data import caption_texts
 from ..embed import VectorCache, chunked, ensure_vector_cache, hash_texts
-from ..embedder import folder_fingerprint
+from ..weights import folder_fingerprint, tensors_digest
 from ..loader import ImageTextDataset, make_loader
 from ..tokenizer import CLIPTokenizer
 
@@ -39,12 +39,7 @@ BESIDE_FLAG = "--text-cache (the teacher caches sit beside it)"  # where a refus
 
 def module_fingerprint(module: nn.Module) -> str:
     """A digest of a module's weights themselves (names, dtypes, shapes and bytes of its state dict)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name, tensor in module.state_dict().items():
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
-    return digest.hexdigest()
+    return tensors_digest(module.state_dict().items())
 
 
 def cache_path(beside: str, kind: str, identity: dict[str, str]) -> str:
