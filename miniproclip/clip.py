@@ -19,52 +19,46 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _from_dict(cls, config: dict):
-    """Build a config dataclass from an HF config dict, keeping the dataclass defaults for absent keys."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names})
-
-
 @dataclass
-class CLIPVisionConfig:
-    """The image tower's shape; field names and defaults are HF's `CLIPVisionConfig` (ViT-B/32)."""
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"  # OpenAI checkpoints use QuickGELU; some retrained ones use "gelu"
-    layer_norm_eps: float = 1e-5
-    layer_scale: bool = False  # not in HF: open_clip's per-channel residual scales (ls_1/ls_2.gamma)
-    projection_bias: bool = False  # not in HF: a biased visual projection (EVA02's head, eva.py)
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "CLIPVisionConfig":
-        return _from_dict(cls, config)
-
-
-@dataclass
-class CLIPTextConfig:
-    """The text tower's shape; field names and defaults are HF's `CLIPTextConfig`."""
-    vocab_size: int = 49408
+class TowerConfig:
+    """The fields HF's `CLIPVisionConfig` and `CLIPTextConfig` share, with the text tower's defaults; each tower's
+    config adds its own fields and defaults."""
     hidden_size: int = 512
     intermediate_size: int = 2048
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
-    max_position_embeddings: int = 77  # the 77-token window
-    hidden_act: str = "quick_gelu"
+    hidden_act: str = "quick_gelu"  # OpenAI checkpoints use QuickGELU; some retrained ones use "gelu"
     layer_norm_eps: float = 1e-5
+    layer_scale: bool = False  # not in HF: open_clip's per-channel residual scales (ls_1/ls_2.gamma)
+
+    @classmethod
+    def from_hf(cls, config: dict):
+        """The config of an HF config dict's fields, keeping the dataclass defaults for absent keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+
+@dataclass
+class CLIPVisionConfig(TowerConfig):
+    """The image tower's shape; field names and defaults are HF's `CLIPVisionConfig` (ViT-B/32)."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    projection_bias: bool = False  # not in HF: a biased visual projection (EVA02's head, eva.py)
+
+
+@dataclass
+class CLIPTextConfig(TowerConfig):
+    """The text tower's shape; field names and defaults are HF's `CLIPTextConfig`."""
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77  # the 77-token window
     # Where the sentence is pooled. Configs written before transformers PR #24773 say 2, and then HF pools at
     # argmax(input_ids) (the EOS has the largest id in CLIP's vocabulary); newer ones give the real EOS id and
     # HF pools at its first occurrence. Both are reproduced.
     eos_token_id: int = 49407
-    layer_scale: bool = False  # not in HF: open_clip's per-channel residual scales (ls_1/ls_2.gamma)
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "CLIPTextConfig":
-        return _from_dict(cls, config)
 
 
 @dataclass
@@ -266,7 +260,8 @@ class CLIP(nn.Module):
         return F.normalize(features.float(), dim=-1) if normalize else features
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, T≤77) token ids -> (B, D) text features (HF `get_text_features`)."""
+        """(B, T) token ids, T within the window (CLIP 77; SigLIP 64, padded in full) -> (B, D) text features (HF
+        `get_text_features`)."""
         features = self.text_projection(self.text_model(input_ids))
         return F.normalize(features.float(), dim=-1) if normalize else features
 

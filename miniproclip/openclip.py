@@ -147,38 +147,37 @@ def vit_from_ours(weights: dict, text_prefix: str = "") -> dict:
     return out
 
 
-def eva_to_ours(weights: dict) -> dict:
-    """timm EVA02 names (open_clip: under `visual.trunk.`) -> eva.py's; other keys are left as they are."""
+def _rename_eva(weights: dict, names: tuple[dict, dict, dict], towers: dict, strip: str, add: str, reshape) -> dict:
+    """Both directions of the EVA02 mapping: keys under `strip` renamed by `names` (outer, reshaped, in-block) and
+    put under `add`, the reshaped ones through `reshape`; other keys are left as they are."""
+    outer, reshaped, block_names = names
     out = {}
     for key, value in weights.items():
-        inner = key.removeprefix("visual.trunk.")
-        if inner == key:
+        inner = key.removeprefix(strip)
+        if strip and inner == key:  # not under `strip`: not the trunk's
             out[key] = value
-        elif inner in EVA_OUTER:
-            out[EVA_OUTER[inner]] = value
-        elif inner in EVA_RESHAPED:
-            out[EVA_RESHAPED[inner]] = value.reshape(-1, value.shape[-1]).squeeze(0)  # drop the batch dims
-        elif (block := _block_key(inner, {"blocks.": "vision_model.encoder.layers."})) and block[2] in EVA_BLOCK:
-            out[f"{block[0]}{block[1]}.{EVA_BLOCK[block[2]]}"] = value
+        elif inner in outer:
+            out[add + outer[inner]] = value
+        elif inner in reshaped:
+            out[add + reshaped[inner]] = reshape(value)
+        elif (block := _block_key(inner, towers)) and block[2] in block_names:
+            out[f"{add}{block[0]}{block[1]}.{block_names[block[2]]}"] = value
         else:
             out[key] = value
     return out
+
+
+def eva_to_ours(weights: dict) -> dict:
+    """timm EVA02 names (open_clip: under `visual.trunk.`) -> eva.py's; other keys are left as they are."""
+    return _rename_eva(weights, (EVA_OUTER, EVA_RESHAPED, EVA_BLOCK), {"blocks.": "vision_model.encoder.layers."},
+                       "visual.trunk.", "", lambda v: v.reshape(-1, v.shape[-1]).squeeze(0))  # drop the batch dims
 
 
 def eva_from_ours(weights: dict) -> dict:
     """The inverse of eva_to_ours, for the vision tower and projection (`visual.trunk.*`)."""
-    outer, reshaped, block_names = invert(EVA_OUTER), invert(EVA_RESHAPED), invert(EVA_BLOCK)
-    out = {}
-    for key, value in weights.items():
-        if key in outer:
-            out["visual.trunk." + outer[key]] = value
-        elif key in reshaped:  # (C,) -> (1, 1, C), (N+1, C) -> (1, N+1, C)
-            out["visual.trunk." + reshaped[key]] = value.reshape(1, -1, value.shape[-1])
-        elif (block := _block_key(key, {"vision_model.encoder.layers.": "blocks."})) and block[2] in block_names:
-            out[f"visual.trunk.{block[0]}{block[1]}.{block_names[block[2]]}"] = value
-        else:
-            out[key] = value
-    return out
+    return _rename_eva(weights, (invert(EVA_OUTER), invert(EVA_RESHAPED), invert(EVA_BLOCK)),
+                       {"vision_model.encoder.layers.": "blocks."}, "", "visual.trunk.",
+                       lambda v: v.reshape(1, -1, v.shape[-1]))  # (C,) -> (1, 1, C), (N+1, C) -> (1, N+1, C)
 
 
 def siglip_to_ours(weights: dict) -> dict:

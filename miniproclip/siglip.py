@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip import CLIPEncoder, CLIPMLP, CLIPTextConfig, CLIPVisionConfig, vision_projection
+from .clip import CLIP, CLIPEncoder, CLIPMLP, CLIPTextConfig, CLIPVisionConfig, vision_projection
 
 
 @dataclass
@@ -201,11 +201,13 @@ class SiglipTextTransformer(nn.Module):
         return self.head(x[:, -1])  # the last position: (B, D)
 
 
-class SigLIP(nn.Module):
-    """HF `SiglipModel` with clip.py's CLIP interface (encode_image, encode_text, visual_projection)."""
+class SigLIP(CLIP):
+    """HF `SiglipModel` as clip.py's CLIP (its encode_image, encode_text and grad checkpointing): the MAP head's
+    output is the image embedding and the text `head` the text one, so both projections are identities; the
+    (B, 64) token ids are padded to the full window. `logit_bias` is the sigmoid loss's b."""
 
     def __init__(self, config: SiglipConfig):
-        super().__init__()
+        nn.Module.__init__(self)  # CLIP's towers are not built: SigLIP's own are
         if config.text.projection_size != config.vision.hidden_size:
             raise ValueError(f"text head width {config.text.projection_size} != image width "
                              f"{config.vision.hidden_size}")
@@ -213,23 +215,9 @@ class SigLIP(nn.Module):
         self.text_model = SiglipTextTransformer(config.text)
         self.vision_model = SiglipVisionTransformer(config.vision)
         self.visual_projection = vision_projection(config)  # none: NoProjection
+        self.text_projection = nn.Identity()  # the text tower's `head` already maps into the joint space
         self.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init_value))  # log of t
         self.logit_bias = nn.Parameter(torch.full((1,), config.logit_bias_init_value))  # b: sigmoid(t·cos + b)
-
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels -> (B, D) image features (HF `get_image_features`, interpolating the
-        positions when H, W are not the trained size)."""
-        features = self.vision_model(pixel_values)
-        return F.normalize(features.float(), dim=-1) if normalize else features
-
-    def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, 64) token ids, padded to the full window -> (B, D) text features (HF `get_text_features`)."""
-        features = self.text_model(input_ids)
-        return F.normalize(features.float(), dim=-1) if normalize else features
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vision_model.encoder.grad_checkpointing = enable
-        self.text_model.encoder.grad_checkpointing = enable
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "SigLIP":
