@@ -199,25 +199,31 @@ def _file_row(record: dict, image_key: str, caption_key: str, folder: str) -> Ro
                long_caption=clean_text(record.get("long_caption"), "long_caption", required=False))
 
 
+def json_lines(path: str) -> Iterator[tuple[int, object]]:
+    """(line number, decoded value) of each non-blank line of a JSONL file, the one JSONL reader of the project.
+    A line that is not JSON (or not UTF-8) comes as (line number, its ValueError), for the caller to skip, count
+    or raise with the file and line; the lines after it are still read."""
+    with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield line_number, json.loads(line)
+                except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                    yield line_number, error
+
+
 def jsonl_records(path: str, skip: RowSkipper, parse) -> Iterator:
     """`parse(record)` of each JSON-object line of `path`; a malformed line (bad JSON, not an object, or `parse`
     raising MalformedRow) goes to `skip` with its file:line."""
-    with open(path, "rb") as f:  # bytes: json.loads decodes UTF-8 per line, so one bad line is one bad row
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise MalformedRow(f"expected a JSON object, got {type(record).__name__}")
-                parsed = parse(record)
-            except MalformedRow as error:
-                skip(f"{path}:{line_number}", str(error))
-                continue
-            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-                skip(f"{path}:{line_number}", f"invalid JSON ({error})")
-                continue
-            yield parsed
+    for line_number, record in json_lines(path):
+        try:
+            if isinstance(record, ValueError):
+                raise MalformedRow(f"invalid JSON ({record})")
+            if not isinstance(record, dict):
+                raise MalformedRow(f"expected a JSON object, got {type(record).__name__}")
+            yield parse(record)
+        except MalformedRow as error:
+            skip(f"{path}:{line_number}", str(error))
 
 
 def _read_jsonl(path: str, skip: RowSkipper) -> Iterator[Row]:

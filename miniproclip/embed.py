@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .data import DataError
+from .data import DataError, json_lines
 from .distributed import close_distributed, exit_torchrun_rank, init_distributed, rank_and_world
 from .embedder import FIELDS_BEFORE_PRESETS, PRESETS, EmbedSettings, LLMEmbedder, default_batch_tokens, text_hash
 from .errors import UserError, exit_with
@@ -56,17 +56,17 @@ def iter_texts(path: str, text_key: str | None = None) -> Iterator[str]:
         raise DataError(f"{path}: no such file; --texts expects a .txt (one text per line) or .jsonl file")
     if path.endswith(".jsonl") and text_key is None:
         raise DataError(f"{path}: a .jsonl file needs --text-key naming the text field")
+    if path.endswith(".jsonl"):
+        for number, row in json_lines(path):
+            try:
+                yield str(row[text_key])  # a line that is not JSON (a ValueError) has no key either
+            except (KeyError, TypeError, IndexError) as err:
+                raise DataError(f"{path}:{number}: no text under key {text_key!r} "
+                                f"({type(err).__name__})") from None
+        return
     with open(path, encoding="utf-8", newline="") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not path.endswith(".jsonl"):
-                yield line
-            elif line.strip():
-                try:
-                    yield str(json.loads(line)[text_key])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise DataError(f"{path}:{number}: no text under key {text_key!r} "
-                                     f"({type(err).__name__})") from None
+        for line in f:
+            yield line.rstrip("\r\n")
 
 
 def chunked(texts: Iterable[str], size: int) -> Iterator[list[str]]:

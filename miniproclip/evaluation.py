@@ -10,7 +10,6 @@ normalised image and text features of the whole test set, then the metric math o
 Where CLIP_benchmark stops at an unreadable image, we drop it (and, in retrieval, its captions) and list it.
 """
 
-import json
 import os
 import textwrap
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .benchmarks.retrieval import read_karpathy
 from .api import load_model
 from .embed import ensure_text_cache
 from .embedder import CaptionTokenizer
+from .data import json_lines
 from .errors import BenchmarkError
 from .metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from .image import ImageReadError, ImageTransform, load_image
@@ -46,31 +46,31 @@ def read_caption_jsonl(path: str, images_dir: str | None = None, language: str |
     """
     images_dir = images_dir or os.path.dirname(os.path.abspath(path))
     dataset = RetrievalSet([], [], [])
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    for number, row in json_lines(path):
+        try:
+            if isinstance(row, ValueError):  # a line that is not JSON
+                raise row
+            captions = row["captions"]
+            if isinstance(captions, dict):
+                if language is None:
+                    raise BenchmarkError(f"{path}:{number}: captions per language ({', '.join(captions)}); "
+                                         f"pass --language")
+                captions = captions.get(language, [])
+            elif language is not None and row.get("language", language) != language:
                 continue
-            try:
-                row = json.loads(line)
-                captions = row["captions"]
-                if isinstance(captions, dict):
-                    if language is None:
-                        raise BenchmarkError(f"{path}:{number}: captions per language ({', '.join(captions)}); "
-                                             f"pass --language")
-                    captions = captions.get(language, [])
-                elif language is not None and row.get("language", language) != language:
-                    continue
-                captions = [captions] if isinstance(captions, str) else captions
-                if not captions:
-                    continue
-                if not all(isinstance(c, str) for c in captions) or not isinstance(row["image"], str):
-                    raise TypeError("image and captions must be strings")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise BenchmarkError(f"{path}:{number}: expected {{\"image\": path, \"captions\": [str, ...]}} "
-                                     f"({type(err).__name__}: {err})") from None
-            dataset.images.append(os.path.join(images_dir, row["image"]))
-            dataset.texts += captions
-            dataset.text_to_image += [len(dataset.images) - 1] * len(captions)
+            captions = [captions] if isinstance(captions, str) else captions
+            if not captions:
+                continue
+            if not all(isinstance(c, str) for c in captions) or not isinstance(row["image"], str):
+                raise TypeError("image and captions must be strings")
+        except BenchmarkError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise BenchmarkError(f"{path}:{number}: expected {{\"image\": path, \"captions\": [str, ...]}} "
+                                 f"({type(err).__name__}: {err})") from None
+        dataset.images.append(os.path.join(images_dir, row["image"]))
+        dataset.texts += captions
+        dataset.text_to_image += [len(dataset.images) - 1] * len(captions)
     if not dataset.images:
         in_language = f" in language {language!r}" if language else ""
         raise BenchmarkError(f"{path} holds no image with captions{in_language}")

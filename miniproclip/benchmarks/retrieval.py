@@ -15,6 +15,7 @@ import os
 import re
 
 from . import RetrievalSet
+from ..data import json_lines
 from ..errors import BenchmarkError
 
 XM3600_LANGUAGES = ["ar", "bn", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fil", "fr", "he", "hi", "hr", "hu",
@@ -60,19 +61,22 @@ def locate(root: str, name: str, files: tuple[str, ...]) -> tuple[str, str]:
 def load_json(path: str, lines: bool = False):
     """A JSON file's value, or with `lines` a JSONL file's [(line number, row)] (blank lines skipped).
     Damaged JSON raises BenchmarkError naming the file and line."""
+    if lines:
+        rows = list(json_lines(path))
+        for number, row in rows:
+            if isinstance(row, ValueError):
+                raise damaged_json(path, number, row)
+        return rows
     with open(path, encoding="utf-8") as f:
         try:
-            if not lines:
-                return json.load(f)
-            rows = []
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append((number, json.loads(line)))
-            return rows
+            return json.load(f)
         except json.JSONDecodeError as err:
-            line_number = number if lines else err.lineno
-            raise BenchmarkError(f"{path}:{line_number}: damaged JSON ({err.msg}, column {err.colno}); "
-                                 f"download the file again") from None
+            raise damaged_json(path, err.lineno, err) from None
+
+
+def damaged_json(path: str, line_number: int, err: ValueError) -> BenchmarkError:
+    detail = f"{err.msg}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else str(err)
+    return BenchmarkError(f"{path}:{line_number}: damaged JSON ({detail}); download the file again")
 
 
 def malformed(path: str, where: str, err: Exception, expected: str) -> BenchmarkError:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, save_hf_config
+from ..data import json_lines
 from ..files import atomic_folder
 from ..metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
@@ -149,7 +150,8 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    """The rows of one of the world's own JSONL files (written by world.py: every line is JSON)."""
+    return [row for _, row in json_lines(str(path))]
 
 
 @torch.no_grad()

@@ -13,13 +13,13 @@ values (skipped steps) are left out.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data import json_lines
 from ..files import atomic_path
 
 LOSS_KEYS = ("loss", "ins", "struct", "contrastive", "reg", "reg_ins", "reg_struct")  # stages.py's parts
@@ -34,13 +34,11 @@ def read_metrics(path: str) -> tuple[list[dict], int]:
     """(records sorted by step, the last one of each step; number of malformed lines left out)."""
     by_step, malformed = {}, 0
     if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in filter(str.strip, f):
-                try:
-                    record = json.loads(line)
-                    by_step[int(record["step"])] = record
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    malformed += 1
+        for _, record in json_lines(path):
+            try:
+                by_step[int(record["step"])] = record  # a line that is not JSON (a ValueError) has no step either
+            except (KeyError, TypeError, ValueError):
+                malformed += 1
     return [by_step[step] for step in sorted(by_step)], malformed
 
 
