@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ..clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, save_hf_config
 from ..data import json_lines
 from ..files import atomic_folder
-from ..metrics import classification_metrics, retrieval_metrics, zeroshot_classifier
+from ..metrics import load_templates
+from ..evaluation import clip_encoders, read_caption_jsonl, read_image_folder, run_retrieval, run_zeroshot
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 from ..losses import ClipLoss, clamp_logit_scale_
 from ..training.optim import cosine_lr_factor, param_groups
@@ -154,33 +155,19 @@ def read_jsonl(path) -> list[dict]:
     return [row for _, row in json_lines(str(path))]
 
 
-@torch.no_grad()
 def evaluate_clip(clip_dir, toy_dir, batch_size: int = 256) -> dict:
-    """A CLIP folder's zero-shot acc1/acc5 on the toy test split and its R@1/R@5 on each toy retrieval set."""
-    toy_dir = Path(toy_dir)
-    model = CLIP.from_pretrained(str(clip_dir))
-    tokenizer, transform = CLIPTokenizer.from_folder(str(clip_dir)), ImageTransform.from_folder(str(clip_dir))
-
-    def encode_texts(texts: list[str]) -> torch.Tensor:
-        return torch.cat([model.encode_text(trim(tokenizer(texts[i:i + batch_size]).input_ids), normalize=True)
-                          for i in range(0, len(texts), batch_size)])
-
-    test = read_jsonl(toy_dir / "test.jsonl")
-    pixels = load_pixels([str(toy_dir / r["image"]) for r in test], transform)
-    image_features = torch.cat([model.encode_image(pixels[i:i + batch_size], normalize=True)
-                                for i in range(0, len(pixels), batch_size)])  # (N, D)
-    classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text(encoding="utf-8").splitlines()
-    templates = json.loads((toy_dir / "zeroshot" / "templates.json").read_text())
-    weights = zeroshot_classifier(encode_texts, classnames, templates)  # (D, C)
-    zeroshot = classification_metrics(100 * image_features @ weights, torch.tensor([r["label"] for r in test]))
-    metrics = {"zeroshot": {k: round(v, 4) for k, v in zeroshot.items()}}
-    image_index = {r["image"]: i for i, r in enumerate(test)}
+    """A CLIP folder's zero-shot acc1/acc5 on the toy test split and its R@1/R@5 on each toy retrieval set, scored
+    as `eval.py --clip` scores them (evaluation.py's readers and runners, fp32, in-process)."""
+    toy_dir, rounded = Path(toy_dir), lambda metrics: {k: round(v, 4) for k, v in metrics.items()}
+    encoders = clip_encoders(str(clip_dir), "cpu", "fp32")
+    zeroshot = toy_dir / "zeroshot"
+    test = read_image_folder(str(zeroshot / "test"), str(zeroshot / "classnames.txt"))
+    report = run_zeroshot(encoders, test, load_templates(str(zeroshot / "templates.json")), batch_size, 0, "cpu")
+    metrics = {"zeroshot": rounded(report["metrics"])}
     for name in ["short", "long", "de", "fr", "es", "ja"]:
-        rows = read_jsonl(toy_dir / f"retrieval_{name}.jsonl")
-        texts = [caption for row in rows for caption in row["captions"]]
-        text_to_image = torch.tensor([image_index[row["image"]] for row in rows for _ in row["captions"]])
-        recall = retrieval_metrics(image_features, encode_texts(texts), text_to_image, ks=(1, 5))
-        metrics[f"retrieval_{name}"] = {k: round(v, 4) for k, v in recall.items()}
+        gallery = read_caption_jsonl(str(toy_dir / f"retrieval_{name}.jsonl"))
+        report, _ = run_retrieval(encoders, gallery, batch_size, 0, "cpu", ks=(1, 5))
+        metrics[f"retrieval_{name}"] = rounded(report["metrics"])
     return metrics
 
 
