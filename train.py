@@ -1,6 +1,6 @@
 """Train ProCLIP (arXiv 2510.18795) in its two stages, and optionally its LLM embedder first (stage 0).
 
-On one CPU, on the built-in toy world (built into ./toyworld on first use, about 8 minutes):
+On one CPU, on the built-in toy world (built into ./toyworld on first use; README gives the flow's time):
     python train.py --stage 0              # optional: LoRA on SmolLM2 -> RUN/llm (the world builds one itself)
     python train.py --stage 1
     python train.py --stage 2 --init runs/<stage-1 run>

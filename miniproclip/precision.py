@@ -26,8 +26,8 @@ def cpu_has_bf16() -> bool:
 
 def default_precision(device) -> str:
     """amp_bf16 on GPUs and on CPUs with bf16 instructions, fp32 on other CPUs (bf16 matmuls are slow there).
-    On a CPU with them (AMD Zen 4, 2 threads) bench/precision.py measured every stage's step and eval's encoders
-    faster in bf16: 1.1-1.4x at the toy tower's width 64, 2-3.5x for the head, SmolLM2 and ViT-B/16 (BENCHMARKS.md)."""
+    On such a CPU bench/precision.py finds every stage's step and eval's encoders faster in bf16 (its table is in
+    BENCHMARKS.md)."""
     if str(device).startswith("cuda"):
         return "amp_bf16"
     return "amp_bf16" if cpu_has_bf16() else "fp32"

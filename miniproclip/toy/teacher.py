@@ -1,7 +1,7 @@
 """The toy world's CLIP teacher: a small CLIP trained from scratch on short English captions, saved as an HF folder.
 
-ProCLIP starts from a pretrained CLIP (paper sec. 3); with no model hub we train one in about 2.5 minutes on two
-CPU cores: a ViT-64/8 image tower and a 77-token text tower over OpenAI's real 49,408-token vocabulary, trained
+ProCLIP starts from a pretrained CLIP (paper sec. 3); with no model hub we train one in minutes on two CPU
+cores (README gives the time): a ViT-64/8 image tower and a 77-token text tower over OpenAI's real 49,408-token vocabulary, trained
 with the symmetric contrastive loss (open_clip's `ClipLoss`), AdamW and a cosine schedule, as CLIP was
 (Radford et al. 2021, sec. 2.5). It sees only short English captions, so it is a good teacher on those and, by
 construction, a blind one on long captions (their detail lies past token 77) and on other languages. Measured on
@@ -44,8 +44,8 @@ TOKENIZER_CONFIG = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, 
 
 def toy_clip_config() -> CLIPConfig:
     """ViT on 64x64 pictures with 8x8 patches (64 patches + class token) and a 77-token text tower over CLIP's
-    49,408-token vocabulary; 4 layers of width 64 each, so that 1200 steps fit in about 2.5 minutes on two CPU cores
-    (width 128: 0.34 s a step instead of 0.12)."""
+    49,408-token vocabulary; 4 layers of width 64 each, the width at which 1200 steps take minutes on two CPU cores (a
+    wider tower costs several times more per step)."""
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                               image_size=64, patch_size=8, hidden_act="quick_gelu")
     text = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -131,7 +131,7 @@ def train_toy_clip(pairs: list[tuple[str, str]], out_dir, seed: int = 0, steps: 
                 order = torch.cat([order, torch.randperm(len(pairs), generator=generator)])
             batch, order = order[:batch_size], order[batch_size:]
             batch = list({captions[i]: i for i in batch.tolist()}.values())  # one row per distinct caption
-            # fp32 and SDPA's fused kernel: 13 steps/s here against 11.4 with the math kernel (2 threads)
+            # fp32 and SDPA's fused kernel, faster here than the math kernel (BENCHMARKS.md, "Toy teacher")
             image_features = model.encode_image(pixels[batch], normalize=True)  # (B, D)
             text_features = model.encode_text(trim(ids[batch]), normalize=True)  # (B, D)
             loss = loss_fn(image_features, text_features, model.logit_scale.exp())

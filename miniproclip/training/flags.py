@@ -86,10 +86,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of the text head (default: 1e-3 for a fresh head, i.e. stage 1 and "
                         "--init scratch; 1e-4 when stage 2 starts from a trained head, so it keeps what it inherited; "
-                        "1e-5 on the toy world)")
+                        "on the toy world, its recipe's: toy/defaults.py)")
     p.add_argument("--lr-vision", type=float, default=None,
                    help="peak learning rate of the image encoder in stage 2 (default: 1e-5, a pretrained CLIP's "
-                        "fine-tuning rate; 1e-4 on the toy world, whose small ViT barely moves at 1e-5)")
+                        "fine-tuning rate; on the toy world, its recipe's: toy/defaults.py)")
     p.add_argument("--wd", type=float, default=0.05,
                    help="AdamW weight decay (not on biases, norms, embeddings, logit_scale)")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
