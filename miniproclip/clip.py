@@ -276,7 +276,7 @@ class CLIP(nn.Module):
         from .weights import ModelFolderError, load_safetensors_folder, load_state_dict_strict, read_config
         config = read_config(folder)
         if config.get("model_type") != "clip":
-            kind = "an LLM folder: pass it as --llm" if "num_key_value_heads" in config else "not a CLIP model"
+            kind = "an LLM folder: pass it as the LLM (llm, --llm)" if "num_key_value_heads" in config else "not a CLIP model"
             raise ModelFolderError(f"{folder}: model_type {config.get('model_type')!r} is {kind}; "
                                    "expected a Hugging Face CLIPModel folder (model_type 'clip')")
         with torch.device("meta"):

@@ -126,7 +126,7 @@ class CaptionTokenizer:
         eos = config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))  # NV-Embed: text_config
         self.eos_id = eos[0] if isinstance(eos, list) else eos
         if settings.append_eos and self.eos_id is None:
-            raise ModelFolderError(f"{folder}: config.json has no eos_token_id, needed by --append-eos")
+            raise ModelFolderError(f"{folder}: config.json has no eos_token_id, needed by append_eos (--append-eos)")
         # the special tokens the tokenizer's template puts around a text, e.g. [BOS] before, [<|endoftext|>] after
         probe = self.tokenizer.encode("a")
         words = [i for i, special in enumerate(probe.special_tokens_mask) if not special]

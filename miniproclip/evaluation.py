@@ -54,7 +54,7 @@ def read_caption_jsonl(path: str, images_dir: str | None = None, language: str |
             if isinstance(captions, dict):
                 if language is None:
                     raise BenchmarkError(f"{path}:{number}: captions per language ({', '.join(captions)}); "
-                                         f"pass --language")
+                                         f"pass language (--language)")
                 captions = captions.get(language, [])
             elif language is not None and row.get("language", language) != language:
                 continue
@@ -86,7 +86,7 @@ def read_retrieval_set(path: str, images_dir: str | None = None, split: str = "t
     if path.endswith(".jsonl"):
         return read_caption_jsonl(path, images_dir, language)
     if language is not None:
-        raise BenchmarkError(f"--language applies to .jsonl caption files, not to the Karpathy JSON {path}")
+        raise BenchmarkError(f"language (--language) applies to .jsonl caption files, not to the Karpathy JSON {path}")
     return read_karpathy(path, images_dir, split)
 
 
@@ -212,7 +212,7 @@ def encode_images(encoders: Encoders, paths: list[str], batch_size: int, workers
             readable += indices
     if not readable:
         raise BenchmarkError(f"none of the {len(paths)} images could be read (first: {paths[0]}); check the paths "
-                             f"(--images) and the files")
+                             f"(images_dir, --images) and the files")
     return torch.cat(features), readable, unreadable
 
 

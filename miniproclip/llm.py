@@ -88,8 +88,8 @@ class LLMConfig:
         from .weights import ModelFolderError, read_config
         config = read_config(folder)
         if config.get("model_type") == "clip":
-            raise ModelFolderError(f"{folder}: this is a CLIP folder (model_type 'clip'): pass it as --clip; "
-                                   f"--llm expects a decoder LLM ({', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise ModelFolderError(f"{folder}: this is a CLIP folder (model_type 'clip'): pass it as the CLIP "
+                                   f"(clip, --clip); the LLM (llm, --llm) must be a decoder LLM ({', '.join(SUPPORTED_MODEL_TYPES)})")
         try:
             return cls.from_hf(config)
         except KeyError as err:

@@ -263,7 +263,7 @@ def test_readers_language_split_and_class_order(tmp_path):
     assert (de.images, de.texts, de.text_to_image) == ([str(tmp_path / "a.png")], ["eine Katze", "ein Tier"], [0, 0])
     fr = evaluation.read_caption_jsonl(str(tmp_path / "multi.jsonl"), images_dir="/img", language="fr")
     assert (fr.images, fr.texts, fr.text_to_image) == (["/img/a.png", "/abs/b.png"], ["un chat", "un chien"], [0, 1])
-    with pytest.raises(evaluation.BenchmarkError, match="pass --language"):
+    with pytest.raises(evaluation.BenchmarkError, match=r"pass language \(--language\)"):
         evaluation.read_caption_jsonl(str(tmp_path / "multi.jsonl"))
     rows = [{"image": "a.png", "captions": ["a cat"], "language": "en"}, {"image": "b.png", "captions": ["ein Hund"],
                                                                           "language": "de"}]

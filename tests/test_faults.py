@@ -169,9 +169,9 @@ def broken_folder(world, tmp_path, case):
         Path(folder, "pytorch_model.bin").write_bytes(b"never opened")
         return kind, folder, "only pickled weights (pytorch_model.bin), which miniproclip never unpickles"
     if case == "clip_given_as_llm":
-        return "llm", folder, "this is a CLIP folder (model_type 'clip'): pass it as --clip"
+        return "llm", folder, "this is a CLIP folder (model_type 'clip'): pass it as the CLIP (clip, --clip)"
     assert case == "llm_given_as_clip"
-    return "clip", folder, "is an LLM folder: pass it as --llm"
+    return "clip", folder, "is an LLM folder: pass it as the LLM (llm, --llm)"
 
 
 FOLDER_CASES = ["clip_no_config", "clip_no_weights", "llm_no_weights", "llm_missing_shard", "clip_shape_mismatch",
@@ -504,4 +504,4 @@ def test_cli_user_error_exits_1_with_one_line_and_no_traceback(world, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith(
-        f"error: {world['clip']}: this is a CLIP folder (model_type 'clip'): pass it as --clip")
+        f"error: {world['clip']}: this is a CLIP folder (model_type 'clip'): pass it as the CLIP (clip, --clip)")
