@@ -108,5 +108,5 @@ def test_wrong_image_size_is_a_clear_error(tmp_path):
 
 def test_llm_folder_given_as_clip_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_key_value_heads": 2}))
-    with pytest.raises(ModelFolderError, match=f"{tmp_path}: model_type 'llama' is an LLM folder: pass it as --llm"):
+    with pytest.raises(ModelFolderError, match=f"{tmp_path}: model_type 'llama' is an LLM folder: pass it as the LLM \\(llm, --llm\\)"):
         CLIP.from_pretrained(str(tmp_path))
