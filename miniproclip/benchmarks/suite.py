@@ -56,6 +56,16 @@ def discover(root: str, names) -> dict[str, str]:
     return {name: folders[_key(name)] for name in names if _key(name) in folders}
 
 
+def reader_options(coco_five_captions=False, dci_split=None, all_captions=False, language=None) -> dict:
+    """The readers' keyword arguments for the conventions papers disagree on; only those set (else the readers'
+    defaults: COCO all captions, DCI all splits, XM3600 every language with one caption per image)."""
+    options = {"coco": {"five_captions": True} if coco_five_captions else {},
+               "dci": {"split": dci_split} if dci_split else {},
+               XM3600: {**({"all_captions": True} if all_captions else {}), **({"language": language} if language
+                                                                               else {})}}
+    return {name: chosen for name, chosen in options.items() if chosen}
+
+
 def cache_path(cache_dir: str, benchmark: str, tag: str) -> str:
     """One text cache per benchmark and text side (tag: the LLM's name and identity hash)."""
     return os.path.join(cache_dir, f"text_cache_{benchmark}_{tag}.safetensors")
@@ -92,9 +102,17 @@ def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, 
     from .. import evaluation  # evaluation imports this package: import it when run
     retrieval_readers, classification_readers, templates, languages = registries or default_registries()
     known = [n for n, _ in TABLE1] + [n for n, _ in TABLE2] + [XM3600]
-    wanted = names or known
+    by_key = {_key(name): name for name in known}
+    wanted = [by_key.get(_key(n), n) for n in names] if names else known  # --dataset URBAN-1K: urban1k
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise BenchmarkError(f"--dataset {unknown[0]!r} is not a benchmark of the suite; pass one of {', '.join(known)}")
     readable = [n for n in wanted if n in retrieval_readers or n in classification_readers]
     found = discover(root, readable)
+    if names and len(found) < len(wanted):
+        lost = [n for n in wanted if n not in found][0]
+        raise BenchmarkError(f"no folder {lost}/ under {root} (or no reader for it in this checkout); "
+                             f"lay the dataset out there as the README's Benchmarks section says")
     datasets = read_all(found, retrieval_readers, classification_readers, options or {}, languages)
     cache_dir = cache_dir or os.path.join(root, ".cache")
     results = {"model": encoders.name, "data_root": root, "retrieval": {}, "classification": {},
@@ -183,9 +201,10 @@ def _table(title, columns, ours, paper, note) -> list[str]:
 
 
 def write_tables(results: dict, out_dir: str, backbone: str | None) -> str:
-    """benchmark.json (every report, the summary, the paper rows) and benchmark.md; returns the markdown."""
+    """benchmark.json (every report, the summary, the paper rows; added to `results`) and benchmark.md; returns
+    the markdown."""
     paper, tables = load_paper_rows(backbone), summary(results)
-    results = {**results, "summary": tables, "paper_rows": backbone}
+    results.update(summary=tables, paper_rows=backbone)
     present = lambda table, names: [t for n, t in names if n in table]  # noqa: E731
     avg = ("average: over the datasets present here ({}); the paper's averages are as printed, over all of them. "
            "Rows absent from the paper for this backbone show –.")
