@@ -9,7 +9,6 @@
   LLM text cache is reused (the second run embeds nothing); `eval.py --benchmark proclip` prints the tables.
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -27,11 +26,7 @@ from miniproclip.benchmarks import ClassificationSet, RetrievalSet, suite
 from miniproclip.errors import BenchmarkError
 
 from fixtures import WORDS, write_tiny_clip, write_tiny_llm
-
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")  # "eval" would shadow the builtin
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
+from test_eval import eval_cli  # eval.py as a module
 
 TOL = 1e-6
 KS = (1, 2, 5)
