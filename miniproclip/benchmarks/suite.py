@@ -106,7 +106,8 @@ def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, 
     wanted = [by_key.get(_key(n), n) for n in names] if names else known  # --dataset URBAN-1K: urban1k
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise BenchmarkError(f"--dataset {unknown[0]!r} is not a benchmark of the suite; pass one of {', '.join(known)}")
+        raise BenchmarkError(f"--dataset {unknown[0]!r} is not a benchmark of the suite; pass one of "
+                             f"{', '.join(known)}")
     readable = [n for n in wanted if n in retrieval_readers or n in classification_readers]
     found = discover(root, readable)
     if names and len(found) < len(wanted):
