@@ -257,9 +257,12 @@ def encode_texts(encoders: Encoders, texts: list[str], batch_size: int):
 
 # ----------------------------------------------------------------------------- runners
 
-def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, workers: int, device: str, ks):
-    """Recall@K both ways over the readable images and their captions. Returns (report, gallery for --show)."""
-    image_features, readable, unreadable = encode_images(encoders, dataset.images, batch_size, workers, device)
+def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, workers: int, device: str, ks,
+                  images=None):
+    """Recall@K both ways over the readable images and their captions. Returns (report, gallery for --show).
+    images: encode_images' (features, readable, unreadable) of dataset.images when already encoded."""
+    image_features, readable, unreadable = images or encode_images(encoders, dataset.images, batch_size, workers,
+                                                                   device)
     new_index = {old: new for new, old in enumerate(readable)}  # gallery index after dropping unreadable images
     kept = [t for t, image in enumerate(dataset.text_to_image) if image in new_index]
     texts = [dataset.texts[t] for t in kept]

@@ -67,7 +67,7 @@ REGISTRIES = ({"flickr30k": read_pairs, "urban1k": read_pairs, "dci": read_pairs
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """ROOT/Flickr30K (8 images x 2 captions, one missing), ROOT/URBAN-1k (6 x 1), ROOT/xm3600 (de, en),
+    """ROOT/Flickr30K (8 images x 2 captions, one missing), ROOT/URBAN-1k (6 x 1), ROOT/xm3600 (de: 5 images, en: 6),
     ROOT/cifar10 and ROOT/ImageNet1K (6 classes x 2 images); no dci/ folder."""
     tmp = tmp_path_factory.mktemp("suite")
     clip_dir, root = write_tiny_clip(str(tmp / "clip")), tmp / "data"
@@ -82,7 +82,7 @@ def world(tmp_path_factory):
     urban = [[f"u{i}.png", [f"the {WORDS[i + 2]}"]] for i in range(6)]
     (root / "URBAN-1k" / "pairs.json").write_text(json.dumps(urban))
     for language in ("de", "en"):
-        rows = [[f"x{i}.png", [f"{language} {WORDS[i + 3]}"]] for i in range(6)]
+        rows = [[f"x{i}.png", [f"{language} {WORDS[i + 3]}"]] for i in range(5 if language == "de" else 6)]
         (root / "xm3600" / f"pairs_{language}.json").write_text(json.dumps(rows))
     for folder, seed in (("cifar10", 100), ("ImageNet1K", 200)):
         for c, name in enumerate(["cat", "dog", "red fox", "blue bird", "table", "tree"]):
@@ -186,6 +186,19 @@ def test_tables_order_averages_missing_and_skipped(world, results, tmp_path):
     assert "| paper: ProCLIP | 89.4/77.6 | 61.7/46.8 |" in markdown and "| 79.4/76.7 |" in markdown
     assert "| paper: LLM2CLIP | 56.9 | 92.6 |" in markdown
     assert "over the datasets present here (Flickr30k, Urban-1k)" in markdown
+
+
+def test_xm3600_languages_share_one_encoding_of_the_images(world, monkeypatch):
+    encoders, encode_images, calls = evaluation.clip_encoders(world["clip"], "cpu", "fp32"), evaluation.encode_images, []
+    monkeypatch.setattr(evaluation, "encode_images", lambda e, paths, *a: calls.append(len(paths)) or
+                        encode_images(e, paths, *a))
+    shared = run(world, encoders, names=["xm3600"])
+    assert calls == [6]  # the union of both languages' images, once
+    for language, count in (("de", 5), ("en", 6)):
+        direct, _ = evaluation.run_retrieval(encoders, read_pairs(str(world["root"] / "xm3600"), language), 4, 0,
+                                             "cpu", KS)
+        report = shared["retrieval"][f"xm3600/{language}"]
+        assert report["metrics"] == pytest.approx(direct["metrics"], abs=TOL) and report["n_images"] == count
 
 
 def test_present_but_broken_folder_fails_naming_it(world, tmp_path):

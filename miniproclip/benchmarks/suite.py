@@ -92,6 +92,25 @@ def read_all(found: dict[str, str], retrieval_readers, classification_readers, o
     return datasets
 
 
+class SharedImages:
+    """XM3600's 36 languages share one gallery: its images are encoded once (on first use), each language's
+    gallery is then a selection of those rows."""
+
+    def __init__(self, datasets, encode):
+        self.paths = list(dict.fromkeys(path for dataset in datasets for path in dataset.images))
+        self.encode, self.encoded = encode, None
+
+    def of(self, dataset):
+        """encode_images' (features, readable indices, unreadable paths) for dataset.images."""
+        if self.encoded is None:
+            features, readable, unreadable = self.encode(self.paths)
+            self.encoded = {self.paths[i]: row for row, i in enumerate(readable)}, features, set(unreadable)
+        row_of, features, unreadable = self.encoded
+        readable = [i for i, path in enumerate(dataset.images) if path in row_of]
+        rows = [row_of[dataset.images[i]] for i in readable]
+        return features[rows], readable, [path for path in dataset.images if path in unreadable]
+
+
 def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, options=None, batch_size=64,
               workers=2, device="cpu", ks=(1, 5, 10), registries=None, log=print) -> dict:
     """Score every benchmark found under `root` (or only `names`); returns the benchmark.json dictionary.
@@ -119,13 +138,16 @@ def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, 
     results = {"model": encoders.name, "data_root": root, "retrieval": {}, "classification": {},
                "missing": [n for n in wanted if n not in found],
                "no_reader": [n for n in wanted if n not in readable]}
+    xm3600 = [dataset for name, (_, dataset) in datasets.items() if name.startswith(XM3600 + "/")]
+    shared = SharedImages(xm3600, lambda paths: evaluation.encode_images(encoders, paths, batch_size, workers, device))
     for name, (kind, dataset) in tqdm(datasets.items(), desc="benchmarks", unit="set", dynamic_ncols=True):
         if encoders.use_text_cache is not None:
             os.makedirs(cache_dir, exist_ok=True)
             encoders.use_text_cache(cache_path(cache_dir, name.replace("/", "_"), encoders.text_tag))
         log(f"{name}: {len(dataset.images)} images")
         if kind == "retrieval":
-            report, _ = evaluation.run_retrieval(encoders, dataset, batch_size, workers, device, ks)
+            images = shared.of(dataset) if name.startswith(XM3600 + "/") else None
+            report, _ = evaluation.run_retrieval(encoders, dataset, batch_size, workers, device, ks, images)
             results["retrieval"][name] = report
         else:
             report = evaluation.run_zeroshot(encoders, dataset, templates(name), batch_size, workers, device)
