@@ -67,8 +67,9 @@ def reader_options(coco_five_captions=False, dci_split=None, all_captions=False,
 
 
 def cache_path(cache_dir: str, benchmark: str, tag: str) -> str:
-    """One text cache per benchmark and text side (tag: the LLM's name and identity hash)."""
-    return os.path.join(cache_dir, f"text_cache_{benchmark}_{tag}.safetensors")
+    """One text cache per benchmark and text side (tag: the LLM's name and identity hash), named by the project's
+    rule for LLM caches: text_cache_<tag>.safetensors, every non-word character as '_'."""
+    return os.path.join(cache_dir, "text_cache_" + re.sub(r"\W", "_", f"{benchmark}_{tag}") + ".safetensors")
 
 
 def read_all(found: dict[str, str], retrieval_readers, classification_readers, options, languages) -> dict:
@@ -143,7 +144,7 @@ def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, 
     for name, (kind, dataset) in tqdm(datasets.items(), desc="benchmarks", unit="set", dynamic_ncols=True):
         if encoders.use_text_cache is not None:
             os.makedirs(cache_dir, exist_ok=True)
-            encoders.use_text_cache(cache_path(cache_dir, name.replace("/", "_"), encoders.text_tag))
+            encoders.use_text_cache(cache_path(cache_dir, name, encoders.text_tag))
         log(f"{name}: {len(dataset.images)} images")
         if kind == "retrieval":
             images = shared.of(dataset) if name.startswith(XM3600 + "/") else None
