@@ -13,6 +13,9 @@ On your data, for the CLIP baseline (--clip) or a ProCLIP run / checkpoint (--mo
 The CLIP baseline may be an open_clip folder (ViT or EVA02-CLIP); --model may be a released LLM2CLIP/ProCLIP model:
     python eval.py --task retrieval --clip EVA02-L-14-336_DIR --dataset karpathy.json --images flickr30k
     python eval.py --task retrieval --model LLM2CLIP-EVA02-L-14-336.pt --llm LLM2CLIP_LLAMA3_DIR --dataset my.jsonl
+The paper's benchmarks in their released layouts under one folder (README, "Benchmarks"): Tables 1 and 2 and XM3600:
+    python eval.py --benchmark proclip --data-root BENCH --model ProCLIP.pt --llm LLM_DIR  # benchmark.json, .md
+    python eval.py --dataset urban1k --data-root BENCH --clip CLIP_DIR                     # one benchmark
 Metric definitions are LAION-AI/CLIP_benchmark's (see miniproclip/metrics.py); the flags and flow are in
 miniproclip/eval_cli.py, the readers and runners in miniproclip/evaluation.py.
 """

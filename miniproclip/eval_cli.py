@@ -15,6 +15,7 @@ import torch
 
 from . import evaluation
 from .api import EXPORT_JSON
+from .benchmarks import suite
 from .checkpoint import LATEST, resolve_checkpoint
 from .embed import text_cache_path
 from .errors import UserError, exit_with
@@ -25,7 +26,7 @@ from .released import is_released
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot retrieval and classification with CLIP_benchmark's metrics.")
-    p.add_argument("--task", choices=("retrieval", "zeroshot"), required=True)
+    p.add_argument("--task", choices=("retrieval", "zeroshot"), default=None, help="required without --data-root")
     # model (default: the newest run under --runs)
     p.add_argument("--clip", default=None, help="a Hugging Face CLIP folder or an open_clip folder (ViT, EVA02-CLIP): "
                                                 "the baseline")
@@ -49,6 +50,19 @@ def parse_args(argv=None):
     p.add_argument("--heldout-classes", default=None, help="zeroshot: class names (one per line) held out of "
                                                           "training: adds acc1_seen and acc1_heldout")
     p.add_argument("--ks", default="1,5,10", help="retrieval: recall@K for these K (each at most the gallery size)")
+    # the benchmark suite (miniproclip/benchmarks): --benchmark proclip, or --dataset NAME, under --data-root
+    p.add_argument("--benchmark", choices=("proclip",), default=None, help="every benchmark of ProCLIP's Tables 1-2 "
+                   "and XM3600 found under --data-root; writes benchmark.json and benchmark.md")
+    p.add_argument("--data-root", default=None, help="the folder holding flickr30k/, coco/, imagenet1k/, ... "
+                   "(folder names matched case-insensitively); with --dataset NAME, that one benchmark")
+    p.add_argument("--cache-dir", default=None, help="suite: the LLM text caches, one per benchmark and LLM "
+                   "(default: DATA_ROOT/.cache)")
+    p.add_argument("--paper-rows", default=None, help="suite: the paper's rows shown beside ours (B/16-3M, "
+                   "L/14-30M, L/14-3M, EVA02-L/14-3M; default: inferred from a ViT-B/16 CLIP)")
+    p.add_argument("--coco-five-captions", action="store_true", help="suite: COCO's first five captions per image "
+                   "(Long-CLIP), not all")
+    p.add_argument("--dci-split", default=None, help="suite: one DCI split of splits.json (default: all, as FLAME)")
+    p.add_argument("--all-captions", action="store_true", help="suite: XM3600 with every caption per image")
     # output
     p.add_argument("--output", default=None, help="results JSON (default with --model: a file in the run folder)")
     p.add_argument("--show", type=int, default=0, metavar="K", help="retrieval: PNG of K queries and their top 5")
@@ -60,6 +74,8 @@ def parse_args(argv=None):
                    help="autocast dtype (default: amp_bf16 on CUDA and on CPUs with bf16 instructions, "
                    "else fp32)")
     args = p.parse_args(argv)
+    if args.task is None and args.data_root is None:
+        p.error("--task is required (or --benchmark proclip --data-root ROOT)")
     args.precision = args.precision or default_precision(args.device)
     return args
 
@@ -190,6 +206,8 @@ def next_step(args, clip_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.data_root is not None:
+        return run_benchmarks(args)
     try:
         fill_defaults(args)
         report, gallery, clip_dir = evaluate(args)
@@ -206,3 +224,30 @@ def main(argv=None):
         print(f"{args.show} example queries with their top-5 images (the right one framed green): {png}")
     print(f"next: {next_step(args, clip_dir)}")
     return report
+
+
+def run_benchmarks(args):
+    """--data-root: the suite (or the one --dataset NAME) through miniproclip.benchmarks.suite; prints the tables."""
+    try:
+        if args.clip and args.model:
+            raise evaluation.BenchmarkError("pass either --clip (the baseline) or --model, not both")
+        model = args.model or (None if args.clip else newest_run(args.runs))
+        if model:
+            encoders = evaluation.proclip_encoders(model, None, args.device, args.precision, llm=args.llm)
+        else:
+            encoders = evaluation.clip_encoders(args.clip, args.device, args.precision)
+        options = suite.reader_options(args.coco_five_captions, args.dci_split, args.all_captions, args.language)
+        try:
+            ks = tuple(int(k) for k in args.ks.split(","))
+        except ValueError:
+            raise evaluation.BenchmarkError(f"--ks {args.ks!r}: give comma-separated integers such as 1,5,10") from None
+        results = suite.run_suite(encoders, args.data_root, cache_dir=args.cache_dir, options=options,
+                                  names=[args.dataset] if args.dataset else None, batch_size=args.batch_size,
+                                  workers=args.workers, device=args.device, ks=ks)
+        out_dir = args.output or (model if model and os.path.isdir(model) else args.data_root)
+        markdown = suite.write_tables(results, out_dir, args.paper_rows or suite.infer_backbone(encoders.clip_dir))
+    except UserError as err:
+        exit_with(err)
+    print(markdown)
+    print(f"tables written to {os.path.join(out_dir, 'benchmark.md')} and benchmark.json")
+    return results

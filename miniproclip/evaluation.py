@@ -10,7 +10,10 @@ normalised image and text features of the whole test set, then the metric math o
 Where CLIP_benchmark stops at an unreadable image, we drop it (and, in retrieval, its captions) and list it.
 """
 
+import hashlib
+import json
 import os
+import re
 import textwrap
 from dataclasses import dataclass
 from typing import Callable
@@ -24,7 +27,7 @@ from .backbones import load_clip, load_tokenizer, load_transform
 from .benchmarks import ClassificationSet, RetrievalSet
 from .benchmarks.retrieval import read_karpathy
 from .api import load_model
-from .embed import ensure_text_cache
+from .embed import ensure_text_cache, llm_identity
 from .embedder import CaptionTokenizer
 from .data import json_lines
 from .errors import BenchmarkError
@@ -135,6 +138,8 @@ class Encoders:
     encode_image: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) on device -> (B, D)
     encode_text: Callable[[list[str]], torch.Tensor]  # B captions -> (B, D)
     prepare_texts: Callable[[list[str]], int]  # before encode_text: fills ProCLIP's cache; returns #truncated
+    use_text_cache: Callable[[str], None] | None = None  # ProCLIP: point the LLM text cache at another file
+    text_tag: str | None = None  # ProCLIP: the LLM's name and identity hash, for naming cache files
 
 
 def inference(encode: Callable, device: torch.device, precision: str) -> Callable:
@@ -164,6 +169,10 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
     text_cache = text_cache or text.cache
     cache = None
 
+    def use_text_cache(path):  # the benchmark suite gives each benchmark's texts their own cache file
+        nonlocal text_cache
+        text_cache = path
+
     def prepare_texts(texts):
         nonlocal cache
         cache = ensure_text_cache(text_cache, text.llm_dir, texts, text.embedding, text.llm_dtype, str(device),
@@ -171,8 +180,10 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
         return CaptionTokenizer(text.llm_dir, text.embedding)(texts)[1]
 
     encode_text = inference(lambda texts: model.encode_text(cache(texts).to(device)), device, precision)
+    identity = json.dumps(llm_identity(text.llm_dir, text.embedding), sort_keys=True).encode()
+    tag = f"{os.path.basename(os.path.normpath(text.llm_dir))}_{hashlib.sha256(identity).hexdigest()[:12]}"
     return Encoders(checkpoint, trained.clip_dir, trained.transform, inference(model.encode_image, device, precision),
-                    encode_text, prepare_texts)
+                    encode_text, prepare_texts, use_text_cache, re.sub(r"[^\w.-]", "_", tag))
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -226,9 +237,12 @@ def encode_texts(encoders: Encoders, texts: list[str], batch_size: int):
 
 # ----------------------------------------------------------------------------- runners
 
-def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, workers: int, device: str, ks):
-    """Recall@K both ways over the readable images and their captions. Returns (report, gallery for --show)."""
-    image_features, readable, unreadable = encode_images(encoders, dataset.images, batch_size, workers, device)
+def run_retrieval(encoders: Encoders, dataset: RetrievalSet, batch_size: int, workers: int, device: str, ks,
+                  images=None):
+    """Recall@K both ways over the readable images and their captions. Returns (report, gallery for --show).
+    images: encode_images' (features, readable, unreadable) of dataset.images when already encoded."""
+    image_features, readable, unreadable = images or encode_images(encoders, dataset.images, batch_size, workers,
+                                                                   device)
     new_index = {old: new for new, old in enumerate(readable)}  # gallery index after dropping unreadable images
     kept = [t for t, image in enumerate(dataset.text_to_image) if image in new_index]
     texts = [dataset.texts[t] for t in kept]

@@ -142,3 +142,10 @@ def test_precision_quick():
         assert float(fp32) > 0 and float(bf16) > 0
         assert float(ratio.split()[0]) == pytest.approx(float(fp32) / float(bf16), rel=0.06, abs=0.01)
         assert re.fullmatch(r"aten::\w+ \d+%", top), top
+
+
+def test_eval_throughput_quick():
+    rows = table_rows(run("eval_throughput.py", "--workers", "0"))
+    assert [(row[0], int(row[1])) for row in rows] == [("images: eval path", 8), ("images: plain loop", 8),
+                                                       ("texts: eval path", 16), ("texts: plain loop", 16)]
+    assert all(float(row[3]) > 0 for row in rows)  # items/s
