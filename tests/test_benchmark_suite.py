@@ -257,3 +257,37 @@ def test_eval_cli_prints_the_tables(world, tmp_path, monkeypatch, capsys):
                    "--workers", "0", "--output", str(tmp_path / "one")])
     saved = json.loads((tmp_path / "one" / "benchmark.json").read_text())
     assert list(saved["retrieval"]) == ["urban1k"] and saved["missing"] == []
+
+
+def test_released_layouts_through_eval_py_equal_transformers(tmp_path, world, capsys):
+    """The real readers on tiny replicas of two released layouts (Urban-1k: image/{i}.jpg + caption/{i}.txt, first
+    line; XM3600: captions.jsonl + images/{key}.jpg, caption 0) under one ROOT, through `eval.py --benchmark`:
+    its R@k equal transformers' features scored with CLIP_benchmark's definitions; the other datasets are listed."""
+    root = tmp_path / "bench"
+    for i in range(1, 7):
+        write_image(str(root / "Urban1k" / "image" / f"{i}.jpg"), seed=300 + i)
+        (root / "Urban1k" / "caption").mkdir(parents=True, exist_ok=True)
+        (root / "Urban1k" / "caption" / f"{i}.txt").write_text(f"a photo of {WORDS[i]} and {WORDS[i + 4]}\nnot read\n")
+    keys = [f"{i:016x}" for i in range(5)]
+    (root / "xm3600").mkdir()
+    with open(root / "xm3600" / "captions.jsonl", "w") as f:
+        for i, key in enumerate(keys):
+            write_image(str(root / "xm3600" / "images" / f"{key}.jpg"), seed=400 + i)
+            captions = {"caption": [f"{WORDS[i + 2]} {WORDS[i]}", "second caption, not read"]}
+            f.write(json.dumps({"image/key": key, "en": captions, "de": captions}) + "\n")
+    results = eval_cli.main(["--benchmark", "proclip", "--data-root", str(root), "--clip", world["clip"], "--ks",
+                             "1,2,5", "--workers", "0", "--output", str(tmp_path / "out"), "--language", "en",
+                             "--precision", "fp32"])
+    assert "## Table 1" in capsys.readouterr().out and (tmp_path / "out" / "benchmark.md").is_file()
+    assert "flickr30k" in results["missing"] and "imagenet1k" in results["missing"]
+    urban = [str(root / "Urban1k" / "image" / f"{i}.jpg") for i in range(1, 7)]
+    urban_texts = [f"a photo of {WORDS[i]} and {WORDS[i + 4]}\n" for i in range(1, 7)]
+    xm = [str(root / "xm3600" / "images" / f"{key}.jpg") for key in keys]
+    xm_texts = [f"{WORDS[i + 2]} {WORDS[i]}" for i in range(5)]
+    for metrics, images, texts in ((results["retrieval"]["urban1k"]["metrics"], urban, urban_texts),
+                                   (results["retrieval"]["xm3600/en"]["metrics"], xm, xm_texts)):
+        image_features, text_features = hf_features(world, images, texts)
+        for k in KS:
+            t2i, i2t = reference_recall(image_features, text_features, list(range(len(images))), k)
+            assert metrics[f"image_retrieval_recall@{k}"] == pytest.approx(t2i, abs=TOL)
+            assert metrics[f"text_retrieval_recall@{k}"] == pytest.approx(i2t, abs=TOL)
