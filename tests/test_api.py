@@ -6,12 +6,8 @@ LLMEmbedder embeddings (tolerance 1e-5: the same float32 math, batched different
 equal to 1e-6 (they are fractions of hits).
 """
 
-import json
-import os
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,57 +17,16 @@ pytest.importorskip("transformers")
 import miniproclip
 from miniproclip.api import load_model
 from miniproclip.checkpoint import CheckpointError, save_checkpoint
-from miniproclip.clip import CLIP
 from miniproclip.embedder import EmbedSettings, LLMEmbedder
-from miniproclip.head import HeadConfig
 from miniproclip.image import ImageTransform, load_image
 from miniproclip.metrics import retrieval_metrics
 from miniproclip.model import ProCLIP
 from miniproclip.precision import autocast, default_precision
 from miniproclip.weights import ModelFolderError
 
-from fixtures import WORDS, write_tiny_clip, write_tiny_llm
 
 from miniproclip import eval_cli  # eval.py's flags and flow
-
-N_IMAGES = 7
-
-
-def build_world(root: Path) -> dict:
-    """A tiny CLIP and LLM, 7 noisy images, one caption each (some past the runs' 8-token LLM window)."""
-    clip_dir, llm_dir = write_tiny_clip(str(root / "clip")), write_tiny_llm(str(root / "llm"))
-    images = []
-    for i in range(N_IMAGES):
-        rng = np.random.default_rng(i)
-        pixels = rng.integers(0, 128, (40, 48, 3), dtype=np.uint8) + rng.integers(0, 128, 3, dtype=np.uint8)
-        images.append(str(root / "images" / f"im{i}.png"))
-        os.makedirs(os.path.dirname(images[-1]), exist_ok=True)
-        Image.fromarray(pixels).save(images[-1])
-    texts = [f"a photo of the {WORDS[i]} on the grass with {WORDS[i + 1]}" for i in range(N_IMAGES)]
-    texts[2] = "two dogs"
-    (root / "set.jsonl").write_text("".join(json.dumps({"image": p, "captions": [t]}) + "\n"
-                                            for p, t in zip(images, texts)))
-    return {"root": root, "clip": clip_dir, "llm": llm_dir, "images": images, "texts": texts,
-            "dataset": str(root / "set.jsonl")}
-
-
-def write_run(run_dir, clip_dir: str, llm_dir: str, stage: int, seed: int, llm_dtype: str = "fp32") -> ProCLIP:
-    """A train.py-style run folder: meta + one checkpoint of a tiny ProCLIP with a random head (and, stage 2, a
-    perturbed image tower and temperature). Returns the ProCLIP that load_model should rebuild."""
-    torch.manual_seed(seed)
-    head = HeadConfig(32, 16, num_blocks=1, mlp_ratio=2)
-    model = ProCLIP.from_clip(CLIP.from_pretrained(clip_dir), head)
-    if stage == 2:
-        with torch.no_grad():
-            model.visual_projection.weight.add_(0.5 * torch.randn_like(model.visual_projection.weight))
-            model.logit_scale.fill_(3.0)
-        weights = model.state_dict()
-    else:
-        weights = {f"text_head.{k}": v for k, v in model.text_head.state_dict().items()}
-    args = {"clip": clip_dir, "llm": llm_dir, "max_length": 8, "instruction": "", "bidirectional": False,
-            "text_cache": str(Path(run_dir) / "text_cache.safetensors"), "llm_dtype": llm_dtype, "batch_tokens": 64}
-    save_checkpoint(str(run_dir), 7, weights, {}, {"stage": stage, "step": 7, "args": args, "head": head.__dict__})
-    return model.eval()
+from fixtures import N_IMAGES, build_world, write_run  # noqa: E402
 
 
 def reference_features(model: ProCLIP, world: dict, llm_dtype=torch.float32):

@@ -27,8 +27,7 @@ from miniproclip.nvembed import LatentAttention, LatentAttentionConfig, latent_k
 from miniproclip.training.stage0 import CaptionContrastive  # noqa: E402
 from miniproclip.weights import ModelFolderError  # noqa: E402
 
-from fixtures import WORDS, write_tiny_llm  # noqa: E402
-from test_embedder_presets import write_tiny_llama3  # noqa: E402
+from fixtures import WORDS, write_tiny_llama3, write_tiny_llm  # noqa: E402
 
 TEXTS = ["a photo of the red cat", "two small dogs on the grass with a blue circle", "dog",
          "the large green table in the grass and three square"]

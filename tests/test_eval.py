@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,23 +31,14 @@ from miniproclip.image import ImageTransform, load_image
 from miniproclip.model import ProCLIP
 from miniproclip.precision import autocast, default_precision
 
-from fixtures import WORDS, write_tiny_clip, write_tiny_llm
+from fixtures import REPO, WORDS, write_image, write_tiny_clip, write_tiny_llm  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 from miniproclip import eval_cli  # eval.py's flags and flow
 
 TOL = 1e-6
 LONG_CAPTION = " ".join(["a red cat on the grass"] * 20)  # 120 words: past CLIP's 77 tokens
 TEMPLATES = ["a photo of a {c}.", "a blurry photo of the {c}.", "{c}"]
 CLASSNAMES = ["cat", "dog", "red fox", "blue bird", "table", "tree"]
-
-
-def write_image(path, seed, size=(40, 48)):
-    """Random noise over a random colour, so every image is far from every other one."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8) // 2 + rng.integers(0, 128, 3, dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels).save(path)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from miniproclip.api import load_model
 from miniproclip.training.curves import PANEL_HEIGHT, curve_panels, read_metrics, write_curves
 from miniproclip.export import export, main
 
-from fixtures import write_tiny_pairs
-from test_api import build_world, write_run
+from fixtures import build_world, write_run, write_tiny_pairs
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,13 @@ import torch
 pytest.importorskip("transformers")
 
 import train
-from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
+from fixtures import ROOT, common, losses, run_cli, wait_for_lines, write_tiny_clip, write_tiny_llm, write_tiny_pairs
 from miniproclip import checkpoint as ckpt
 from miniproclip.data import caption_texts, read_rows
 from miniproclip.loader import epoch_batches
 from miniproclip.embed import load_cache, save_cache
 from miniproclip.head import HeadConfig, TextHead
 from safetensors.torch import load_file, save_file
-from test_train import ROOT, common, losses, run_cli, wait_for_lines
 
 from miniproclip import eval_cli  # eval.py's flags and flow
 

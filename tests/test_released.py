@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 from openclip_models import eva_config, import_references, tiny_timm, write_open_clip
-from fixtures import write_tiny_pairs
-from test_embedder_presets import TEXTS, llm2vec_encode, write_tiny_llama3
+from fixtures import TEXTS, llm2vec_encode, text_adaptor, write_tiny_llama3, write_tiny_pairs  # noqa: E402
 from miniproclip import load_model
 from miniproclip.embedder import EmbedSettings, LLMEmbedder
 from miniproclip.metrics import retrieval_metrics
@@ -28,28 +26,6 @@ TOL = 1e-4
 TO_EVA_CLIP = {"attn.q_proj.bias": "attn.q_bias", "attn.v_proj.bias": "attn.v_bias",
                "attn.norm.": "attn.inner_attn_ln.", "mlp.fc1_g.": "mlp.w1.", "mlp.fc1_x.": "mlp.w2.",
                "mlp.fc2.": "mlp.w3.", "mlp.norm.": "mlp.ffn_ln."}  # timm -> eva_clip, inside a block
-
-
-class LinearBlock(nn.Module):
-    """LLM2CLIP's and ProCLIP's adapter block: x + fn(ln(x)), fn = Linear, GELU, Dropout, Linear."""
-
-    def __init__(self, dim, ratio):
-        super().__init__()
-        self.fn = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(ratio * dim, dim))
-        self.ln = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        return x + self.fn(self.ln(x))
-
-
-def text_adaptor(dim, out, blocks, ratio):
-    """TextProj.text_adaptor: the blocks, LayerNorm, a biased Linear into the joint space (random, seeded)."""
-    torch.manual_seed(blocks)
-    adaptor = nn.Sequential(*[LinearBlock(dim, ratio) for _ in range(blocks)], nn.LayerNorm(dim), nn.Linear(dim, out))
-    with torch.no_grad():
-        for p in adaptor.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return adaptor.eval()
 
 
 def write_released_pt(path, clip_state, adaptor):

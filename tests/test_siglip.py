@@ -120,7 +120,7 @@ def test_stage1_then_stage2_train_on_a_siglip_tower(world, tmp_path):
     the SigLIP image tower (MAP head included; no visual projection) from SigLIP's own temperature."""
     import train
     from miniproclip import checkpoint as ckpt
-    from test_train import common, losses
+    from fixtures import common, losses
     train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "30", "--lr", "3e-3")])
     records = losses(tmp_path / "s1")
     assert sum(records[s]["loss"] for s in (28, 29, 30)) < 0.5 * sum(records[s]["loss"] for s in (1, 2, 3))
@@ -163,7 +163,7 @@ def test_eval_retrieval_equals_transformers_features(siglip, tmp_path):
     import torch.nn.functional as F
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
     from miniproclip.metrics import retrieval_metrics
-    from test_eval import REPO, write_image
+    from fixtures import REPO, write_image
     folder, reference = siglip
     spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
     eval_cli = importlib.util.module_from_spec(spec)
@@ -271,7 +271,7 @@ def test_released_llm2clip_siglip2_pt(tmp_path, monkeypatch):
     state dict file. Image features equal open_clip's trunk; text features equal the adapter's."""
     import torch.nn.functional as F
     from openclip_models import write_open_clip
-    from test_released import text_adaptor
+    from fixtures import text_adaptor
     from miniproclip.released import load_released, released_transform
     tiny_siglip_timm(monkeypatch)
     reference = write_open_clip(tmp_path / "oc", open_clip_siglip_config())

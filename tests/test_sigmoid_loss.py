@@ -85,7 +85,7 @@ def test_stage2_with_the_sigmoid_loss_trains_the_bias_and_loads_and_resumes(worl
     import train
     from miniproclip import checkpoint as ckpt
     from miniproclip import load_model
-    from test_train import common, losses
+    from fixtures import common, losses
     flags = ["--stage", "2", "--init", "scratch", "--loss", "sigmoid", "--precision", "fp32", "--lr", "1e-2"]
     train.main([*flags, *common(world, tmp_path / "s2", "--max-steps", "4")])
     records = losses(tmp_path / "s2")

@@ -27,7 +27,7 @@ from miniproclip.merge import write_merged_llm  # noqa: E402
 from miniproclip.training.stage0 import CaptionContrastive, load_stage0_llm  # noqa: E402
 from miniproclip.training.stages import accumulated_backward  # noqa: E402
 
-from fixtures import write_tiny_llm  # noqa: E402
+from fixtures import assert_same_runs, losses, run_cli, wait_for_lines, write_tiny_llm  # noqa: E402
 
 GROUPS = [["a red circle", "one red circle", "the red circle"], ["a blue square", "one blue square"],
           ["two green triangles", "the two green triangles"], ["a small dog", "the small dog"],
@@ -231,7 +231,6 @@ def test_smollm2_first_loss_on_translation_groups_is_near_ln_batch(smollm2_dir):
 import train  # noqa: E402
 from miniproclip import checkpoint as ckpt  # noqa: E402
 from miniproclip.lora import load_lora_state_dict  # noqa: E402
-from test_train import assert_same_runs, losses, run_cli, wait_for_lines  # noqa: E402
 
 @pytest.mark.slow
 def test_smollm2_40_steps_on_translations_leave_the_collapsed_loss(smollm2_dir, tmp_path):

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 import train
-from fixtures import write_tiny_pairs
+from fixtures import ROOT, assert_same_runs, common, losses, run_cli, wait_for_lines, write_tiny_pairs  # noqa: E402
 from miniproclip import checkpoint as ckpt
 from miniproclip.clip import CLIP
 from miniproclip.head import HeadConfig
@@ -24,18 +23,6 @@ from miniproclip.model import ProCLIP
 from miniproclip.precision import default_precision
 from miniproclip.training.flags import parse_args, stage_defaults
 from miniproclip.training.stages import LossSettings, accumulated_backward, stage1_loss, stage2_loss
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def common(world, out, *extra):
-    return ["--train-data", world["data"], "--clip", world["clip"], "--llm", world["llm"], "--output", str(out),
-            "--workers", "0", "--batch-size", "8", "--warmup", "2", *extra]
-
-
-def losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
 
 
 def test_stage1_lowers_its_loss_then_stage2_starts_from_it(world, tmp_path):
@@ -113,20 +100,6 @@ def test_accumulation_gives_the_full_batch_gradient(world, stage):
         assert (g_full[name] - g_acc[name]).abs().max() < 1e-5 * max(1.0, g_full[name].abs().max()), name
 
 
-def run_cli(args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def wait_for_lines(path, n, process, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
-            return
-        time.sleep(0.05)
-
-
 def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(world, tmp_path):
     args = ["--stage", "1", "--max-steps", "24", "--save-every", "1"]
     train.main(args + common(world, tmp_path / "straight"))
@@ -170,18 +143,6 @@ def test_ddp_two_ranks_match_one_process_on_the_full_batch(world, tmp_path):
                              "--batch-size", "4"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_runs(tmp_path / "one", tmp_path / "two", steps=3, loss_tol={"abs": 1e-5})
-
-
-def assert_same_runs(one_dir, two_dir, steps, loss_tol, weight_tol=1e-5):
-    """Equal logged losses at every step and final weights within `weight_tol`."""
-    one, two = losses(one_dir), losses(two_dir)
-    for step in range(1, steps + 1):
-        assert two[step]["loss"] == pytest.approx(one[step]["loss"], **loss_tol)
-    w_one = ckpt.load_weights(ckpt.resolve_checkpoint(str(one_dir)))[0]
-    w_two = ckpt.load_weights(ckpt.resolve_checkpoint(str(two_dir)))[0]
-    assert w_one.keys() == w_two.keys()
-    for name in w_one:
-        assert (w_one[name] - w_two[name]).abs().max() < weight_tol, name
 
 
 def test_amp_bf16_runs_on_cpu(world, tmp_path):
