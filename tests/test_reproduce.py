@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # about three minutes on 2 cores: the whole default suite's budget
 def test_quick_reproduction_writes_the_table(quick_world, smollm2_dir, tmp_path):
     out = tmp_path / "RESULTS.md"
     shutil.copytree(quick_world[0], tmp_path / "toy")  # the shared quick world; the runs add caches to their copy
