@@ -25,7 +25,8 @@ from miniproclip.evaluation import ImageFiles
 from miniproclip.image import ImageTransform, load_image
 from miniproclip.metrics import CLIP_BENCHMARK_TEMPLATES, load_templates
 
-NAMES = ["imagenet1k", "cifar10", "cifar100", "food101", "sun397", "fgvc_aircraft", "dtd", "pets", "caltech101"]
+NAMES = ["imagenet1k", "cifar10", "cifar100", "food101", "sun397", "fgvc_aircraft", "dtd", "pets", "caltech101", "cars",
+         "flowers"]
 # sha256 of CLIP_benchmark's two JSON files (commit 48de38c of LAION-AI/CLIP_benchmark = PyPI clip-benchmark 1.6.2)
 SHA256 = {CLIP_BENCHMARK_CLASSNAMES: "73d279021a4bc88059884d01fae66c35ec33793ede8bc9ae54c46632625c4993",
           CLIP_BENCHMARK_TEMPLATES: "b78cc883ce1d6aefd304f180046ee25e778d627e099222fbcc57f01657c53c31"}
@@ -99,7 +100,7 @@ def test_tables_name_every_benchmark_and_assets_are_clip_benchmarks_files():
 def test_templates_are_clip_benchmarks_per_dataset():
     counts = {name: len(templates(name)) for name in NAMES}
     assert counts == {"imagenet1k": 80, "cifar10": 18, "cifar100": 18, "food101": 1, "sun397": 2,
-                      "fgvc_aircraft": 2, "dtd": 8, "pets": 1, "caltech101": 34}
+                      "fgvc_aircraft": 2, "dtd": 8, "pets": 1, "caltech101": 34, "cars": 8, "flowers": 1}
     assert templates("imagenet1k") == load_templates()  # OpenAI's 80, the default of eval.py, one source
     assert templates("food101") == ["a photo of {c}, a type of food."]
     assert templates("fgvc_aircraft")[1] == "a photo of the {c}, a type of aircraft."
@@ -392,3 +393,49 @@ def test_aircraft_without_its_variants_file(tmp_path):
     with pytest.raises(BenchmarkError) as error:
         CLASSIFICATION_READERS["fgvc_aircraft"](str(tmp_path))
     assert str(error.value) == f"fgvc_aircraft: {data / 'variants.txt'} not found; expected {LAYOUTS['fgvc_aircraft']}"
+
+
+# ----------------------------------------------------------------------------- Stanford Cars, Flowers102 (.mat files)
+
+def test_cars_test_annotations_from_the_mat_files(tmp_path):
+    """torchvision's StanfordCars layout: the test annotations' fname/class, cars_meta's names (scipy writes them)."""
+    sio = pytest.importorskip("scipy.io")
+    folder = tmp_path / "stanford_cars"
+    names = [f"Make {i} Model {2000 + i}" for i in range(196)]
+    os.makedirs(folder / "devkit")
+    sio.savemat(folder / "devkit" / "cars_meta.mat", {"class_names": np.array([names], dtype=object)})
+    rows = [("00003.jpg", 196), ("00001.jpg", 1), ("00002.jpg", 57)]
+    annotations = np.zeros((1, len(rows)), dtype=[("bbox_x1", "O"), ("class", "O"), ("fname", "O")])
+    for i, (fname, cls) in enumerate(rows):
+        annotations[0, i] = (np.array([[30]], dtype=np.uint8), np.array([[cls]], dtype=np.uint8), fname)
+    sio.savemat(folder / "cars_test_annos_withlabels.mat", {"annotations": annotations}, do_compression=True)
+    sio.savemat(folder / "devkit" / "cars_train_annos.mat", {"annotations": annotations[:, :1]})  # train: left out
+    write_image(folder / "cars_test" / "00001.jpg")
+    dataset = read_both("cars", folder)
+    assert dataset.images == [str(folder / "cars_test" / fname) for fname, _ in rows]
+    assert dataset.labels == [195, 0, 56] and dataset.classnames == names
+
+    reference = clip_benchmark_dataset("cars", tmp_path)
+    paths, targets = zip(*reference._samples)
+    assert_same_as_clip_benchmark(dataset, reference, paths, targets)
+
+
+def test_flowers_test_ids_from_the_mat_files(tmp_path, monkeypatch):
+    """torchvision's Flowers102 layout: setid.mat's tstid picks the images, imagelabels.mat labels them from 1."""
+    sio = pytest.importorskip("scipy.io")
+    folder = tmp_path / "flowers-102"
+    os.makedirs(folder)
+    labels = np.array([[77, 1, 102, 5, 5, 40]], dtype=np.uint8)  # images 1..6
+    sio.savemat(folder / "imagelabels.mat", {"labels": labels})
+    sio.savemat(folder / "setid.mat", {"trnid": np.array([[1, 2]], dtype=np.uint16), "valid": np.array([[3]]),
+                                       "tstid": np.array([[6, 4, 3]], dtype=np.uint16)}, do_compression=True)
+    for i in (6, 4, 3):  # CLIP_benchmark decodes the first test image (its label base check)
+        write_image(folder / "jpg" / f"image_{i:05d}.jpg")
+    dataset = read_both("flowers", folder)
+    assert dataset.images == [str(folder / "jpg" / f"image_{i:05d}.jpg") for i in (6, 4, 3)]
+    assert dataset.labels == [39, 4, 101] and dataset.classnames == clip_benchmark_classnames("flowers")
+
+    import torchvision.datasets.flowers102 as flowers102
+    monkeypatch.setattr(flowers102.Flowers102, "_check_integrity", lambda self: True)  # the real files' md5 sums
+    reference = clip_benchmark_dataset("flowers", tmp_path)
+    assert_same_as_clip_benchmark(dataset, reference, reference._image_files, reference._labels)

@@ -24,6 +24,7 @@ from . import ClassificationSet
 from ..errors import BenchmarkError
 from ..image import ArrayImage
 from ..metrics import CLIP_BENCHMARK_TEMPLATES, load_templates
+from .matfile import read_mat
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLIP_BENCHMARK_CLASSNAMES = ASSETS / "clip_benchmark" / "en_classnames.json"  # verbatim from CLIP_benchmark
@@ -48,6 +49,11 @@ LAYOUTS = {
             "www.robots.ox.ac.uk/~vgg/data/pets/)",
     "caltech101": "101_ObjectCategories/ with its 102 class folders, BACKGROUND_Google included (caltech-101.zip "
                   "from data.caltech.edu/records/mzrjq-6wc02)",
+    "cars": "stanford_cars/ with devkit/cars_meta.mat, cars_test_annos_withlabels.mat and cars_test/ (torchvision's "
+            "StanfordCars layout: car_devkit.tgz, cars_test.tgz and cars_test_annos_withlabels.mat, e.g. from the "
+            "Kaggle mirror of ai.stanford.edu/~jkrause/cars/car_dataset.html)",
+    "flowers": "flowers-102/ with jpg/, imagelabels.mat and setid.mat (102flowers.tgz, imagelabels.mat and setid.mat "
+               "from www.robots.ox.ac.uk/~vgg/data/flowers/102/)",
 }
 # where the dataset folder may sit inside `root` (its name as it unpacks; torchvision's folder for CLIP_benchmark's
 # roots), and the file (or folder) that marks it
@@ -61,9 +67,11 @@ FOLDERS = {
     "dtd": (("dtd", "dtd/dtd"), "labels/test1.txt"),
     "pets": (("oxford-iiit-pet",), "annotations/test.txt"),
     "caltech101": (("101_ObjectCategories", "caltech101/101_ObjectCategories"), "BACKGROUND_Google"),
+    "cars": (("stanford_cars",), "devkit/cars_meta.mat"),
+    "flowers": (("flowers-102",), "setid.mat"),
 }
 NUM_CLASSES = {"imagenet1k": 1000, "cifar10": 10, "cifar100": 100, "food101": 101, "sun397": 397,
-               "fgvc_aircraft": 100, "dtd": 47, "pets": 37, "caltech101": 102}
+               "fgvc_aircraft": 100, "dtd": 47, "pets": 37, "caltech101": 102, "cars": 196, "flowers": 102}
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -328,6 +336,42 @@ def read_caltech101(root: str) -> ClassificationSet:
     return dataset
 
 
+def read_cars(root: str) -> ClassificationSet:
+    """Stanford Cars' 8,041 test images as torchvision's StanfordCars(split="test") reads them (CLIP_benchmark
+    "cars"): cars_test_annos_withlabels.mat's `annotations` (fname, class from 1) → cars_test/<fname>, label
+    class − 1; the names are devkit/cars_meta.mat's `class_names` (CLIP_benchmark keeps torchvision's)."""
+    folder = locate(root, "cars")
+    meta, annotations = os.path.join(folder, "devkit", "cars_meta.mat"), os.path.join(folder, "cars_test_annos_withlabels.mat")
+    if not os.path.isfile(annotations):
+        raise BenchmarkError(f"cars: {annotations} not found; expected {LAYOUTS['cars']}")
+    try:
+        classnames = [str(name[0]) for name in read_mat(meta)["class_names"].ravel(order="F")]
+        rows = read_mat(annotations)["annotations"].ravel(order="F")
+        images = [os.path.join(folder, "cars_test", str(row["fname"][0])) for row in rows]
+        labels = [int(row["class"].ravel()[0]) - 1 for row in rows]
+    except (KeyError, IndexError, TypeError) as err:
+        raise BenchmarkError(f"cars: {meta} or {annotations} lacks {err}; expected {LAYOUTS['cars']}") from None
+    return checked("cars", meta, images, labels, classnames)
+
+
+def read_flowers(root: str) -> ClassificationSet:
+    """Flowers102's 6,149 test images as torchvision's Flowers102(split="test") reads them: setid.mat's `tstid`
+    image ids → jpg/image_<id:05d>.jpg, label imagelabels.mat's `labels`[id − 1] − 1; CLIP_benchmark's names."""
+    folder = locate(root, "flowers")
+    labels_path, setid = os.path.join(folder, "imagelabels.mat"), os.path.join(folder, "setid.mat")
+    if not os.path.isfile(labels_path):
+        raise BenchmarkError(f"flowers: {labels_path} not found; expected {LAYOUTS['flowers']}")
+    try:
+        test_ids = [int(i) for i in read_mat(setid)["tstid"].ravel()]
+        all_labels = [int(label) - 1 for label in read_mat(labels_path)["labels"].ravel()]
+        labels = [all_labels[i - 1] for i in test_ids]
+    except (KeyError, IndexError) as err:
+        raise BenchmarkError(f"flowers: {setid} or {labels_path} lacks {err}; expected {LAYOUTS['flowers']}") from None
+    images = [os.path.join(folder, "jpg", f"image_{i:05d}.jpg") for i in test_ids]
+    return checked("flowers", setid, images, labels, clip_benchmark_classnames("flowers"))
+
+
 CLASSIFICATION_READERS = {"imagenet1k": read_imagenet1k, "cifar10": read_cifar10, "cifar100": read_cifar100,
                           "food101": read_food101, "sun397": read_sun397, "fgvc_aircraft": read_fgvc_aircraft,
-                          "dtd": read_dtd, "pets": read_pets, "caltech101": read_caltech101}
+                          "dtd": read_dtd, "pets": read_pets, "caltech101": read_caltech101, "cars": read_cars,
+                          "flowers": read_flowers}
