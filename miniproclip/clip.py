@@ -147,19 +147,21 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of layers, with optional per-layer activation checkpointing (recompute in backward)."""
+    """The stack of layers, with optional per-layer activation checkpointing (recompute in backward). `layer`
+    builds one block from the config (CLIP's here; eva.py passes its EVA02 block), and the forward's extra
+    arguments go to every block (CLIP: causal; EVA02: the rotary tables)."""
 
-    def __init__(self, config: CLIPVisionConfig | CLIPTextConfig):
+    def __init__(self, config: CLIPVisionConfig | CLIPTextConfig, layer=CLIPEncoderLayer):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(config) for _ in range(config.num_hidden_layers))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, causal, use_reentrant=False)
+                x = checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
             else:
-                x = layer(x, causal)
+                x = layer(x, *args, **kwargs)
         return x
 
 

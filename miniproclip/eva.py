@@ -18,7 +18,8 @@ onto the pretraining grid (16 for all EVA02-CLIPs): row r of an n-row grid sits 
 
 Module names follow clip.py's ViT (`embeddings`, `encoder.layers.N.self_attn`, `post_layernorm`), so train.py's
 layer locking and checkpointing reach both towers alike; openclip.py and released.py map timm's and eva_clip's
-names onto them. This file depends on torch only and can be copied into another codebase alone.
+names onto them. The stack of blocks (with its activation checkpointing) is clip.py's `CLIPEncoder` over EVA02
+blocks, so this file is copied together with clip.py.
 """
 
 import math
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from .clip import CLIPEncoder
 
 HEAD_WIDTH = 64  # every EVA02-CLIP tower uses 64-dim heads (B/16: 768/12, L/14: 1024/16)
 
@@ -134,23 +136,6 @@ class EvaLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class EvaEncoder(nn.Module):
-    """The stack of layers, with optional per-layer activation checkpointing (recompute in backward)."""
-
-    def __init__(self, config: EvaVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(EvaLayer(config) for _ in range(config.num_hidden_layers))
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, sin, cos, use_reentrant=False)
-            else:
-                x = layer(x, sin, cos)
-        return x
-
-
 class EvaVisionTransformer(nn.Module):
     """Patchify (biased conv), class token, learned positions, blocks with RoPE, LN, the class token out."""
 
@@ -164,7 +149,7 @@ class EvaVisionTransformer(nn.Module):
         self.grid = config.image_size // config.patch_size
         self.embeddings.position_embedding = nn.Embedding(self.grid ** 2 + 1, config.hidden_size)
         self.pre_layrnorm = nn.Identity()  # EVA02 has no pre-norm; kept so the layout matches CLIP's ViT
-        self.encoder = EvaEncoder(config)
+        self.encoder = CLIPEncoder(config, EvaLayer)  # clip.py's loop over EVA02 blocks
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # timm's `norm`
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
