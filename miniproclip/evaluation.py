@@ -13,7 +13,6 @@ Where CLIP_benchmark stops at an unreadable image, we drop it (and, in retrieval
 import hashlib
 import json
 import os
-import re
 import textwrap
 from dataclasses import dataclass
 from typing import Callable
@@ -183,7 +182,7 @@ def proclip_encoders(checkpoint: str, text_cache: str | None, device: str, preci
     identity = json.dumps(llm_identity(text.llm_dir, text.embedding), sort_keys=True).encode()
     tag = f"{os.path.basename(os.path.normpath(text.llm_dir))}_{hashlib.sha256(identity).hexdigest()[:12]}"
     return Encoders(checkpoint, trained.clip_dir, trained.transform, inference(model.encode_image, device, precision),
-                    encode_text, prepare_texts, use_text_cache, re.sub(r"[^\w.-]", "_", tag))
+                    encode_text, prepare_texts, use_text_cache, tag)
 
 
 # ----------------------------------------------------------------------------- encoding

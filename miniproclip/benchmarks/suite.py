@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..embed import text_cache_path
 from ..errors import BenchmarkError
 from . import classification, retrieval
 
@@ -56,12 +57,6 @@ def reader_options(coco_five_captions=False, dci_split=None, all_captions=False,
                XM3600: {**({"all_captions": True} if all_captions else {}), **({"language": language} if language
                                                                                else {})}}
     return {name: chosen for name, chosen in options.items() if chosen}
-
-
-def cache_path(cache_dir: str, benchmark: str, tag: str) -> str:
-    """One text cache per benchmark and text side (tag: the LLM's name and identity hash), named by the project's
-    rule for LLM caches: text_cache_<tag>.safetensors, every non-word character as '_'."""
-    return os.path.join(cache_dir, "text_cache_" + re.sub(r"\W", "_", f"{benchmark}_{tag}") + ".safetensors")
 
 
 def read_all(found: dict[str, str], retrieval_readers, classification_readers, options, languages) -> dict:
@@ -136,7 +131,7 @@ def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, 
     for name, (kind, dataset) in tqdm(datasets.items(), desc="benchmarks", unit="set", dynamic_ncols=True):
         if encoders.use_text_cache is not None:
             os.makedirs(cache_dir, exist_ok=True)
-            encoders.use_text_cache(cache_path(cache_dir, name, encoders.text_tag))
+            encoders.use_text_cache(text_cache_path(cache_dir, f"{name}_{encoders.text_tag}"))
         log(f"{name}: {len(dataset.images)} images")
         if kind == "retrieval":
             images = shared.of(dataset) if name.startswith(XM3600 + "/") else None
