@@ -12,8 +12,9 @@ from ..embed import text_cache_path
 from .embedder import STAGE0_RECIPE  # stage 0's, chosen on the world's validation groups
 from .world import build_toyworld, stage0_sources
 
-# Stages 1-2: the toy's small ViT barely moves at a pretrained CLIP's 1e-5, and its long captions are filler up to
-# token 77, so a cut caption's teacher target describes nothing (--skip-truncated-long)
+# Stages 1-2: the toy's small ViT barely moves at a pretrained CLIP's 1e-5. Stage 1 leaves out long captions the
+# 77-token teacher sees cut (--skip-truncated-long): its view of one is the description diluted by filler, without
+# the corner mark, a target for a text the teacher never read
 CLIP_STAGE_RECIPE = {"lr_vision": 1e-4, "skip_truncated_long": True}
 # Stage 2 after stage 1: the inherited head at 3e-6, chosen on validation (RESULTS.md): a faster head fits the
 # stage-2 pictures at the cost of what stage 1 gave it
@@ -48,7 +49,8 @@ def paths(stage: int, toy_dir: str, llm: str | None, text_cache: str | None, val
         return {"train_data": train_data, "val_data": val_data or toy_val, "llm": llm or manifest["llm_dir"]}
     llm, text_cache = toy_models(toy_dir, llm, text_cache, log)
     return {"llm": llm, "text_cache": text_cache,
-            "train_data": os.path.join(toy_dir, "train.jsonl" if stage == 1 else "train_stage2.jsonl"),
+            # stages 1 and 2 train on the same captions, as in the paper (none names a held-out class)
+            "train_data": os.path.join(toy_dir, "train_stage2.jsonl"),
             "val_data": val_data or os.path.join(toy_dir, "val.jsonl"), "clip": clip or os.path.join(toy_dir, "clip")}
 
 

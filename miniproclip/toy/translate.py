@@ -1,7 +1,12 @@
 """The toy world's translations: a picture's full short caption (count, size, texture, colour, shape, position,
 background) in German, French, Spanish and Japanese, with each language's gender and number agreement and word
-order. `TRANSLATE[lang](attributes)` is what world.py writes under a row's "translations".
+order. `TRANSLATE[lang](attributes)` is what world.py writes under a row's "translations"; `TRANSLATE[lang](attributes,
+STAGE0_ORDER)` is the same scene in stage 0's word order (place first, then the objects: "auf dunklem Hintergrund,
+links: zwei kleine rote Kreise"), which no evaluation caption uses, so that the toy tests whether stage 0 generalises
+from one phrasing to another.
 """
+
+CAPTION_ORDER, STAGE0_ORDER = "caption", "stage0"  # evaluation captions' word order / stage 0's
 
 DE_NOUNS = {"circle": ("Kreis", "Kreise", "m"), "square": ("Quadrat", "Quadrate", "n"),
             "triangle": ("Dreieck", "Dreiecke", "n"), "star": ("Stern", "Sterne", "m"),
@@ -42,30 +47,38 @@ def romance_form(word: str, feminine: bool, plural: bool, spanish: bool) -> str:
     return word + "s" if plural and word[-1] not in "sx" else word  # croix stays croix
 
 
-def german(a: dict) -> str:
+def german(a: dict, order: str = CAPTION_ORDER) -> str:
     singular, plural, gender = DE_NOUNS[a["shape"]]
     if a["count"] == 1:  # "ein kleiner roter Kreis": strong adjective endings after the indefinite article
         head, ending, noun = ("eine" if gender == "f" else "ein"), {"m": "er", "n": "es", "f": "e"}[gender], singular
     else:  # "zwei kleine rote Kreise"
         head, ending, noun = ("zwei", "drei")[a["count"] - 2], "e", plural
     adjectives = " ".join(DE[a[k]] + ending for k in ("size", "texture", "colour"))
-    return f"{head} {adjectives} {noun} {DE[a['position']]} {DE[a['background']]}"
+    return place_last(f"{head} {adjectives} {noun}", DE[a["position"]], DE[a["background"]], order)
 
 
-def romance(a: dict, spanish: bool) -> str:
+def place_last(objects: str, position: str, background: str, order: str) -> str:
+    """"OBJECTS POSITION BACKGROUND" (the captions' order) or "BACKGROUND, POSITION: OBJECTS" (stage 0's)."""
+    return f"{objects} {position} {background}" if order == CAPTION_ORDER else f"{background}, {position}: {objects}"
+
+
+def romance(a: dict, spanish: bool, order: str = CAPTION_ORDER) -> str:
     """French: size before the noun, colour and texture after it; Spanish: colour, size and texture after it."""
     words, f, pl = ES if spanish else FR, a["shape"] in ROMANCE_FEMININE, a["count"] > 1
     keys = ("size", "texture", "colour", "shape")
     form = {k: romance_form(words[a[k]], f and k != "shape", pl, spanish) for k in keys}
     head = (("una" if spanish else "une") if f else "un") if not pl else words[a["count"]]
     middle = "{shape} {colour} {size} {texture}" if spanish else "{size} {shape} {colour} {texture}"
-    return f"{head} {middle.format(**form)} {words[a['position']]} {words[a['background']]}"
+    return place_last(f"{head} {middle.format(**form)}", words[a["position"]], words[a["background"]], order)
 
 
-def japanese(a: dict) -> str:
-    # "暗い背景の左側に、小さな縞模様の青い四角形が二つある。": on the dark background's left side, two small ... are.
-    return (f"{JA[a['background']]}背景の{JA[a['position']]}に、{JA[a['size']]}{JA[a['texture']]}{JA[a['colour']]}"
-            f"{JA[a['shape']]}が{JA[a['count']]}ある。")
+def japanese(a: dict, order: str = CAPTION_ORDER) -> str:
+    objects = f"{JA[a['size']]}{JA[a['texture']]}{JA[a['colour']]}{JA[a['shape']]}"
+    place = f"{JA[a['background']]}背景の{JA[a['position']]}"
+    if order == CAPTION_ORDER:  # "暗い背景の左側に、小さな縞模様の青い四角形が二つある。": on the dark background's left, two ... are
+        return f"{place}に、{objects}が{JA[a['count']]}ある。"
+    return f"{JA[a['count']]}の{objects}が、{place}に見える。"  # "二つの小さな...四角形が、暗い背景の左側に見える。": two ... are seen on
 
 
-TRANSLATE = {"de": german, "fr": lambda a: romance(a, False), "es": lambda a: romance(a, True), "ja": japanese}
+TRANSLATE = {"de": german, "fr": lambda a, order=CAPTION_ORDER: romance(a, False, order),
+             "es": lambda a, order=CAPTION_ORDER: romance(a, True, order), "ja": japanese}

@@ -2,17 +2,22 @@
 
 It stands in for what ProCLIP's experiments (arXiv 2510.18795, sec. 4) need and a laptop lacks: image-caption pairs,
 a pretrained CLIP (trained from scratch, `teacher.py`), long captions (ShareGPT4V/DCI-style), multilingual captions
-(XM3600-style) and ImageNet-style zero-shot folders. A picture shows 1-3 identical objects; a zero-shot class is a
-(colour, shape) pair such as "red circle". The held-out classes (all of one colour and of one shape) are missing
-from `train_stage2.jsonl` only, so the stage-2 image encoder never sees them: forgetting shows on them. Every
-picture has a short caption, a long caption (as the paper's recaptioned data has) and translations. A long caption
-is neutral filler of at least 76 CLIP tokens, then the full description, so a 77-token text encoder sees filler
-only. Translations (de, fr, es, ja) come from word tables with gender and number agreement (`translate.py`). Splits:
-train (stages 0-2), val (every choice is made on it) and test (reported), each with retrieval sets and a zero-shot
-folder. Stage 0's data (`stage0_<kind>.jsonl`) pairs each training picture's short caption with its long caption
-and with each translation, one file per kind; no val or test text is in them. The build ends with the stage-0
-embedder (`python train.py --stage 0` on those pairs, `toy/groups.py`), which train.py uses by default.
-Deterministic given the seed; manifest.json marks finished steps, so a second or resumed build redoes only the rest.
+(XM3600-style) and ImageNet-style zero-shot folders. A picture shows 1-3 identical objects and a tiny mark in one
+corner; a zero-shot class is a (colour, shape) pair such as "red circle". The held-out classes (all of one colour and
+of one shape) are missing from `train_stage2.jsonl`, the only training file of stages 1-2, so no caption stages 0-2
+train on names a held-out colour or shape: forgetting shows on them. Every picture has a short caption, a long
+caption (as the paper's recaptioned data has) and translations. Short captions never name the corner mark, so the
+teacher (trained on them) encodes it weakly; a long caption is the full description, neutral filler up to at least
+76 CLIP tokens, then the corner mark: a 77-token text encoder never sees the mark, and stage 2 is where the image
+tower can learn it. Translations (de, fr, es, ja) come from word tables with gender and number agreement
+(`translate.py`). Splits: train (stages 0-2), val and test (both validation: every choice is made on them; `eval.py`
+reads test by default) and locked (drawn with its own seed, no attribute combination of train; read only by
+`scripts/reproduce_toy.py --split locked`), each with retrieval sets and a zero-shot folder. Stage 0's data
+(`stage0_<kind>.jsonl`) is its own text: random scenes outside the held-out classes, each an English anchor paired
+with a long description and with each translation, all in a word order no evaluation caption uses. The build ends
+with the stage-0 embedder (`python train.py --stage 0` on those pairs, `toy/groups.py`), which train.py uses by
+default. Deterministic given the seed; manifest.json marks finished steps, so a second or resumed build redoes only
+the rest.
 
     python -m miniproclip.toy.world --toy-dir toyworld --seed 0 [--quick]
 """
@@ -30,11 +35,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import ToyWorldError, UserError, exit_with
+from ..data import json_lines
 from ..files import write_text_atomic
 from ..tokenizer import build_clip_tokenizer
 from .embedder import build_toy_embedder
 from .teacher import read_jsonl, train_teacher
-from .translate import TRANSLATE
+from .translate import STAGE0_ORDER, TRANSLATE
 
 # -----------------------------------------------------------------------------
 # the world's attributes (English names are the canonical values)
@@ -46,17 +52,22 @@ SIZES = {"small": 6.0, "large": 9.5}  # object radius in pixels of the 64x64 pic
 TEXTURES = ("plain", "striped", "dotted")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
 BACKGROUNDS = {"dark": 30, "gray": 125, "light": 225}  # grey level before a random tint
+# the corner mark (named by long captions only): a 4x4 px square, its top-left pixel per corner; white, black on light
+CORNERS = {"top-left": (1, 1), "top-right": (59, 1), "bottom-left": (1, 59), "bottom-right": (59, 59)}
+MARK_SIZE, MARK_GREY = 4, {"dark": 245, "gray": 245, "light": 20}
 CLASSES = [(colour, shape) for colour in COLOURS for shape in SHAPES]  # zero-shot class k = CLASSES[k]
 OPTIONAL = ("size", "texture", "position", "background")  # attributes a training caption may leave out
 # A training caption names each optional attribute with this probability. Naming all of them would let a batch be
 # told apart by size, position, background... without looking at the shape (the hardest attribute).
 MENTION = 0.4
-SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> id mixed into the RNG seeds
+SPLITS = {"train": 0, "val": 1, "test": 2, "locked": 3}  # split -> id mixed into the RNG seeds
+LOCKED_SEED = 5_2026  # the locked split's own seed (mixed with the world's): its pictures are drawn apart from the rest
 # pictures per split (multiples of 36: balanced classes); every picture has a short and a long caption and
 # translations, as the paper's recaptioned data has a short and a long caption per image
-FULL_COUNTS = {"train": 5400, "val": 432, "test": 432}
-QUICK_COUNTS = {"train": 72, "val": 36, "test": 36}
-EVAL_SPLITS = ("val", "test")  # choices are made on val; test is reported once per configuration
+FULL_COUNTS = {"train": 5400, "val": 432, "test": 432, "locked": 432}
+QUICK_COUNTS = {"train": 72, "val": 36, "test": 36, "locked": 36}
+EVAL_SPLITS = ("val", "test", "locked")  # choices are made on val and test; locked is read once per table
+STAGE0_SCENES, STAGE0_SCENES_QUICK = 1200, 36  # stage 0's own random scenes (5 pairs each)
 TEACHER_STEPS, TEACHER_STEPS_QUICK = 1200, 30  # the teacher's training steps: the default and the quick world
 STAGE0_VAL = 144  # validation pictures whose texts measure stage 0 (stage0_val.jsonl)
 MIN_FILLER_TOKENS = 76  # a 77-token row keeps BOS + 75 BPE tokens + EOS: no detail word survives the cut
@@ -64,7 +75,7 @@ IMAGE_SIZE, SUPERSAMPLE = 64, 4  # drawn at 256x256, box-filtered down to 64x64 
 LANGUAGES = ("de", "fr", "es", "ja")
 TEMPLATES = ["a photo of the {c}.", "a picture of the {c}.", "an image showing the {c}.", "a drawing of the {c}.",
              "the {c}."]
-WORLD_VERSION = 4  # bump when the generator changes, so an old toy world is not silently reused
+WORLD_VERSION = 5  # bump when the generator changes, so an old toy world is not silently reused
 
 
 def classname(label: int) -> str:
@@ -130,7 +141,10 @@ def render(a: dict, rng: np.random.Generator) -> Image.Image:
         ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
     canvas = np.where(np.asarray(mask)[..., None] > 0, fill, background)  # (S, S, 3)
     image = Image.fromarray(canvas.round().astype(np.uint8))
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)  # box filter: antialiased edges
+    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)  # box filter: antialiased edges
+    x, y = CORNERS[a["corner"]]  # the corner mark, drawn last, at full resolution: inside one 8x8 patch
+    ImageDraw.Draw(image).rectangle([x, y, x + MARK_SIZE - 1, y + MARK_SIZE - 1], fill=(MARK_GREY[a["background"]],) * 3)
+    return image
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +160,9 @@ EN_TEMPLATES = ("{np} {pos} {bg}", "{pos}, {np} {bg}", "a picture of {np} {pos} 
                 "{np} {bg} {pos}", "a photo of {np} {pos} {bg}", "a drawing of {np} {pos} {bg}",
                 "there is {np} {pos} {bg}", "this image shows {np} {pos} {bg}", "{np} can be seen {pos} {bg}",
                 "a simple rendering of {np} {bg} {pos}", "here we have {np} {pos} {bg}")
-EN_LONG_LEADS = ("What the picture shows comes last:", "Now the content itself:", "The one thing that matters:")
+# the corner mark's sentence: at the end of an evaluation long caption, after the filler
+EN_DETAILS = ("A tiny mark sits in the {corner} corner.", "In the {corner} corner there is a tiny mark.",
+              "There is also a tiny mark in the {corner} corner.")
 # Neutral filler for long captions: no attribute word, true of every picture, so it distinguishes nothing.
 FILLER = (
     "This picture was made by a computer program rather than taken with a camera.",
@@ -157,7 +173,7 @@ FILLER = (
     "Pictures like this one are used to test whether a model can tell simple things apart.",
     "The objects are flat, with no perspective, no depth and no reflections.",
     "The scene was generated from a short list of attributes chosen at random.",
-    "All objects in one picture look alike and share every property.",
+    "All the shapes in one picture look alike and share every property.",
     "The composition is simple, as in a children's picture book or a puzzle.",
 )
 
@@ -173,14 +189,38 @@ def english_caption(a: dict, mention: set, template: int) -> str:
     return text.replace(" ,", ",").strip(" ,")
 
 
-def long_caption(a: dict, rng: np.random.Generator, filler_tokens: list[int], lead_tokens: list[int]) -> str:
-    """Random filler sentences until the prefix holds MIN_FILLER_TOKENS CLIP tokens, then the full caption."""
-    lead, order = int(rng.integers(len(EN_LONG_LEADS))), rng.permutation(len(FILLER))
-    # CLIP splits words at spaces, so the token counts of sentences add up; prefix length after each sentence:
-    prefix_tokens = lead_tokens[lead] + np.cumsum([filler_tokens[i] for i in order])
-    chosen = order[: int(np.argmax(prefix_tokens >= MIN_FILLER_TOKENS)) + 1]
-    filler = " ".join(FILLER[i] for i in chosen)
-    return f"{filler} {EN_LONG_LEADS[lead]} {english_caption(a, set(OPTIONAL), 0)}."
+def corner_words(a: dict) -> str:
+    return a["corner"].replace("-", " ")  # "top left"
+
+
+def filler(rng: np.random.Generator, tokens_before: int, filler_tokens: list[int]) -> str:
+    """Random filler sentences until, with the `tokens_before` CLIP tokens ahead of them, at least MIN_FILLER_TOKENS
+    precede what follows (CLIP splits words at spaces, so the token counts of sentences add up)."""
+    order = rng.permutation(len(FILLER))
+    prefix_tokens = tokens_before + np.cumsum([filler_tokens[i] for i in order])  # prefix length after each sentence
+    return " ".join(FILLER[i] for i in order[: int(np.argmax(prefix_tokens >= MIN_FILLER_TOKENS)) + 1])
+
+
+def long_caption(a: dict, rng: np.random.Generator, filler_tokens: list[int], clip_bpe) -> str:
+    """The full description, filler up to MIN_FILLER_TOKENS CLIP tokens, then the corner mark (past token 77)."""
+    description = english_caption(a, set(OPTIONAL), 0) + "."
+    before = len(clip_bpe.encode(description, add_special_tokens=False).ids)
+    detail = EN_DETAILS[int(rng.integers(len(EN_DETAILS)))].format(corner=corner_words(a))
+    return f"{description} {filler(rng, before, filler_tokens)} {detail}"
+
+
+def stage0_english(a: dict) -> str:
+    """Stage 0's English anchor: every attribute but the corner, place first ("on a dark background, on the left:
+    two small striped blue squares"), a word order no evaluation caption uses."""
+    count = ("an" if a["size"][0] in "aeiou" else "a") if a["count"] == 1 else ("two", "three")[a["count"] - 2]
+    noun = a["shape"] if a["count"] == 1 else EN_PLURAL[a["shape"]]
+    return f"on a {a['background']} background, {EN_POSITION[a['position']]}: {count} {a['size']} {a['texture']} " \
+           f"{a['colour']} {noun}"
+
+
+def stage0_long(a: dict, rng: np.random.Generator, filler_tokens: list[int]) -> str:
+    """Stage 0's long text: filler first, then the anchor's words and the corner mark."""
+    return f"{filler(rng, 0, filler_tokens)} {stage0_english(a)}; the {corner_words(a)} corner holds a tiny mark."
 
 
 # -----------------------------------------------------------------------------
@@ -190,23 +230,39 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def make_split(toy_dir: Path, split: str, counts: dict, seed: int, clip_bpe) -> list[dict]:
-    """Render a split's pictures into images/{split}/ and return its rows (captions, label, attributes)."""
-    filler_tokens, lead_tokens = ([len(e.ids) for e in clip_bpe.encode_batch(list(texts), add_special_tokens=False)]
-                                  for texts in (FILLER, EN_LONG_LEADS))
-    labels = np.random.default_rng([seed, SPLITS[split]]).permutation(np.arange(counts[split]) % len(CLASSES))
+def random_attributes(colour: str, shape: str, rng: np.random.Generator) -> dict:
+    return {"colour": colour, "shape": shape, "size": str(rng.choice(list(SIZES))),
+            "texture": str(rng.choice(TEXTURES)), "position": str(rng.choice(list(POSITIONS))),
+            "count": int(rng.integers(1, 4)), "background": str(rng.choice(list(BACKGROUNDS))),
+            "corner": str(rng.choice(list(CORNERS)))}
+
+
+def attribute_key(a: dict) -> str:
+    return json.dumps(a, sort_keys=True)
+
+
+def filler_token_counts(clip_bpe) -> list[int]:
+    return [len(e.ids) for e in clip_bpe.encode_batch(list(FILLER), add_special_tokens=False)]
+
+
+def make_split(toy_dir: Path, split: str, counts: dict, seed: int, clip_bpe, avoid=frozenset()) -> list[dict]:
+    """Render a split's pictures into images/{split}/ and return its rows (captions, label, attributes). A picture
+    whose attributes are in `avoid` (keys of other splits' pictures) is drawn again."""
+    filler_tokens = filler_token_counts(clip_bpe)
+    split_seed = [seed + LOCKED_SEED, SPLITS[split]] if split == "locked" else [seed, SPLITS[split]]
+    labels = np.random.default_rng(split_seed).permutation(np.arange(counts[split]) % len(CLASSES))
     (toy_dir / "images" / split).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, label in enumerate(tqdm(labels.tolist(), desc=f"render {split}", leave=False)):
-        rng = np.random.default_rng([seed, SPLITS[split], i])  # one stream per picture
-        a = {"colour": CLASSES[label][0], "shape": CLASSES[label][1], "size": str(rng.choice(list(SIZES))),
-             "texture": str(rng.choice(TEXTURES)), "position": str(rng.choice(list(POSITIONS))),
-             "count": int(rng.integers(1, 4)), "background": str(rng.choice(list(BACKGROUNDS)))}
+        rng = np.random.default_rng([*split_seed, i])  # one stream per picture
+        a = random_attributes(*CLASSES[label], rng)
+        while attribute_key(a) in avoid:
+            a = random_attributes(*CLASSES[label], rng)
         image = f"images/{split}/{i:05d}.png"
         render(a, rng).save(toy_dir / image)
         mention = {k for k in OPTIONAL if rng.random() < MENTION} if split == "train" else set(OPTIONAL)
         rows.append({"image": image, "caption": english_caption(a, mention, int(rng.integers(len(EN_TEMPLATES)))),
-                     "long_caption": long_caption(a, rng, filler_tokens, lead_tokens),
+                     "long_caption": long_caption(a, rng, filler_tokens, clip_bpe),
                      "translations": {lang: TRANSLATE[lang](a) for lang in LANGUAGES},
                      "label": label, "classname": classname(label), "attributes": a})
     return rows
@@ -232,7 +288,7 @@ def write_eval_sets(toy_dir: Path, split: str, rows: list[dict]) -> None:
         shutil.copyfile(toy_dir / row["image"], folder / Path(row["image"]).name)
 
 
-STAGE0_KINDS = ("long", *LANGUAGES)  # what stage 0 pairs a short caption with; one training file per kind
+STAGE0_KINDS = ("long", *LANGUAGES)  # what stage 0 pairs an anchor with; one training file per kind
 
 
 def stage0_texts(row: dict) -> dict[str, str]:
@@ -240,17 +296,22 @@ def stage0_texts(row: dict) -> dict[str, str]:
     return {"short": row["caption"], "long": row["long_caption"], **row["translations"]}
 
 
-def write_stage0_data(toy_dir: Path, rows: dict) -> None:
-    """Stage 0's data (LLM2CLIP's caption contrastive pairs): stage0_<kind>.jsonl holds a {"texts": [short, X]}
-    pair per training picture, X its long caption or one of its translations; stage 0 draws each batch from one
-    file. stage0_val.jsonl holds the first STAGE0_VAL validation pictures' six texts with their kinds, for the
-    anchor recall that `train.py --stage 0` reports. No val or test text is in the training pairs: a training
-    picture with the same attributes as a val/test one has the same translations (and maybe short caption)."""
-    held_out = {text for split in EVAL_SPLITS for r in rows[split] for text in stage0_texts(r).values()}
+def write_stage0_data(toy_dir: Path, rows: dict, seed: int, scenes: int, heldout: list[int], clip_bpe) -> None:
+    """Stage 0's data (LLM2CLIP's caption contrastive pairs, its own text, as LLM2CLIP's is not the image data's):
+    `scenes` random scenes outside the held-out classes, each an English anchor in stage 0's word order paired with
+    its long text and with each translation in that order; stage0_<kind>.jsonl holds one {"texts": [anchor, X]}
+    pair per scene, and stage 0 draws each batch from one file. stage0_val.jsonl holds the first STAGE0_VAL
+    validation pictures' six texts in the captions' own word order with their kinds, for the anchor recall that
+    `train.py --stage 0` reports: it measures how far stage 0 carries over to phrasings it never saw."""
+    rng, filler_tokens = np.random.default_rng([seed, 50]), filler_token_counts(clip_bpe)
+    classes = [CLASSES[k] for k in range(len(CLASSES)) if k not in heldout]
+    texts = []
+    for _ in range(scenes):
+        a = random_attributes(*classes[rng.integers(len(classes))], rng)
+        texts.append({"short": stage0_english(a), "long": stage0_long(a, rng, filler_tokens),
+                      **{lang: TRANSLATE[lang](a, STAGE0_ORDER) for lang in LANGUAGES}})
     for kind in STAGE0_KINDS:
-        pairs = [[t["short"], t[kind]] for t in map(stage0_texts, rows["train"])]
-        write_jsonl(toy_dir / f"stage0_{kind}.jsonl",
-                    [{"texts": pair} for pair in pairs if not held_out.intersection(pair)])
+        write_jsonl(toy_dir / f"stage0_{kind}.jsonl", [{"texts": [t["short"], t[kind]]} for t in texts])
     write_jsonl(toy_dir / "stage0_val.jsonl", [{"texts": list(stage0_texts(r).values()), "kinds": list(stage0_texts(r))}
                                                for r in rows["val"][:STAGE0_VAL]])
 
@@ -265,11 +326,13 @@ def stage0_sources(toy_dir) -> tuple[str, str]:
 def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
     """Render every split; write the jsonl files, the retrieval sets and the zero-shot folders."""
     counts, clip_bpe, heldout = QUICK_COUNTS if quick else FULL_COUNTS, build_clip_tokenizer(), heldout_classes(seed)
-    rows = {split: make_split(toy_dir, split, counts, seed, clip_bpe) for split in SPLITS}
+    rows = {split: make_split(toy_dir, split, counts, seed, clip_bpe) for split in ("train", "val", "test")}
+    rows["locked"] = make_split(toy_dir, "locked", counts, seed, clip_bpe,  # no attribute combination of train
+                                {attribute_key(r["attributes"]) for r in rows["train"]})
     rows["train_stage2"] = [r for r in rows["train"] if r["label"] not in heldout]
     for name, split_rows in rows.items():
         write_jsonl(toy_dir / f"{name}.jsonl", split_rows)
-    write_stage0_data(toy_dir, rows)
+    write_stage0_data(toy_dir, rows, seed, STAGE0_SCENES_QUICK if quick else STAGE0_SCENES, heldout, clip_bpe)
     for split in EVAL_SPLITS:
         write_eval_sets(toy_dir, split, rows[split])
     zeroshot = toy_dir / "zeroshot"
@@ -287,19 +350,20 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
 
 
 def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
-    """LLM tokens of the distinct texts per kind: what the text cache embeds (English training captions, every
-    eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_pairs`), and the cache's total."""
+    """LLM tokens of the distinct texts per kind: what the text cache embeds (English captions of stages 1-2's
+    training file, every eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_pairs`), and the cache's total."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(llm_dir / "tokenizer.json"))
-    rows = {split: read_jsonl(toy_dir / f"{split}.jsonl") for split in SPLITS}
+    rows = {split: read_jsonl(toy_dir / f"{split}.jsonl") for split in ("train_stage2", *EVAL_SPLITS)}
     texts = {f"{split}_{kind}": [r[key] for r in rows[split]]
-             for split in SPLITS for kind, key in (("short", "caption"), ("long", "long_caption"))}
+             for split in rows for kind, key in (("short", "caption"), ("long", "long_caption"))}
     texts.update({f"{split}_{lang}": [r["translations"][lang] for r in rows[split]]
                   for split in EVAL_SPLITS for lang in LANGUAGES})
     texts["zeroshot_prompts"] = [t.format(c=classname(k)) for k in range(len(CLASSES)) for t in TEMPLATES]
     texts["cached_total"] = [t for items in list(texts.values()) for t in items]
-    texts["stage0_pairs"] = [t for r in rows["train"] for t in stage0_texts(r).values()]
+    texts["stage0_pairs"] = [t for kind in STAGE0_KINDS for _, row in json_lines(str(toy_dir / f"stage0_{kind}.jsonl"))
+                             for t in row["texts"]]
     count = lambda items: sum(len(e.ids) for e in tokenizer.encode_batch(sorted(set(items)), add_special_tokens=False))
     return {**{kind: count(items) for kind, items in texts.items()}, "distinct_texts": len(set(texts["cached_total"]))}
 
