@@ -94,11 +94,11 @@ def check_writable(run_dir: str, need_bytes: int = 0) -> None:
         os.remove(probe)
         free = shutil.disk_usage(run_dir).free
     except OSError as err:
-        raise CheckpointError(f"--output {run_dir} is not writable: {err.strerror or err}; "
+        raise CheckpointError(f"run folder (output, --output) {run_dir} is not writable: {err.strerror or err}; "
                               f"choose a folder you can write to") from None
     if free < need_bytes:
-        raise CheckpointError(f"--output {run_dir} has {free / 1e9:.2f} GB free, a checkpoint needs "
-                              f"~{need_bytes / 1e9:.2f} GB; free some space or choose another --output")
+        raise CheckpointError(f"run folder (output, --output) {run_dir} has {free / 1e9:.2f} GB free, a checkpoint needs "
+                              f"~{need_bytes / 1e9:.2f} GB; free some space or choose another output folder")
 
 
 def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], train_state: dict, meta: dict,
@@ -129,7 +129,7 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
         _remove([stem + suffix + TMP for suffix in SUFFIXES] + renamed + [os.path.join(run_dir, LATEST + TMP)])
         if isinstance(err, OSError):
             raise CheckpointError(f"cannot save {os.path.basename(stem)} in {run_dir}: {err.strerror or err}; "
-                                  f"the previous checkpoint is kept; free space or choose another --output") from err
+                                  f"the previous checkpoint is kept; free space or choose another output folder") from err
         raise
     if keep is not None:
         _prune(run_dir, keep)
@@ -174,7 +174,7 @@ def write_run_meta(run_dir: str, meta: dict) -> None:
         write_text_atomic(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2, default=_jsonable) + "\n")
     except OSError as err:
         raise CheckpointError(f"cannot write meta.json in {run_dir}: {err.strerror or err}; "
-                              f"free space or choose another --output") from err
+                              f"free space or choose another output folder") from err
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -192,7 +192,7 @@ def resolve_checkpoint(path: str) -> str:
     if os.path.isdir(path):
         if (found := latest_checkpoint(path)) is None:
             raise CheckpointError(f"no checkpoint in {path}; give a run folder holding step_*.safetensors "
-                                  f"(for --resume, start without it)")
+                                  f"(to resume (resume, --resume), start without it)")
         return found
     if path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path} is a pickle, which is never loaded as weights (it can run code); "

@@ -49,7 +49,7 @@ class EmbedSettings:
     def __post_init__(self):
         if self.pool not in POOLS:
             raise SettingsError(f"unknown pooling {self.pool!r} in the embedding settings; use one of {', '.join(POOLS)} "
-                             "(or an --embed-preset that names one)")
+                             "(or an embedder preset, --embed-preset, that names one)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "EmbedSettings":

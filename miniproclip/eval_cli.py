@@ -24,6 +24,16 @@ from .precision import PRECISIONS, default_precision, describe
 from .released import is_released
 
 
+SUITE_FLAGS = {  # the benchmark suite's options that name a folder or a choice
+    "--data-root": "the folder holding flickr30k/, coco/, imagenet1k/, ... (folder names matched case-insensitively); "
+                   "with --dataset NAME, that one benchmark",
+    "--cache-dir": "suite: the LLM text caches, one per benchmark and LLM (default: DATA_ROOT/.cache)",
+    "--paper-rows": "suite: the paper's rows shown beside ours (B/16-3M, L/14-30M, L/14-3M, EVA02-L/14-3M; default: "
+                    "inferred from a ViT-B/16 CLIP)",
+    "--dci-split": "suite: one DCI split of splits.json (default: all, as FLAME)",
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot retrieval and classification with CLIP_benchmark's metrics.")
     p.add_argument("--task", choices=("retrieval", "zeroshot"), default=None, help="required without --data-root")
@@ -53,15 +63,10 @@ def parse_args(argv=None):
     # the benchmark suite (miniproclip/benchmarks): --benchmark proclip, or --dataset NAME, under --data-root
     p.add_argument("--benchmark", choices=("proclip",), default=None, help="every benchmark of ProCLIP's Tables 1-2 "
                    "and XM3600 found under --data-root; writes benchmark.json and benchmark.md")
-    p.add_argument("--data-root", default=None, help="the folder holding flickr30k/, coco/, imagenet1k/, ... "
-                   "(folder names matched case-insensitively); with --dataset NAME, that one benchmark")
-    p.add_argument("--cache-dir", default=None, help="suite: the LLM text caches, one per benchmark and LLM "
-                   "(default: DATA_ROOT/.cache)")
-    p.add_argument("--paper-rows", default=None, help="suite: the paper's rows shown beside ours (B/16-3M, "
-                   "L/14-30M, L/14-3M, EVA02-L/14-3M; default: inferred from a ViT-B/16 CLIP)")
+    for flag, help_text in SUITE_FLAGS.items():  # each a path or name, default None
+        p.add_argument(flag, default=None, help=help_text)
     p.add_argument("--coco-five-captions", action="store_true", help="suite: COCO's first five captions per image "
                    "(Long-CLIP), not all")
-    p.add_argument("--dci-split", default=None, help="suite: one DCI split of splits.json (default: all, as FLAME)")
     p.add_argument("--all-captions", action="store_true", help="suite: XM3600 with every caption per image")
     # output
     p.add_argument("--output", default=None, help="results JSON (default with --model: a file in the run folder)")

@@ -117,7 +117,7 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int, rank
     global_batch = batch_size * world_size
     if num_rows < global_batch:
         raise DataError(f"{num_rows} rows do not fill one global batch of {batch_size} x {world_size} ranks: "
-                        f"lower --batch-size")
+                        f"lower batch_size (--batch-size)")
     # torch's CPU generator keeps only 32 bits of its seed: numpy's SeedSequence hashes the pair into them
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     order = torch.randperm(num_rows, generator=generator).tolist()

@@ -64,12 +64,12 @@ class SiglipVisionConfig(CLIPVisionConfig):
 class SiglipTextConfig(CLIPTextConfig):
     """The text tower's shape: HF `SiglipTextConfig`, CLIP's fields with SigLIP's defaults (no EOS pooling)."""
     vocab_size: int = 32000
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_attention_heads: int = 12
     max_position_embeddings: int = 64  # the 64-token window SigLIP was trained with
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
     projection_size: int | None = None  # the head's output width; HF's default: hidden_size
 
     def __post_init__(self):

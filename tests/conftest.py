@@ -77,7 +77,7 @@ def smollm2_transformers(smollm2_gguf):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The tiny random CLIP and Llama of fixtures.py and 24 image-caption rows, one set per test module (its runs
-    write caches beside the data); a module needing more defines its own `world`."""
+    write caches beside the data); a module needing other data has a fixture of its own, named after what it holds."""
     from fixtures import write_tiny_clip, write_tiny_llm, write_tiny_pairs
 
     d = tmp_path_factory.mktemp("world")

@@ -66,7 +66,7 @@ REGISTRIES = ({"flickr30k": read_pairs, "urban1k": read_pairs, "dci": read_pairs
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def suite_root(tmp_path_factory):
     """ROOT/Flickr30K (8 images x 2 captions, one missing), ROOT/URBAN-1k (6 x 1), ROOT/xm3600 (de: 5 images, en: 6),
     ROOT/cifar10 and ROOT/ImageNet1K (6 classes x 2 images); no dci/ folder."""
     tmp = tmp_path_factory.mktemp("suite")
@@ -91,25 +91,25 @@ def world(tmp_path_factory):
     return {"clip": clip_dir, "root": root, "reference": transformers.CLIPModel.from_pretrained(clip_dir).eval()}
 
 
-def run(world, encoders, **kwargs):
-    return suite.run_suite(encoders, str(world["root"]), registries=REGISTRIES, batch_size=4, workers=0, ks=KS,
+def run(suite_root, encoders, **kwargs):
+    return suite.run_suite(encoders, str(suite_root["root"]), registries=REGISTRIES, batch_size=4, workers=0, ks=KS,
                            log=lambda *a: None, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def results(world):
-    return run(world, evaluation.clip_encoders(world["clip"], "cpu", "fp32"))
+def results(suite_root):
+    return run(suite_root, evaluation.clip_encoders(suite_root["clip"], "cpu", "fp32"))
 
 
-def hf_features(world, images, texts):
-    processor = transformers.CLIPImageProcessorPil.from_pretrained(world["clip"])
+def hf_features(suite_root, images, texts):
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(suite_root["clip"])
     pixels = torch.from_numpy(processor([Image.open(p) for p in images], return_tensors="np")["pixel_values"])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(world["clip"], "tokenizer.json"),
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(suite_root["clip"], "tokenizer.json"),
                                                      pad_token="<|endoftext|>")
     ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        image_features = world["reference"].get_image_features(pixel_values=pixels).pooler_output
-        text_features = world["reference"].get_text_features(input_ids=ids).pooler_output
+        image_features = suite_root["reference"].get_image_features(pixel_values=pixels).pooler_output
+        text_features = suite_root["reference"].get_text_features(input_ids=ids).pooler_output
     return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
 
 
@@ -125,13 +125,13 @@ def reference_recall(image_features, text_features, text_to_image, k):
     return sum(t2i) / len(t2i), sum(i2t) / len(i2t)
 
 
-def test_retrieval_matches_transformers_and_clip_benchmark_definitions(world, results):
-    root = world["root"] / "Flickr30K"
+def test_retrieval_matches_transformers_and_clip_benchmark_definitions(suite_root, results):
+    root = suite_root["root"] / "Flickr30K"
     kept = [i for i in range(8) if i != 5]
     pairs = json.loads((root / "pairs.json").read_text())
     texts = [c for i in kept for c in pairs[i][1]]
     text_to_image = [n for n, i in enumerate(kept) for _ in pairs[i][1]]
-    image_features, text_features = hf_features(world, [str(root / f"im{i}.png") for i in kept], texts)
+    image_features, text_features = hf_features(suite_root, [str(root / f"im{i}.png") for i in kept], texts)
     report = results["retrieval"]["flickr30k"]
     for k in KS:
         t2i, i2t = reference_recall(image_features, text_features, text_to_image, k)
@@ -141,13 +141,13 @@ def test_retrieval_matches_transformers_and_clip_benchmark_definitions(world, re
     assert (report["n_images"], report["n_texts"]) == (7, 14)
 
 
-def test_zeroshot_matches_transformers_and_open_clip_classifier(world, results):
-    root = world["root"] / "cifar10"
+def test_zeroshot_matches_transformers_and_open_clip_classifier(suite_root, results):
+    root = suite_root["root"] / "cifar10"
     classes = sorted(os.listdir(root))
     images = [str(root / c / f"{j}.png") for c in classes for j in range(2)]
     labels = [c for c in range(6) for _ in range(2)]
     prompts = [t.format(c=c) for c in classes for t in TEMPLATES]
-    image_features, prompt_features = hf_features(world, images, prompts)
+    image_features, prompt_features = hf_features(suite_root, images, prompts)
     # open_clip's zero_shot.py: normalise each template's embedding, average, normalise again
     classifier = F.normalize(F.normalize(prompt_features, dim=-1).view(6, len(TEMPLATES), -1).mean(1), dim=-1)
     logits = (image_features @ classifier.T).tolist()  # (N, C)
@@ -161,7 +161,7 @@ def test_zeroshot_matches_transformers_and_open_clip_classifier(world, results):
     assert metrics["mean_per_class_recall"] == pytest.approx(sum(per_class) / 6, abs=TOL)
 
 
-def test_tables_order_averages_missing_and_skipped(world, results, tmp_path):
+def test_tables_order_averages_missing_and_skipped(suite_root, results, tmp_path):
     markdown = suite.write_tables(results, str(tmp_path), "B/16-3M")
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert (tmp_path / "benchmark.md").read_text().strip() == markdown.strip()
@@ -188,26 +188,26 @@ def test_tables_order_averages_missing_and_skipped(world, results, tmp_path):
     assert "over the datasets present here (Flickr30k, Urban-1k)" in markdown
 
 
-def test_xm3600_languages_share_one_encoding_of_the_images(world, monkeypatch):
-    encoders, encode_images, calls = evaluation.clip_encoders(world["clip"], "cpu", "fp32"), evaluation.encode_images, []
+def test_xm3600_languages_share_one_encoding_of_the_images(suite_root, monkeypatch):
+    encoders, encode_images, calls = evaluation.clip_encoders(suite_root["clip"], "cpu", "fp32"), evaluation.encode_images, []
     monkeypatch.setattr(evaluation, "encode_images", lambda e, paths, *a: calls.append(len(paths)) or
                         encode_images(e, paths, *a))
-    shared = run(world, encoders, names=["xm3600"])
+    shared = run(suite_root, encoders, names=["xm3600"])
     assert calls == [6]  # the union of both languages' images, once
     for language, count in (("de", 5), ("en", 6)):
-        direct, _ = evaluation.run_retrieval(encoders, read_pairs(str(world["root"] / "xm3600"), language), 4, 0,
+        direct, _ = evaluation.run_retrieval(encoders, read_pairs(str(suite_root["root"] / "xm3600"), language), 4, 0,
                                              "cpu", KS)
         report = shared["retrieval"][f"xm3600/{language}"]
         assert report["metrics"] == pytest.approx(direct["metrics"], abs=TOL) and report["n_images"] == count
 
 
-def test_present_but_broken_folder_fails_naming_it(world, tmp_path):
+def test_present_but_broken_folder_fails_naming_it(suite_root, tmp_path):
     (tmp_path / "Urban1k").mkdir()
     with pytest.raises(BenchmarkError, match=r"^urban1k \(.*Urban1k\) is present but cannot be read: .*pairs.json"):
         suite.run_suite(None, str(tmp_path), registries=REGISTRIES)
     with pytest.raises(BenchmarkError, match="no folder flickr30k/"):
         suite.run_suite(None, str(tmp_path), names=["flickr30k"], registries=REGISTRIES)
-    with pytest.raises(BenchmarkError, match="--paper-rows 'B/32'"):
+    with pytest.raises(BenchmarkError, match=r"paper_rows \(--paper-rows\) 'B/32'"):
         suite.load_paper_rows("B/32")
 
 
@@ -226,40 +226,40 @@ def write_proclip_checkpoint(run_dir, clip_dir, llm_dir):
     save_checkpoint(str(run_dir), 7, weights, {}, {"stage": 1, "step": 7, "args": args, "head": head.__dict__})
 
 
-def test_text_cache_per_benchmark_is_reused(world, tmp_path):
+def test_text_cache_per_benchmark_is_reused(suite_root, tmp_path):
     llm_dir = write_tiny_llm(str(tmp_path / "llm"))
-    write_proclip_checkpoint(tmp_path / "run", world["clip"], llm_dir)
+    write_proclip_checkpoint(tmp_path / "run", suite_root["clip"], llm_dir)
     logs = []
     names = ["urban1k", "cifar10"]
-    first = run(world, evaluation.proclip_encoders(str(tmp_path / "run"), None, "cpu", "fp32", log=logs.append),
+    first = run(suite_root, evaluation.proclip_encoders(str(tmp_path / "run"), None, "cpu", "fp32", log=logs.append),
                 names=names, cache_dir=str(tmp_path / "cache"))
     assert sum("encoding" in line for line in logs) == 2  # one cache per benchmark
     caches = sorted(os.listdir(tmp_path / "cache"))
     assert len(caches) == 2 and caches[0].startswith("text_cache_cifar10_llm_")
     logs.clear()
-    second = run(world, evaluation.proclip_encoders(str(tmp_path / "run"), None, "cpu", "fp32", log=logs.append),
+    second = run(suite_root, evaluation.proclip_encoders(str(tmp_path / "run"), None, "cpu", "fp32", log=logs.append),
                  names=names, cache_dir=str(tmp_path / "cache"))
     assert not any("encoding" in line for line in logs)  # the second run embeds nothing
     assert second["retrieval"]["urban1k"]["metrics"] == first["retrieval"]["urban1k"]["metrics"]
     assert second["classification"]["cifar10"]["metrics"] == first["classification"]["cifar10"]["metrics"]
 
 
-def test_eval_cli_prints_the_tables(world, tmp_path, monkeypatch, capsys):
+def test_eval_cli_prints_the_tables(suite_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(suite, "default_registries", lambda: REGISTRIES)
-    results = eval_cli.main(["--benchmark", "proclip", "--data-root", str(world["root"]), "--clip", world["clip"],
+    results = eval_cli.main(["--benchmark", "proclip", "--data-root", str(suite_root["root"]), "--clip", suite_root["clip"],
                              "--ks", "1,2", "--workers", "0", "--output", str(tmp_path), "--language", "de",
                              "--paper-rows", "L/14-30M"])
     out = capsys.readouterr().out
     assert "## Table 1: zero-shot retrieval R@1, I2T / T2I" in out and "| paper: ProCLIP | 94.5/81.6" in out
     assert list(results["summary"]["xm3600"]) == ["de", "mean"]  # --language: that one language
     assert (tmp_path / "benchmark.md").is_file()
-    eval_cli.main(["--dataset", "URBAN1K", "--data-root", str(world["root"]), "--clip", world["clip"], "--ks", "1",
+    eval_cli.main(["--dataset", "URBAN1K", "--data-root", str(suite_root["root"]), "--clip", suite_root["clip"], "--ks", "1",
                    "--workers", "0", "--output", str(tmp_path / "one")])
     saved = json.loads((tmp_path / "one" / "benchmark.json").read_text())
     assert list(saved["retrieval"]) == ["urban1k"] and saved["missing"] == []
 
 
-def test_released_layouts_through_eval_py_equal_transformers(tmp_path, world, capsys):
+def test_released_layouts_through_eval_py_equal_transformers(tmp_path, suite_root, capsys):
     """The real readers on tiny replicas of two released layouts (Urban-1k: image/{i}.jpg + caption/{i}.txt, first
     line; XM3600: captions.jsonl + images/{key}.jpg, caption 0) under one ROOT, through `eval.py --benchmark`:
     its R@k equal transformers' features scored with CLIP_benchmark's definitions; the other datasets are listed."""
@@ -275,7 +275,7 @@ def test_released_layouts_through_eval_py_equal_transformers(tmp_path, world, ca
             write_image(str(root / "xm3600" / "images" / f"{key}.jpg"), seed=400 + i)
             captions = {"caption": [f"{WORDS[i + 2]} {WORDS[i]}", "second caption, not read"]}
             f.write(json.dumps({"image/key": key, "en": captions, "de": captions}) + "\n")
-    results = eval_cli.main(["--benchmark", "proclip", "--data-root", str(root), "--clip", world["clip"], "--ks",
+    results = eval_cli.main(["--benchmark", "proclip", "--data-root", str(root), "--clip", suite_root["clip"], "--ks",
                              "1,2,5", "--workers", "0", "--output", str(tmp_path / "out"), "--language", "en",
                              "--precision", "fp32"])
     assert "## Table 1" in capsys.readouterr().out and (tmp_path / "out" / "benchmark.md").is_file()
@@ -286,7 +286,7 @@ def test_released_layouts_through_eval_py_equal_transformers(tmp_path, world, ca
     xm_texts = [f"{WORDS[i + 2]} {WORDS[i]}" for i in range(5)]
     for metrics, images, texts in ((results["retrieval"]["urban1k"]["metrics"], urban, urban_texts),
                                    (results["retrieval"]["xm3600/en"]["metrics"], xm, xm_texts)):
-        image_features, text_features = hf_features(world, images, texts)
+        image_features, text_features = hf_features(suite_root, images, texts)
         for k in KS:
             t2i, i2t = reference_recall(image_features, text_features, list(range(len(images))), k)
             assert metrics[f"image_retrieval_recall@{k}"] == pytest.approx(t2i, abs=TOL)

@@ -358,7 +358,7 @@ def test_error_messages(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_weights(str(empty))
     assert str(error.value) == (f"no checkpoint in {empty}; give a run folder holding step_*.safetensors "
-                                "(for --resume, start without it)")
+                                "(to resume (resume, --resume), start without it)")
 
     run = tmp_path / "run"
     weights_path = save_step(run, 1)
@@ -396,7 +396,7 @@ def test_check_writable(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError) as error:
         check_writable(str(under_a_file))
-    assert str(error.value) == (f"--output {under_a_file} is not writable: Not a directory; "
+    assert str(error.value) == (f"run folder (output, --output) {under_a_file} is not writable: Not a directory; "
                                 f"choose a folder you can write to")
 
     usage = collections.namedtuple("usage", "total used free")
@@ -404,8 +404,8 @@ def test_check_writable(tmp_path, monkeypatch):
     check_writable(str(run), need_bytes=1_000_000_000)
     with pytest.raises(CheckpointError) as error:
         check_writable(str(run), need_bytes=4_000_000_000)
-    assert str(error.value) == (f"--output {run} has 1.50 GB free, a checkpoint needs ~4.00 GB; free some space "
-                                f"or choose another --output")
+    assert str(error.value) == (f"run folder (output, --output) {run} has 1.50 GB free, a checkpoint needs ~4.00 GB; free some space "
+                                f"or choose another output folder")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -414,7 +414,7 @@ def test_check_writable_read_only_folder(tmp_path):
     read_only.mkdir(mode=0o500)
     with pytest.raises(CheckpointError) as error:
         check_writable(str(read_only))
-    assert str(error.value) == (f"--output {read_only} is not writable: Permission denied; "
+    assert str(error.value) == (f"run folder (output, --output) {read_only} is not writable: Permission denied; "
                                 f"choose a folder you can write to")
 
 

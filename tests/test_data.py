@@ -119,7 +119,7 @@ def test_csv_and_tsv(tmp_path):
     with pytest.raises(DataError) as error:
         read_rows(csv_source, csv_caption_key="caption")
     assert str(error.value) == (f"{csv_source}: no column 'caption' (header: ['filepath', 'title', 'long_caption'], "
-                                f"separator ','): set --csv-caption-key or --csv-separator")
+                                f"separator ','): set caption_key (--csv-caption-key) or separator (--csv-separator)")
 
 
 def test_tar_shards_with_braces_and_joined_sources(tmp_path, shards, monkeypatch):
@@ -321,7 +321,7 @@ def test_epoch_batches_deterministic_and_ddp_exact():
     assert [a + b for a, b in zip(*two)] == epoch_batches(50, 10, seed=0, epoch=0)
     with pytest.raises(DataError) as error:
         epoch_batches(10, 4, seed=0, epoch=0, rank=1, world_size=3)
-    assert str(error.value) == "10 rows do not fill one global batch of 4 x 3 ranks: lower --batch-size"
+    assert str(error.value) == "10 rows do not fill one global batch of 4 x 3 ranks: lower batch_size (--batch-size)"
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
         epoch_batches(10, 2, seed=0, epoch=0, rank=2, world_size=2)
 

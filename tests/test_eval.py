@@ -42,7 +42,7 @@ CLASSNAMES = ["cat", "dog", "red fox", "blue bird", "table", "tree"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def eval_data(tmp_path_factory):
     """A tiny CLIP (new and old eos config, same weights), a Karpathy JSON with one corrupt and one missing
     image, a caption JSONL, and a zero-shot folder of 6 classes x 2 images."""
     root = tmp_path_factory.mktemp("eval")
@@ -78,21 +78,21 @@ def run_eval(*argv):
     return eval_cli.main([*map(str, argv), "--workers", "0", "--batch-size", "4"])
 
 
-def hf_image_features(world, paths):
+def hf_image_features(eval_data, paths):
     """Normalised features from transformers' own image processor and CLIPModel."""
-    processor = transformers.CLIPImageProcessorPil.from_pretrained(world["clip"])
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(eval_data["clip"])
     pixels = torch.from_numpy(processor([Image.open(p) for p in paths], return_tensors="np")["pixel_values"])
     with torch.no_grad():
-        return F.normalize(world["reference"].get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        return F.normalize(eval_data["reference"].get_image_features(pixel_values=pixels).pooler_output, dim=-1)
 
 
-def hf_text_features(world, texts):
+def hf_text_features(eval_data, texts):
     """(normalised features, number of captions past 77 tokens) from a transformers tokenizer and CLIPModel."""
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(world["clip"], "tokenizer.json"),
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(eval_data["clip"], "tokenizer.json"),
                                                      pad_token="<|endoftext|>")
     ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        features = F.normalize(world["reference"].get_text_features(input_ids=ids).pooler_output, dim=-1)
+        features = F.normalize(eval_data["reference"].get_text_features(input_ids=ids).pooler_output, dim=-1)
     return features, sum(len(row) > 77 for row in tokenizer(texts)["input_ids"])
 
 
@@ -103,10 +103,10 @@ def assert_metrics_equal(ours, reference):
     assert any(0 < v < 1 for v in reference.values())  # not a degenerate all-or-nothing gallery
 
 
-def test_retrieval_karpathy_matches_transformers_and_skips_unreadable(world, tmp_path):
-    root = world["root"]
+def test_retrieval_karpathy_matches_transformers_and_skips_unreadable(eval_data, tmp_path):
+    root = eval_data["root"]
     out = tmp_path / "out.json"
-    run_eval("--task", "retrieval", "--clip", world["clip"], "--dataset", root / "karpathy.json",
+    run_eval("--task", "retrieval", "--clip", eval_data["clip"], "--dataset", root / "karpathy.json",
              "--images", root / "images", "--output", out)
     report = json.loads(out.read_text())
     # the reference: the 11 readable test images and their captions, features from transformers
@@ -115,33 +115,33 @@ def test_retrieval_karpathy_matches_transformers_and_skips_unreadable(world, tmp
     entries = json.loads((root / "karpathy.json").read_text())["images"]
     texts = [s["raw"] for i in kept for s in entries[i]["sentences"]]
     text_to_image = torch.tensor([n for n, i in enumerate(kept) for _ in entries[i]["sentences"]])
-    text_features, truncated = hf_text_features(world, texts)
-    assert_metrics_equal(report["metrics"], retrieval_metrics(hf_image_features(world, images), text_features,
+    text_features, truncated = hf_text_features(eval_data, texts)
+    assert_metrics_equal(report["metrics"], retrieval_metrics(hf_image_features(eval_data, images), text_features,
                                                               text_to_image))
     assert truncated == 1
     assert {k: report[k] for k in ("task", "n_images", "n_texts", "split", "truncated_captions")} == {
         "task": "retrieval", "n_images": 11, "n_texts": 23, "split": "test", "truncated_captions": 1}
     assert sorted(os.path.basename(p) for p in report["skipped_images"]) == ["im3.png", "im7.png"]
-    assert report["model"] == world["clip"] and report["dataset"] == str(root / "karpathy.json")
+    assert report["model"] == eval_data["clip"] and report["dataset"] == str(root / "karpathy.json")
 
 
-def test_legacy_eos_config_gives_the_same_metrics(world, tmp_path):
-    root = world["root"]
+def test_legacy_eos_config_gives_the_same_metrics(eval_data, tmp_path):
+    root = eval_data["root"]
     reports = [run_eval("--task", "retrieval", "--clip", clip, "--dataset", root / "long.jsonl", "--ks", "1,3")
-               for clip in (world["clip"], world["legacy"])]
+               for clip in (eval_data["clip"], eval_data["legacy"])]
     assert reports[0]["metrics"] == reports[1]["metrics"]
     images = [str(root / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
     texts = [json.loads(line)["captions"][0] for line in (root / "long.jsonl").read_text().splitlines()]
-    assert_metrics_equal(reports[0]["metrics"], retrieval_metrics(hf_image_features(world, images),
-                                                                  hf_text_features(world, texts)[0],
+    assert_metrics_equal(reports[0]["metrics"], retrieval_metrics(hf_image_features(eval_data, images),
+                                                                  hf_text_features(eval_data, texts)[0],
                                                                   torch.arange(7), ks=(1, 3)))
 
 
-def test_zeroshot_matches_transformers_from_the_command_line(world, tmp_path):
-    root = world["root"]
+def test_zeroshot_matches_transformers_from_the_command_line(eval_data, tmp_path):
+    root = eval_data["root"]
     out = tmp_path / "zs.json"
     (tmp_path / "heldout.txt").write_text(f"{CLASSNAMES[1]}\n{CLASSNAMES[4]}\n")
-    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--task", "zeroshot", "--clip", world["clip"],
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--task", "zeroshot", "--clip", eval_data["clip"],
                              "--dataset", str(root / "zeroshot"), "--classnames", str(root / "classnames.txt"),
                              "--templates", str(root / "templates.json"), "--output", str(out), "--workers", "1",
                              "--heldout-classes", str(tmp_path / "heldout.txt")],
@@ -150,8 +150,8 @@ def test_zeroshot_matches_transformers_from_the_command_line(world, tmp_path):
     report = json.loads(out.read_text())
     images = [str(root / "zeroshot" / f"n{c:03d}" / f"{j}.jpg") for c in range(6) for j in range(2)]
     labels = torch.tensor([c for c in range(6) for _ in range(2)])
-    image_features = hf_image_features(world, images)
-    classifier = zeroshot_classifier(lambda texts: hf_text_features(world, texts)[0], CLASSNAMES, TEMPLATES)
+    image_features = hf_image_features(eval_data, images)
+    classifier = zeroshot_classifier(lambda texts: hf_text_features(eval_data, texts)[0], CLASSNAMES, TEMPLATES)
     logits = 100 * image_features @ classifier
     heldout = (labels == 1) | (labels == 4)
     expected = {**classification_metrics(logits, labels),
@@ -162,9 +162,9 @@ def test_zeroshot_matches_transformers_from_the_command_line(world, tmp_path):
     assert "acc1" in result.stdout and f"results written to {out}" in result.stdout
 
 
-def test_show_draws_queries_with_the_right_image_framed(world, tmp_path):
-    root = world["root"]
-    report = run_eval("--task", "retrieval", "--clip", world["clip"], "--dataset", root / "long.jsonl",
+def test_show_draws_queries_with_the_right_image_framed(eval_data, tmp_path):
+    root = eval_data["root"]
+    report = run_eval("--task", "retrieval", "--clip", eval_data["clip"], "--dataset", root / "long.jsonl",
                       "--ks", "1", "--show", "3", "--output", tmp_path / "r.json")
     grid = Image.open(tmp_path / "r.png")
     cell = evaluation.THUMB + evaluation.PAD
@@ -172,7 +172,7 @@ def test_show_draws_queries_with_the_right_image_framed(world, tmp_path):
     # query 0 (image 0's caption): the right image's frame is green, the other frames grey, in score order
     images = [str(root / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
     texts = [json.loads(line)["captions"][0] for line in (root / "long.jsonl").read_text().splitlines()]
-    scores = hf_text_features(world, texts[:1])[0] @ hf_image_features(world, images).T  # (1, I)
+    scores = hf_text_features(eval_data, texts[:1])[0] @ hf_image_features(eval_data, images).T  # (1, I)
     top5 = scores[0].topk(5).indices.tolist()
     for column, image_index in enumerate(top5):
         corner = grid.getpixel((evaluation.CAPTION_WIDTH + column * (evaluation.THUMB + evaluation.PAD) + 1, evaluation.PAD + 1))
@@ -180,35 +180,35 @@ def test_show_draws_queries_with_the_right_image_framed(world, tmp_path):
     assert report["n_images"] == 7
 
 
-def write_checkpoint(run_dir, world, llm_dir, stage, seed):
+def write_checkpoint(run_dir, eval_data, llm_dir, stage, seed):
     """A train.py-style checkpoint of a tiny ProCLIP with random head (and, stage 2, perturbed image tower)."""
     torch.manual_seed(seed)
     head = HeadConfig(32, 16, num_blocks=1, mlp_ratio=2)
-    model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), head)
+    model = ProCLIP.from_clip(CLIP.from_pretrained(eval_data["clip"]), head)
     with torch.no_grad():
         model.visual_projection.weight.add_(0.5 * torch.randn_like(model.visual_projection.weight))
     weights = ({f"text_head.{k}": v for k, v in model.text_head.state_dict().items()} if stage == 1
                else model.state_dict())
-    args = {"clip": world["clip"], "llm": llm_dir, "max_length": 8, "instruction": "", "bidirectional": False,
+    args = {"clip": eval_data["clip"], "llm": llm_dir, "max_length": 8, "instruction": "", "bidirectional": False,
             "text_cache": str(Path(run_dir).parent / "text_cache.safetensors"), "llm_dtype": "fp32", "batch_tokens": 64}
     save_checkpoint(str(run_dir), 7, weights, {}, {"stage": stage, "step": 7, "args": args, "head": head.__dict__})
     if stage == 1:  # what is evaluated: the original image tower with the trained head
-        model = ProCLIP.from_clip(CLIP.from_pretrained(world["clip"]), head)
+        model = ProCLIP.from_clip(CLIP.from_pretrained(eval_data["clip"]), head)
         model.text_head.load_state_dict({k.removeprefix("text_head."): v for k, v in weights.items()})
     return model.eval()
 
 
-def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatch):
+def test_model_checkpoints_on_the_toy_world_defaults(eval_data, tmp_path, monkeypatch):
     """No --model: the newest run under runs/ is evaluated on toyworld/...; features by hand from ProCLIP."""
     llm_dir = str(tmp_path / "llm")
     write_tiny_llm(llm_dir)
     # the stage-2 run's checkpoint is the newest although its folder is older and its name sorts first
-    newer = write_checkpoint(tmp_path / "runs" / "a_stage2", world, llm_dir, stage=2, seed=2)
-    older = write_checkpoint(tmp_path / "runs" / "z_stage1", world, llm_dir, stage=1, seed=1)
+    newer = write_checkpoint(tmp_path / "runs" / "a_stage2", eval_data, llm_dir, stage=2, seed=2)
+    older = write_checkpoint(tmp_path / "runs" / "z_stage1", eval_data, llm_dir, stage=1, seed=1)
     os.utime(tmp_path / "runs" / "z_stage1" / "latest", (1, 1))
     toy = tmp_path / "toyworld"
     toy.mkdir()
-    images = [str(world["root"] / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
+    images = [str(eval_data["root"] / "images" / "val" / f"im{i}.png") for i in (0, 1, 2, 4, 5, 6, 8)]
     texts = [f"a photo of the {WORDS[i]} on the grass with {WORDS[i + 1]}" for i in range(7)]  # 12 tokens > 8
     texts[2] = "two dogs"
     (toy / "retrieval_long.jsonl").write_text("".join(json.dumps({"image": p, "captions": [t]}) + "\n"
@@ -225,7 +225,7 @@ def test_model_checkpoints_on_the_toy_world_defaults(world, tmp_path, monkeypatc
     assert os.path.isfile(os.path.join("runs", "a_stage2", "eval_retrieval_retrieval_long_step_000007.json"))
     embedder = LLMEmbedder(llm_dir, EmbedSettings(max_length=8))
     embeddings, truncated = embedder.embed(texts)
-    transform = ImageTransform.from_folder(world["clip"])
+    transform = ImageTransform.from_folder(eval_data["clip"])
     in_eval_precision = autocast("cpu", default_precision("cpu"))  # eval.py's default (bf16 where the CPU has it)
     with torch.no_grad(), in_eval_precision:
         image_features = newer.encode_image(torch.stack([transform(load_image(p)) for p in images]))
@@ -272,16 +272,16 @@ def test_readers_language_split_and_class_order(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_dataset", "not_clip_folder", "no_readable_image", "no_runs", "k_too_large"])
-def test_user_errors_exit_2_with_one_line(world, tmp_path, monkeypatch, capsys, case):
-    root = world["root"]
+def test_user_errors_exit_2_with_one_line(eval_data, tmp_path, monkeypatch, capsys, case):
+    root = eval_data["root"]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "bad/x.jpg", "captions": ["a cat"]}) + "\n")
-    argv = {"missing_dataset": ["--clip", world["clip"], "--dataset", tmp_path / "nope.json"],
+    argv = {"missing_dataset": ["--clip", eval_data["clip"], "--dataset", tmp_path / "nope.json"],
             "not_clip_folder": ["--clip", root, "--dataset", root / "long.jsonl"],
-            "no_readable_image": ["--clip", world["clip"], "--dataset", tmp_path / "bad.jsonl"],
+            "no_readable_image": ["--clip", eval_data["clip"], "--dataset", tmp_path / "bad.jsonl"],
             "no_runs": [],
-            "k_too_large": ["--clip", world["clip"], "--dataset", root / "long.jsonl", "--ks", "1,8"]}[case]
+            "k_too_large": ["--clip", eval_data["clip"], "--dataset", root / "long.jsonl", "--ks", "1,8"]}[case]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_eval("--task", "retrieval", *argv)

@@ -37,7 +37,7 @@ from miniproclip import eval_cli  # eval.py's flags and flow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def good_run_world(tmp_path_factory):
     """Tiny CLIP and LLM, 24 image-caption rows, and a good 4-step stage-1 run (checkpoints at steps 2 and 4)."""
     d = tmp_path_factory.mktemp("faults")
     w = {"dir": d, "clip": write_tiny_clip(d / "clip"), "llm": write_tiny_llm(d / "llm"),
@@ -60,8 +60,8 @@ def train_error(argv):
     return user_error(train.main, argv)
 
 
-def copy_run(world, tmp_path):
-    return Path(shutil.copytree(world["good"], tmp_path / "run"))
+def copy_run(good_run_world, tmp_path):
+    return Path(shutil.copytree(good_run_world["good"], tmp_path / "run"))
 
 
 def checkpoint_files(run_dir):
@@ -72,7 +72,7 @@ def checkpoint_files(run_dir):
 # ----------------------------------------------------------------------------- bad data
 
 
-def test_unreadable_images_and_malformed_rows_are_skipped_counted_and_listed(world, tmp_path, capsys):
+def test_unreadable_images_and_malformed_rows_are_skipped_counted_and_listed(good_run_world, tmp_path, capsys):
     """Stage 2 on rows with zero-byte, truncated, non-image and missing images and four malformed JSONL lines:
     the run finishes, each bad image is named in the log, counted in metrics.jsonl and listed in meta.json."""
     data = write_tiny_pairs(tmp_path / "data")
@@ -87,8 +87,8 @@ def test_unreadable_images_and_malformed_rows_are_skipped_counted_and_listed(wor
         f.write('{"image": "x.png", "caption": \n{"image": "x.png"}\n{"image": "x.png", "caption": " "}\n'
                 '{"image": "x.png", "caption": 7}\n')
     run = tmp_path / "run"
-    train.main(["--stage", "2", "--init", str(world["good"]),
-                *common(world, run, "--max-steps", "3", "--train-data", data)])
+    train.main(["--stage", "2", "--init", str(good_run_world["good"]),
+                *common(good_run_world, run, "--max-steps", "3", "--train-data", data)])
     out = capsys.readouterr().out
     for line, what in ((25, "invalid JSON"), (26, 'missing "caption"'), (27, 'empty "caption"'),
                        (28, '"caption" must be a string, got int')):
@@ -102,21 +102,21 @@ def test_unreadable_images_and_malformed_rows_are_skipped_counted_and_listed(wor
     assert "stage 2 done: 3 steps" in out
 
 
-def test_data_without_one_readable_image_is_one_error(world, tmp_path):
+def test_data_without_one_readable_image_is_one_error(good_run_world, tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"image": f"gone/{i}.png", "caption": f"a red {i}"}) + "\n"
                                                  for i in range(10)))
-    message = train_error(["--stage", "2", "--init", str(world["good"]), "--train-data", str(tmp_path / "rows.jsonl"),
+    message = train_error(["--stage", "2", "--init", str(good_run_world["good"]), "--train-data", str(tmp_path / "rows.jsonl"),
                            "--output", str(tmp_path / "run"), "--workers", "0", "--batch-size", "4"])
     assert message.startswith(f"error: {tmp_path / 'rows.jsonl'}: none of the first 10 images is readable (e.g. "
                               f"{tmp_path / 'gone' / '0.png'}); check the image paths")
 
 
-def test_strict_data_stops_at_the_first_malformed_row(world, tmp_path):
-    rows = [json.loads(line) for line in Path(world["data"]).read_text().splitlines()]
-    lines = ["filepath,title"] + [f"{os.path.dirname(world['data'])}/{r['image']},{r['caption']}" for r in rows]
+def test_strict_data_stops_at_the_first_malformed_row(good_run_world, tmp_path):
+    rows = [json.loads(line) for line in Path(good_run_world["data"]).read_text().splitlines()]
+    lines = ["filepath,title"] + [f"{os.path.dirname(good_run_world['data'])}/{r['image']},{r['caption']}" for r in rows]
     lines[5:5] = ["images/0000.png,a cat,an extra field", "images/0001.png,"]  # CSV lines 6 and 7
     (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
-    message = train_error(["--stage", "1", *common(world, tmp_path / "run", "--strict-data", "--train-data",
+    message = train_error(["--stage", "1", *common(good_run_world, tmp_path / "run", "--strict-data", "--train-data",
                                                    str(tmp_path / "rows.csv"))])
     assert message == f"error: {tmp_path / 'rows.csv'}:6: expected 2 fields separated by ','"
 
@@ -141,11 +141,11 @@ def edit_config(folder, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def broken_folder(world, tmp_path, case):
+def broken_folder(good_run_world, tmp_path, case):
     """(which flag, the folder to pass, a phrase the one-line error must hold) for each kind of broken folder."""
     kind = case.split("_")[0]  # clip or llm: which folder is broken
     folder = str(tmp_path / case)
-    shutil.copytree(world[kind], folder)
+    shutil.copytree(good_run_world[kind], folder)
     if case.endswith("no_config"):
         os.remove(os.path.join(folder, "config.json"))
         return kind, folder, "no config.json; expected a Hugging Face model folder"
@@ -179,19 +179,19 @@ FOLDER_CASES = ["clip_no_config", "clip_no_weights", "llm_no_weights", "llm_miss
 
 
 @pytest.mark.parametrize("case", FOLDER_CASES)
-def test_train_names_a_broken_model_folder_in_one_line(world, tmp_path, case):
-    flag, folder, expected = broken_folder(world, tmp_path, case)
-    models = {"clip": world["clip"], "llm": world["llm"], flag: folder}
+def test_train_names_a_broken_model_folder_in_one_line(good_run_world, tmp_path, case):
+    flag, folder, expected = broken_folder(good_run_world, tmp_path, case)
+    models = {"clip": good_run_world["clip"], "llm": good_run_world["llm"], flag: folder}
     fresh_cache = str(tmp_path / "cache.safetensors")  # so that the LLM is loaded to fill it
-    message = train_error(["--stage", "1", *common(world, tmp_path / "run", "--clip", models["clip"], "--llm",
+    message = train_error(["--stage", "1", *common(good_run_world, tmp_path / "run", "--clip", models["clip"], "--llm",
                                                    models["llm"], "--text-cache", fresh_cache)])
     assert message.startswith(f"error: {folder}") and expected in message
 
 
 @pytest.mark.parametrize("case", ["clip_no_weights", "clip_shape_mismatch", "clip_model_type", "llm_given_as_clip"])
-def test_eval_names_a_broken_clip_folder_in_one_line(world, tmp_path, capsys, case):
-    _, folder, expected = broken_folder(world, tmp_path, case)
-    last = user_error(eval_cli.main, ["--task", "retrieval", "--clip", folder, "--dataset", world["data"],
+def test_eval_names_a_broken_clip_folder_in_one_line(good_run_world, tmp_path, capsys, case):
+    _, folder, expected = broken_folder(good_run_world, tmp_path, case)
+    last = user_error(eval_cli.main, ["--task", "retrieval", "--clip", folder, "--dataset", good_run_world["data"],
                                       "--workers", "0"])
     assert last.startswith(f"error: {folder}") and expected in last
 
@@ -209,28 +209,28 @@ class Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-def other_projection_checkpoint(world, tmp_path):
+def other_projection_checkpoint(good_run_world, tmp_path):
     """A stage-1 checkpoint whose head maps into an 8-dim joint space (the tiny CLIP's is 16)."""
     head = HeadConfig(32, 8, 1, 2)
     weights = {f"text_head.{k}": v for k, v in TextHead(head).state_dict().items()}
-    meta = {"stage": 1, "step": 1, "args": {"clip": world["clip"], "llm": world["llm"]}, "head": head.__dict__}
+    meta = {"stage": 1, "step": 1, "args": {"clip": good_run_world["clip"], "llm": good_run_world["llm"]}, "head": head.__dict__}
     return ckpt.save_checkpoint(str(tmp_path / "other"), 1, weights, {}, meta)
 
 
-def bad_flags(world, tmp_path, case):
+def bad_flags(good_run_world, tmp_path, case):
     """(train.py flags, the expected message or its start)."""
-    data = ["--train-data", world["data"], "--workers", "0", "--batch-size", "8"]
+    data = ["--train-data", good_run_world["data"], "--workers", "0", "--batch-size", "8"]
     run = str(tmp_path / "run")
     if case == "init_other_projection_dim":
-        path = other_projection_checkpoint(world, tmp_path)
+        path = other_projection_checkpoint(good_run_world, tmp_path)
         return (["--stage", "2", "--init", path, "--output", run, *data],
-                f"error: {path}: its head maps to 8 dims but {world['clip']} has a 16-dim joint space")
+                f"error: {path}: its head maps to 8 dims but {good_run_world['clip']} has a 16-dim joint space")
     if case == "init_other_llm_width":
         wide = tmp_path / "wide_llm"
-        shutil.copytree(world["llm"], wide)
+        shutil.copytree(good_run_world["llm"], wide)
         edit_config(wide, hidden_size=64, num_attention_heads=8, head_dim=8)  # fails on the width before loading
-        return (["--stage", "2", "--init", str(world["good"]), "--llm", str(wide), "--output", run, *data],
-                f"error: {world['good'] / 'step_000004.safetensors'}: its head takes 32-dim LLM embeddings but "
+        return (["--stage", "2", "--init", str(good_run_world["good"]), "--llm", str(wide), "--output", run, *data],
+                f"error: {good_run_world['good'] / 'step_000004.safetensors'}: its head takes 32-dim LLM embeddings but "
                 f"{wide} is 64 wide")
     if case == "resume_latest_empty_output":
         os.makedirs(run)
@@ -242,21 +242,21 @@ def bad_flags(world, tmp_path, case):
         return (["--stage", "1", "--resume", str(tmp_path / "nope"), "--output", run, *data],
                 f"error: checkpoint {tmp_path / 'nope'} does not exist")
     if case == "resume_other_stage":
-        return (["--stage", "2", "--resume", "latest", "--output", str(copy_run(world, tmp_path)), *data],
+        return (["--stage", "2", "--resume", "latest", "--output", str(copy_run(good_run_world, tmp_path)), *data],
                 f"error: {tmp_path / 'run' / 'step_000004.safetensors'} is a stage-1 checkpoint: resume it with "
                 f"--stage 1, or start stage 2 from it with --init")
     if case == "resume_truncated_weights":
-        weights = copy_run(world, tmp_path) / "step_000004.safetensors"
+        weights = copy_run(good_run_world, tmp_path) / "step_000004.safetensors"
         weights.write_bytes(weights.read_bytes()[:200])
         return (["--stage", "1", "--resume", "latest", "--output", run, *data],
                 f"error: {weights} is not a readable safetensors file")
     if case == "text_cache_of_another_llm":
         other = tmp_path / "other_llm"
-        shutil.copytree(world["llm"], other)
+        shutil.copytree(good_run_world["llm"], other)
         edit_config(other, rms_norm_eps=1e-5)  # same shapes, other numbers: only the fingerprint tells
-        return (["--stage", "1", "--llm", str(other), "--clip", world["clip"], "--text-cache", world["cache"],
+        return (["--stage", "1", "--llm", str(other), "--clip", good_run_world["clip"], "--text-cache", good_run_world["cache"],
                  "--output", run, *data],
-                f"error: {world['cache']}: text cache was built with another llm fingerprint")
+                f"error: {good_run_world['cache']}: text cache was built with another llm fingerprint")
     raise AssertionError(case)
 
 
@@ -266,16 +266,16 @@ BAD_FLAGS = ["init_other_projection_dim", "init_other_llm_width", "resume_latest
 
 
 @pytest.mark.parametrize("case", BAD_FLAGS)
-def test_bad_flags_are_one_line_errors(world, tmp_path, case):
-    argv, expected = bad_flags(world, tmp_path, case)
+def test_bad_flags_are_one_line_errors(good_run_world, tmp_path, case):
+    argv, expected = bad_flags(good_run_world, tmp_path, case)
     assert train_error(argv).startswith(expected)
 
 
-def test_crafted_pickles_are_refused_by_train_without_running(world, tmp_path):
+def test_crafted_pickles_are_refused_by_train_without_running(good_run_world, tmp_path):
     """A --resume whose .state.pt carries a code-running pickle, and a --init given a .pt file: both refused in one
     line before anything is unpickled unsafely (the marker file the payload would create never appears)."""
     marker = tmp_path / "pwned"
-    run = copy_run(world, tmp_path)
+    run = copy_run(good_run_world, tmp_path)
     torch.save({"optimizer": Exploit(marker)}, run / "step_000004.state.pt")
     message = train_error(["--stage", "1", "--resume", "latest", "--output", str(run), "--workers", "0"])
     assert message.startswith(f"error: cannot load {run / 'step_000004.state.pt'}: ") and "system" in message
@@ -307,10 +307,10 @@ def test_runtime_code_never_unpickles_unsafely():
 # ----------------------------------------------------------------------------- non-finite steps
 
 
-def nan_cache(world, path, captions):
+def nan_cache(good_run_world, path, captions):
     """The good run's text cache with the embeddings of `captions` (all when None) set to NaN, same fingerprint."""
-    embeddings, _, metadata = load_cache(world["cache"])
-    texts = caption_texts(read_rows(world["data"]))
+    embeddings, _, metadata = load_cache(good_run_world["cache"])
+    texts = caption_texts(read_rows(good_run_world["data"]))
     assert len(texts) == len(embeddings)  # the cache holds exactly the data's captions, in this order
     for i, text in enumerate(texts):
         if captions is None or text in captions:
@@ -319,12 +319,12 @@ def nan_cache(world, path, captions):
     return str(path)
 
 
-def test_non_finite_steps_are_skipped_and_the_run_stops_with_the_good_checkpoint(world, tmp_path, capsys):
-    run = copy_run(world, tmp_path)
+def test_non_finite_steps_are_skipped_and_the_run_stops_with_the_good_checkpoint(good_run_world, tmp_path, capsys):
+    run = copy_run(good_run_world, tmp_path)
     before = checkpoint_files(run)
-    cache = nan_cache(world, tmp_path / "nan.safetensors", None)
+    cache = nan_cache(good_run_world, tmp_path / "nan.safetensors", None)
     # --save-every given again: a resumed run would otherwise keep the good run's 2 and save at step 6
-    message = train_error(["--stage", "1", *common(world, run, "--max-steps", "20", "--max-bad-steps", "3",
+    message = train_error(["--stage", "1", *common(good_run_world, run, "--max-steps", "20", "--max-bad-steps", "3",
                                                    "--save-every", "100", "--text-cache", cache, "--resume",
                                                    "latest")])
     assert message.startswith(f"error: 3 consecutive non-finite steps; stopping. The last good checkpoint is kept "
@@ -338,13 +338,13 @@ def test_non_finite_steps_are_skipped_and_the_run_stops_with_the_good_checkpoint
     assert [s for s, r in records.items() if r["loss"] != r["loss"]] == [5, 6, 7]  # NaN steps are logged
 
 
-def test_isolated_non_finite_steps_do_not_stop_the_run(world, tmp_path, capsys):
+def test_isolated_non_finite_steps_do_not_stop_the_run(good_run_world, tmp_path, capsys):
     """NaN only for one caption: one step in three is skipped, never three in a row, so the run finishes."""
-    rows = read_rows(world["data"])
+    rows = read_rows(good_run_world["data"])
     row = 10  # its short caption is unique among the 24 rows
     assert [r.caption for r in rows].count(rows[row].caption) == 1
-    cache = nan_cache(world, tmp_path / "nan.safetensors", {rows[row].caption})
-    train.main(["--stage", "1", *common(world, tmp_path / "run", "--max-steps", "9", "--max-bad-steps", "2",
+    cache = nan_cache(good_run_world, tmp_path / "nan.safetensors", {rows[row].caption})
+    train.main(["--stage", "1", *common(good_run_world, tmp_path / "run", "--max-steps", "9", "--max-bad-steps", "2",
                                         "--text-cache", cache)])
     skipped = [int(s) for s in re.findall(r"step (\d+): non-finite loss", capsys.readouterr().out)]
     # the steps whose batch holds row 10: one per epoch of 3 batches (seed 0)
@@ -358,11 +358,11 @@ def test_isolated_non_finite_steps_do_not_stop_the_run(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_stop_signal_to_the_process_group_finishes_the_step_saves_and_says_how_to_resume(world, tmp_path, stop):
+def test_stop_signal_to_the_process_group_finishes_the_step_saves_and_says_how_to_resume(good_run_world, tmp_path, stop):
     """Ctrl-C, and schedulers such as SLURM, signal every process of the job, data-loader workers included
     (batches of 2: an epoch holds more batches than the workers prefetch, so the trainer needs them alive)."""
     run = tmp_path / "run"
-    flags = common(world, run, "--max-steps", "500", "--workers", "2", "--batch-size", "2")
+    flags = common(good_run_world, run, "--max-steps", "500", "--workers", "2", "--batch-size", "2")
     process = run_cli(["--stage", "1", *flags], start_new_session=True)  # its own process group, as a shell job has
     wait_for_lines(run / "metrics.jsonl", 2, process)
     os.killpg(process.pid, stop)
@@ -421,13 +421,13 @@ train.main(sys.argv[3:])
 """
 
 
-def test_kill_9_while_writing_a_checkpoint_then_resume_reproduces_the_losses(world, tmp_path):
+def test_kill_9_while_writing_a_checkpoint_then_resume_reproduces_the_losses(good_run_world, tmp_path):
     args = ["--stage", "1", "--max-steps", "6", "--save-every", "1"]
-    train.main(args + common(world, tmp_path / "straight"))
+    train.main(args + common(good_run_world, tmp_path / "straight"))
     run, marker = tmp_path / "killed", tmp_path / "frozen"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     process = subprocess.Popen([sys.executable, "-c", FREEZE_MID_SAVE, "step_000004", str(marker),
-                                *args, *common(world, run)], env=env, cwd=ROOT,
+                                *args, *common(good_run_world, run)], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lines(marker, 0, process)  # until the marker exists (or the process ended)
@@ -437,22 +437,22 @@ def test_kill_9_while_writing_a_checkpoint_then_resume_reproduces_the_losses(wor
         process.communicate()
     assert os.path.exists(run / "step_000004.safetensors.tmp")  # the kill did hit the middle of a save
     assert ckpt.load_weights(str(run))[1]["step"] == 3
-    train.main(args + common(world, run) + ["--resume", "latest"])
+    train.main(args + common(good_run_world, run) + ["--resume", "latest"])
     straight, resumed = losses(tmp_path / "straight"), losses(run)
     for step in range(4, 7):
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-7)
     assert not glob.glob(str(run / "*.tmp"))
 
 
-def test_unwritable_output_is_reported_before_any_work(world, tmp_path):
+def test_unwritable_output_is_reported_before_any_work(good_run_world, tmp_path):
     (tmp_path / "a_file").write_text("")
     output, cache = tmp_path / "a_file" / "run", tmp_path / "cache.safetensors"
-    message = train_error(["--stage", "1", *common(world, output, "--text-cache", str(cache))])
+    message = train_error(["--stage", "1", *common(good_run_world, output, "--text-cache", str(cache))])
     assert message == f"error: --output {output} is not writable: Not a directory; choose a folder you can write to"
     assert not cache.exists()  # stopped before embedding the captions
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_resume_continues(world, tmp_path, monkeypatch):
+def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_resume_continues(good_run_world, tmp_path, monkeypatch):
     real_save_file, saves = ckpt.save_file, []
 
     def disk_fills_on_second_save(tensors, path, metadata=None):
@@ -464,7 +464,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_resume_continu
 
     monkeypatch.setattr(ckpt, "save_file", disk_fills_on_second_save)
     run = tmp_path / "run"
-    args = ["--stage", "1", *common(world, run, "--max-steps", "4", "--save-every", "2")]  # the good run's flags
+    args = ["--stage", "1", *common(good_run_world, run, "--max-steps", "4", "--save-every", "2")]  # the good run's flags
     message = train_error(args)
     assert message.startswith(f"error: cannot save step_000004 in {run}: No space left on device; ")
     assert "the previous checkpoint is kept" in message and message.endswith("--resume latest")
@@ -473,7 +473,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_resume_continu
     assert ckpt.load_weights(str(run))[1]["step"] == 2 and ckpt.load_train_state(str(run))["cursor"]["step"] == 2
     monkeypatch.undo()  # space freed
     train.main(args + ["--resume", "latest"])
-    good, resumed = losses(world["good"]), losses(run)
+    good, resumed = losses(good_run_world["good"]), losses(run)
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(good[step]["loss"], rel=1e-6, abs=1e-7)
 
@@ -481,26 +481,26 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_resume_continu
 # ----------------------------------------------------------------------------- eval.py data and the CLI surface
 
 
-def test_eval_skips_unreadable_images_and_lists_them(world, tmp_path, capsys):
-    images = sorted(glob.glob(os.path.join(os.path.dirname(world["data"]), "images", "*.png")))[:5]
+def test_eval_skips_unreadable_images_and_lists_them(good_run_world, tmp_path, capsys):
+    images = sorted(glob.glob(os.path.join(os.path.dirname(good_run_world["data"]), "images", "*.png")))[:5]
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "half.png").write_bytes(Path(images[0]).read_bytes()[:300])
     (tmp_path / "text.png").write_text("not an image")
     bad = [str(tmp_path / name) for name in ("empty.png", "half.png", "text.png", "missing.png")]
     rows = [{"image": path, "captions": [f"caption {i}"]} for i, path in enumerate(images[:3] + bad + images[3:])]
     (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = eval_cli.main(["--task", "retrieval", "--clip", world["clip"], "--dataset", str(tmp_path / "set.jsonl"),
+    report = eval_cli.main(["--task", "retrieval", "--clip", good_run_world["clip"], "--dataset", str(tmp_path / "set.jsonl"),
                             "--ks", "1", "--workers", "0", "--output", str(tmp_path / "out.json")])
     assert report["n_images"] == 5 and report["n_texts"] == 5 and report["skipped_images"] == bad
     assert json.loads((tmp_path / "out.json").read_text())["skipped_images"] == bad
     assert f"warning: skipped 4 unreadable images: {', '.join(bad)}" in capsys.readouterr().out
 
 
-def test_cli_user_error_exits_1_with_one_line_and_no_traceback(world, tmp_path):
+def test_cli_user_error_exits_1_with_one_line_and_no_traceback(good_run_world, tmp_path):
     """The errors above through `python train.py`: the last stderr line is the message, and no traceback."""
-    process = run_cli(["--stage", "1", *common(world, tmp_path / "run", "--llm", world["clip"], "--text-cache",
+    process = run_cli(["--stage", "1", *common(good_run_world, tmp_path / "run", "--llm", good_run_world["clip"], "--text-cache",
                                                str(tmp_path / "c.safetensors"))])  # later flags override earlier
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith(
-        f"error: {world['clip']}: this is a CLIP folder (model_type 'clip'): pass it as the CLIP (clip, --clip)")
+        f"error: {good_run_world['clip']}: this is a CLIP folder (model_type 'clip'): pass it as the CLIP (clip, --clip)")

@@ -24,7 +24,7 @@ from miniproclip import eval_cli  # eval.py's flags and flow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def openclip_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("openclip_runs")
     data = write_tiny_pairs(root / "data")
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()][:12]
@@ -34,43 +34,43 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tower", ["vit", "eva02"])
-def test_eval_retrieval_on_an_open_clip_folder_matches_open_clip(world, tmp_path, monkeypatch, tower):
+def test_eval_retrieval_on_an_open_clip_folder_matches_open_clip(openclip_data, tmp_path, monkeypatch, tower):
     tiny_timm(monkeypatch)
     config = vit_config() if tower == "vit" else eva_config("eva02_base_patch16_clip_224")
     reference = write_open_clip(tmp_path / tower, config, {"interpolation": "bicubic", "resize_mode": "shortest"})
     report = eval_cli.main(["--task", "retrieval", "--clip", str(tmp_path / tower), "--dataset",
-                            str(world["retrieval"]), "--workers", "0", "--batch-size", "4", "--ks", "1,5",
+                            str(openclip_data["retrieval"]), "--workers", "0", "--batch-size", "4", "--ks", "1,5",
                             "--precision", "fp32"])  # open_clip's reference runs in fp32
     # the reference: open_clip's own preprocessing, tokenizer and model
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / tower}")
-    images = torch.stack([preprocess(Image.open(world["root"] / "data" / r["image"])) for r in world["rows"]])
-    ids = open_clip.get_tokenizer("ViT-B-32")([r["caption"] for r in world["rows"]])
+    images = torch.stack([preprocess(Image.open(openclip_data["root"] / "data" / r["image"])) for r in openclip_data["rows"]])
+    ids = open_clip.get_tokenizer("ViT-B-32")([r["caption"] for r in openclip_data["rows"]])
     with torch.no_grad():
         image = F.normalize(reference.encode_image(images), dim=-1)
         text = F.normalize(reference.encode_text(ids), dim=-1)
-    expected = retrieval_metrics(image, text, torch.arange(len(world["rows"])), ks=(1, 5))
+    expected = retrieval_metrics(image, text, torch.arange(len(openclip_data["rows"])), ks=(1, 5))
     assert report["metrics"].keys() == expected.keys()
     assert all(report["metrics"][k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
     assert any(0 < v < 1 for v in expected.values())  # not a degenerate gallery
 
 
-def common(world, clip, out, *extra):
-    return ["--train-data", world["data"], "--clip", clip, "--llm", world["llm"], "--output", str(out),
+def common(openclip_data, clip, out, *extra):
+    return ["--train-data", openclip_data["data"], "--clip", clip, "--llm", openclip_data["llm"], "--output", str(out),
             "--workers", "0", "--batch-size", "8", "--warmup", "1", *extra]
 
 
-def test_stage2_trains_an_eva02_tower_then_loads_and_exports(world, tmp_path, monkeypatch):
+def test_stage2_trains_an_eva02_tower_then_loads_and_exports(openclip_data, tmp_path, monkeypatch):
     tiny_timm(monkeypatch)
     clip = str(tmp_path / "eva")
     write_open_clip(clip, eva_config("eva02_base_patch16_clip_224"))
-    train.main(["--stage", "1", *common(world, clip, tmp_path / "s1", "--max-steps", "1")])
+    train.main(["--stage", "1", *common(openclip_data, clip, tmp_path / "s1", "--max-steps", "1")])
     # the live teacher (fp32: in bf16, rounding alone would make step 1's L_reg nonzero) (random crops), then the cached image teacher (centre crop, frozen)
     for name, extra in [("s2", ()), ("s2_cached", ("--train-crop", "center"))]:
         train.main(["--stage", "2", "--init", str(tmp_path / "s1"),
-                    *common(world, clip, tmp_path / name, "--max-steps", "2", "--precision", "fp32", *extra)])
+                    *common(openclip_data, clip, tmp_path / name, "--max-steps", "2", "--precision", "fp32", *extra)])
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert records[0]["reg"] < 1e-9 and records[1]["reg"] > 1e-6  # L_reg: the tower left its teacher copy
-    assert any(p.name.startswith("clip_image_") for p in (Path(world["data"]).parent).iterdir())  # the cached v̂
+    assert any(p.name.startswith("clip_image_") for p in (Path(openclip_data["data"]).parent).iterdir())  # the cached v̂
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s2")))
     initial = open_clip.create_model(f"local-dir:{clip}").visual.trunk.state_dict()
     key, theirs = "vision_model.encoder.layers.1.mlp.gate_proj.weight", "blocks.1.mlp.fc1_g.weight"
@@ -86,6 +86,6 @@ def test_stage2_trains_an_eva02_tower_then_loads_and_exports(world, tmp_path, mo
         ours = trained.model.encode_image(pixels)
         assert (ours - F.normalize(reloaded.encode_image(pixels), dim=-1)).abs().max() < 1e-4
         assert (ours - load_model(exported, device="cpu").model.encode_image(pixels)).abs().max() < 1e-4
-    images = [str(world["root"] / "data" / r["image"]) for r in world["rows"][:2]]
+    images = [str(openclip_data["root"] / "data" / r["image"]) for r in openclip_data["rows"][:2]]
     assert torch.allclose(trained.encode_image(images), load_model(exported, device="cpu").encode_image(images),
                           atol=1e-5)

@@ -44,7 +44,7 @@ def write_released_pt(path, clip_state, adaptor):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def released_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
     monkeypatch = pytest.MonkeyPatch()
     tiny_timm(monkeypatch)
@@ -59,54 +59,54 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.parametrize("blocks,ratio", [(1, 8), (4, 2)])  # ProCLIP's adapter, LLM2CLIP's
-def test_released_pt_gives_the_features_of_its_source(world, tmp_path, blocks, ratio):
+def test_released_pt_gives_the_features_of_its_source(released_models, tmp_path, blocks, ratio):
     adaptor = text_adaptor(32, 24, blocks, ratio)
-    write_released_pt(tmp_path / "released.pt", world["reference"].state_dict(), adaptor)
-    trained = load_model(tmp_path / "released.pt", llm=world["llm"], device="cpu", dtype=torch.float32)
+    write_released_pt(tmp_path / "released.pt", released_models["reference"].state_dict(), adaptor)
+    trained = load_model(tmp_path / "released.pt", llm=released_models["llm"], device="cpu", dtype=torch.float32)
     head = trained.model.text_head.config
     assert (head.num_blocks, head.mlp_ratio, head.normalize_input) == (blocks, ratio, blocks == 1)
-    images = [str(world["root"] / "data" / r["image"]) for r in world["rows"]]
+    images = [str(released_models["root"] / "data" / r["image"]) for r in released_models["rows"]]
     pixels = torch.stack([trained.transform(Image.open(p)) for p in images])
-    embeddings, _ = LLMEmbedder(world["llm"], EmbedSettings.preset("llm2vec-llama3")).embed(TEXTS)
+    embeddings, _ = LLMEmbedder(released_models["llm"], EmbedSettings.preset("llm2vec-llama3")).embed(TEXTS)
     with torch.no_grad():
-        image_ref = F.normalize(world["reference"].encode_image(pixels), dim=-1)
+        image_ref = F.normalize(released_models["reference"].encode_image(pixels), dim=-1)
         # ProCLIP's TextProj normalises the LLM embedding first, LLM2CLIP's adapter takes it as it is
         text_ref = F.normalize(adaptor(F.normalize(embeddings, dim=-1) if blocks == 1 else embeddings), dim=-1)
     image = (trained.encode_image(images) - image_ref).abs().max()
     text = (trained.encode_text(TEXTS) - text_ref).abs().max()
     print(f"{blocks}x{ratio}: image {image:.2e}, text {text:.2e}")
     assert image < TOL and text < TOL
-    assert trained.logit_scale.item() == pytest.approx(world["reference"].logit_scale.item())
+    assert trained.logit_scale.item() == pytest.approx(released_models["reference"].logit_scale.item())
     if blocks == 1:  # eval.py on the released model and its LLM: retrieval numbers from the reference features
-        report = eval_cli.main(["--task", "retrieval", "--model", str(tmp_path / "released.pt"), "--llm", world["llm"],
-                                "--dataset", str(world["retrieval"]), "--workers", "0", "--ks", "1,5"])
-        captions = [r["caption"] for r in world["rows"]]
+        report = eval_cli.main(["--task", "retrieval", "--model", str(tmp_path / "released.pt"), "--llm", released_models["llm"],
+                                "--dataset", str(released_models["retrieval"]), "--workers", "0", "--ks", "1,5"])
+        captions = [r["caption"] for r in released_models["rows"]]
         with torch.no_grad():
             # eval.py's text cache is filled by the LLM in bf16, as for a released model's LLM by default
-            embedder = LLMEmbedder(world["llm"], EmbedSettings.preset("llm2vec-llama3"), torch.bfloat16)
+            embedder = LLMEmbedder(released_models["llm"], EmbedSettings.preset("llm2vec-llama3"), torch.bfloat16)
             text_ref = F.normalize(adaptor(F.normalize(embedder.embed(captions)[0], dim=-1)), dim=-1)
         expected = retrieval_metrics(image_ref, text_ref, torch.arange(len(captions)), ks=(1, 5))
         assert all(report["metrics"][k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
         assert any(0 < v < 1 for v in expected.values())
-        assert os.path.isfile(world["root"] / "data" / "text_cache_llama3.safetensors")  # beside the data
+        assert os.path.isfile(released_models["root"] / "data" / "text_cache_llama3.safetensors")  # beside the data
 
 
-def test_bad_released_files_are_one_line_errors(world, tmp_path):
+def test_bad_released_files_are_one_line_errors(released_models, tmp_path):
     adaptor = text_adaptor(32, 24, 1, 8)
-    state = world["reference"].state_dict()
+    state = released_models["reference"].state_dict()
     write_released_pt(tmp_path / "cut.pt", state, adaptor)
     checkpoint = torch.load(tmp_path / "cut.pt", weights_only=True)
     del checkpoint["state_dict"]["module.visual.norm.weight"]
     torch.save(checkpoint, tmp_path / "cut.pt")
     with pytest.raises(ModelFolderError) as error:
-        load_model(tmp_path / "cut.pt", llm=world["llm"], device="cpu")
+        load_model(tmp_path / "cut.pt", llm=released_models["llm"], device="cpu")
     assert str(error.value) == (f"{tmp_path / 'cut.pt'}: weights do not match the model built from its config; 1 "
                                 f"missing: vision_model.post_layernorm.weight; pass a released LLM2CLIP/ProCLIP "
                                 f"checkpoint (an eva_clip CustomCLIP state dict with visual.* and text.text_adaptor.*) "
                                 f"or an LLM2CLIP Hugging Face folder")
     torch.save({"state_dict": {"visual.proj": torch.zeros(2, 2)}}, tmp_path / "other.pt")
     with pytest.raises(ModelFolderError, match=r"other.pt: no image tower and text adapter found \(KeyError: "):
-        load_model(tmp_path / "other.pt", llm=world["llm"], device="cpu")
+        load_model(tmp_path / "other.pt", llm=released_models["llm"], device="cpu")
     write_released_pt(tmp_path / "ok.pt", state, adaptor)
     with pytest.raises(ModelFolderError, match=r"ok.pt is a released LLM2CLIP/ProCLIP model: pass the LLM"):
         load_model(tmp_path / "ok.pt", device="cpu")
@@ -126,7 +126,7 @@ def test_llama_bi_model_folder_embeds_as_llm2vec(tmp_path):
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 
 
-def test_llm2clip_hf_folder_gives_the_features_of_its_source(world, tmp_path):
+def test_llm2clip_hf_folder_gives_the_features_of_its_source(released_models, tmp_path):
     """LLM2CLIPModel's folder: HF CLIP vision names, `visual_projection`, `text_adapter.adaptor.N` (4 x 2)."""
     from fixtures import write_tiny_clip
     from safetensors.torch import load_file, save_file
@@ -143,11 +143,11 @@ def test_llm2clip_hf_folder_gives_the_features_of_its_source(world, tmp_path):
     (folder / "config.json").write_text(json.dumps({"architectures": ["LLM2CLIPModel"], "model_type": "llm2clip",
                                                     "projection_dim": 16, "vision_config": config["vision_config"]}))
     (folder / "preprocessor_config.json").write_bytes((Path(source) / "preprocessor_config.json").read_bytes())
-    trained = load_model(folder, llm=world["llm"], device="cpu", dtype=torch.float32)
-    images = [str(world["root"] / "data" / r["image"]) for r in world["rows"][:4]]
+    trained = load_model(folder, llm=released_models["llm"], device="cpu", dtype=torch.float32)
+    images = [str(released_models["root"] / "data" / r["image"]) for r in released_models["rows"][:4]]
     processor = transformers.CLIPImageProcessorPil.from_pretrained(source)
     pixels = torch.from_numpy(processor([Image.open(p) for p in images], return_tensors="np")["pixel_values"])
-    embeddings, _ = LLMEmbedder(world["llm"], EmbedSettings.preset("llm2vec-llama3")).embed(TEXTS)
+    embeddings, _ = LLMEmbedder(released_models["llm"], EmbedSettings.preset("llm2vec-llama3")).embed(TEXTS)
     with torch.no_grad():
         image_ref = F.normalize(reference.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         text_ref = F.normalize(adaptor(embeddings), dim=-1)

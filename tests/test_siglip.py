@@ -109,27 +109,27 @@ def test_transform_equals_siglip_image_processor(siglip):
 
 
 @pytest.fixture(scope="module")
-def world(siglip, tmp_path_factory):
+def siglip_runs_world(siglip, tmp_path_factory):
     from fixtures import write_tiny_llm, write_tiny_pairs
     d = tmp_path_factory.mktemp("siglip_world")
     return {"clip": siglip[0], "llm": write_tiny_llm(d / "llm"), "data": write_tiny_pairs(d / "data")}
 
 
-def test_stage1_then_stage2_train_on_a_siglip_tower(world, tmp_path):
+def test_stage1_then_stage2_train_on_a_siglip_tower(siglip_runs_world, tmp_path):
     """train.py --clip SIGLIP_DIR: stage 1 distils the SigLIP text tower (64 tokens) into the head, stage 2 tunes
     the SigLIP image tower (MAP head included; no visual projection) from SigLIP's own temperature."""
     import train
     from miniproclip import checkpoint as ckpt
     from fixtures import common, losses
-    train.main(["--stage", "1", *common(world, tmp_path / "s1", "--max-steps", "30", "--lr", "3e-3")])
+    train.main(["--stage", "1", *common(siglip_runs_world, tmp_path / "s1", "--max-steps", "30", "--lr", "3e-3")])
     records = losses(tmp_path / "s1")
     assert sum(records[s]["loss"] for s in (28, 29, 30)) < 0.5 * sum(records[s]["loss"] for s in (1, 2, 3))
-    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(world, tmp_path / "s2", "--max-steps", "3",
+    train.main(["--stage", "2", "--init", str(tmp_path / "s1"), *common(siglip_runs_world, tmp_path / "s2", "--max-steps", "3",
                                                                       "--precision", "fp32")])
     records = losses(tmp_path / "s2")
     assert records[1]["reg"] < 1e-9 and records[3]["reg"] > 0.0  # the teacher is the initial SigLIP tower
     weights, meta = ckpt.load_weights(ckpt.resolve_checkpoint(str(tmp_path / "s2")))
-    initial = load_clip(world["clip"]).vision_model.state_dict()
+    initial = load_clip(siglip_runs_world["clip"]).vision_model.state_dict()
     assert not any(k.startswith("visual_projection") for k in weights)
     assert not torch.equal(weights["vision_model.head.probe"], initial["head.probe"])  # the MAP head trained
     assert weights["logit_scale"].item() == pytest.approx(2.3, abs=0.01)  # 3 Adam steps of ≤1e-3

@@ -6,11 +6,13 @@ the teacher folder against transformers (features within 1e-4), and that a secon
 The full world and its teacher's quality are checked by the `slow` test at the end (about 3 minutes).
 """
 
+import collections
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -30,9 +32,9 @@ TOL = 1e-4
 def test_quick_world_has_every_file(quick_world, smollm2_dir):
     toy_dir, manifest, _, _ = quick_world  # build time is a benchmark, not a test (machines are shared)
     sizes = toyworld.QUICK_COUNTS
-    for name in ["train.jsonl", "train_stage2.jsonl", "val.jsonl", "test.jsonl", "manifest.json",
+    for name in ["train.jsonl", "train_stage2.jsonl", "val.jsonl", "test.jsonl", "locked.jsonl", "manifest.json",
                  "zeroshot/classnames.txt", "zeroshot/templates.json", "zeroshot/heldout_classes.txt",
-                 *(toyworld.eval_set_name(split, kind) for split in ("val", "test")
+                 *(toyworld.eval_set_name(split, kind) for split in toyworld.EVAL_SPLITS
                    for kind in ["short", "long", "de", "fr", "es", "ja"]),
                  *(f"stage0_{kind}.jsonl" for kind in toyworld.STAGE0_KINDS), "stage0_val.jsonl",
                  "stage0/llm/config.json", "stage0/llm/model.safetensors", "stage0/metrics.jsonl",
@@ -47,7 +49,7 @@ def test_quick_world_has_every_file(quick_world, smollm2_dir):
         with Image.open(toy_dir / rows[0]["image"]) as image:
             assert image.size == (64, 64) and image.mode == "RGB"
     # zero-shot folders: sorted folder order is the class order of classnames.txt, one picture per val/test row
-    for split in ("val", "test"):
+    for split in toyworld.EVAL_SPLITS:
         folders = sorted(p.name for p in (toy_dir / "zeroshot" / split).iterdir())
         classnames = (toy_dir / "zeroshot" / "classnames.txt").read_text().splitlines()
         assert len(folders) == len(classnames) == 36
@@ -56,17 +58,21 @@ def test_quick_world_has_every_file(quick_world, smollm2_dir):
         for row in read_jsonl(toy_dir / f"{split}.jsonl"):  # each picture, copied into its class's folder
             copy = toy_dir / "zeroshot" / split / folders[row["label"]] / Path(row["image"]).name
             assert copy.read_bytes() == (toy_dir / row["image"]).read_bytes()
-    # the splits are disjoint pictures; stage 0's groups come from the training rows only
-    images = {split: {r["image"] for r in read_jsonl(toy_dir / f"{split}.jsonl")} for split in toyworld.SPLITS}
-    assert not (images["train"] & images["val"] or images["train"] & images["test"] or images["val"] & images["test"])
-    # stage 0's pairs: a training picture's short caption with its text of one kind; no val or test text in them
-    held_out = {t for split in ("val", "test") for r in read_jsonl(toy_dir / f"{split}.jsonl")
-                for t in [r["caption"], r["long_caption"], *r["translations"].values()]}
-    train = read_jsonl(toy_dir / "train.jsonl")
+    # the splits are disjoint pictures; the locked split shares no attribute combination with train
+    rows = {split: read_jsonl(toy_dir / f"{split}.jsonl") for split in toyworld.SPLITS}
+    images = {split: {r["image"] for r in split_rows} for split, split_rows in rows.items()}
+    assert sum(map(len, images.values())) == len(set().union(*images.values()))
+    keys = {split: {toyworld.attribute_key(r["attributes"]) for r in split_rows} for split, split_rows in rows.items()}
+    assert not keys["locked"] & keys["train"]
+    # stage 0's pairs: its own scenes, an anchor in a word order no caption uses with one text of one kind
+    eval_texts = {t for split in toyworld.SPLITS for r in rows[split] for t in toyworld.stage0_texts(r).values()}
+    anchors = None
     for kind in toyworld.STAGE0_KINDS:
         pairs = [json.loads(line)["texts"] for line in (toy_dir / f"stage0_{kind}.jsonl").read_text().splitlines()]
-        expected = [[r["caption"], r["long_caption"] if kind == "long" else r["translations"][kind]] for r in train]
-        assert pairs == [p for p in expected if not held_out.intersection(p)] and len(pairs) > len(train) / 2
+        assert len(pairs) == toyworld.STAGE0_SCENES_QUICK and not eval_texts.intersection(t for p in pairs for t in p)
+        assert anchors in (None, [p[0] for p in pairs])  # every kind pairs the same scenes' anchors
+        anchors = [p[0] for p in pairs]
+    assert all(re.fullmatch(r"on a (dark|gray|light) background, [a-z ]+: (an?|two|three) [a-z ]+", a) for a in anchors)
     val = [json.loads(line) for line in (toy_dir / "stage0_val.jsonl").read_text().splitlines()]
     assert [v["texts"][:2] for v in val] == [[r["caption"], r["long_caption"]] for r in read_jsonl(toy_dir / "val.jsonl")]
     assert all(v["kinds"] == ["short", "long", "de", "fr", "es", "ja"] for v in val)
@@ -96,27 +102,34 @@ def test_same_seed_same_world(quick_world, tmp_path):
     assert [r["caption"] for r in other] != [r["caption"] for r in again]
 
 
-def test_long_captions_hide_the_detail_past_77_tokens(quick_world):
+def test_long_captions_hide_the_corner_mark_past_77_tokens(quick_world):
     toy_dir, _, _, _ = quick_world
     bpe = build_clip_tokenizer()
     rows = [r for split in toyworld.SPLITS for r in read_jsonl(toy_dir / f"{split}.jsonl")]
     assert len(rows) == sum(toyworld.QUICK_COUNTS.values()) and all(r["long_caption"] for r in rows)
-    # every word that names an attribute value
-    words = {*toyworld.SHAPES, *toyworld.EN_PLURAL.values(), *toyworld.COLOURS, *toyworld.SIZES, *toyworld.TEXTURES,
-             *toyworld.POSITIONS, *toyworld.BACKGROUNDS, "two", "three"}
     window = CLIPTokenizer(bpe)
     for row in rows:
-        text = row["long_caption"]
+        text, corner = row["long_caption"], toyworld.corner_words(row["attributes"])
+        assert "corner" not in row["caption"] and corner in text  # only long captions name the mark
         encoding = bpe.encode(text, add_special_tokens=False)
         assert len(encoding.ids) + 2 > 77  # BOS + text + EOS exceeds the window
-        # the description comes last, and its first token lies past the 75 text tokens a 77-token row keeps
-        description = toyworld.english_caption(row["attributes"], set(toyworld.OPTIONAL), 0)
-        assert text.endswith(f"{description}.")
-        start = text.rindex(description)
+        # the full description comes first; the mark's sentence last, past the 75 text tokens a 77-token row keeps
+        assert text.startswith(toyworld.english_caption(row["attributes"], set(toyworld.OPTIONAL), 0) + ". ")
+        start = text.rindex(". ") + 2
         first = next(i for i, (begin, _) in enumerate(encoding.offsets) if begin >= start)
-        assert first >= 75, (first, text)
+        assert first >= 75 and "corner" in text[start:], (first, text)
         kept = bpe.decode(window([text]).input_ids[0].tolist())  # what a 77-token text encoder reads
-        assert kept and not words & set(re.findall(r"[a-z]+", kept)), kept
+        assert "corner" not in kept and "mark" not in kept.split(), kept
+
+
+def test_the_corner_mark_is_drawn_where_the_long_caption_says(tmp_path):
+    a = {"colour": "red", "shape": "circle", "size": "small", "texture": "plain", "position": "center", "count": 1,
+         "background": "dark"}
+    for corner, (x, y) in toyworld.CORNERS.items():
+        pixels = np.asarray(toyworld.render({**a, "corner": corner}, np.random.default_rng(0)))
+        mark = pixels[y:y + toyworld.MARK_SIZE, x:x + toyworld.MARK_SIZE]
+        assert (mark == toyworld.MARK_GREY["dark"]).all()  # a white 4x4 square on the dark background
+        assert (pixels[:8, :8] > 200).all(axis=2).sum() == (16 if corner == "top-left" else 0)
 
 
 def test_translations(quick_world):
@@ -139,17 +152,32 @@ def test_translations(quick_world):
     assert translate.TRANSLATE["es"](a) == "dos cuadrados azules pequeños a rayas a la izquierda sobre fondo oscuro"
     assert translate.TRANSLATE["es"](b) == "una cruz morada grande de lunares en el centro sobre fondo claro"
     assert translate.japanese(a) == "暗い背景の左側に、小さな縞模様の青い四角形が二つある。"
+    # stage 0's word order: place first
+    order = translate.STAGE0_ORDER
+    assert translate.german(a, order) == "auf dunklem Hintergrund, links: zwei kleine gestreifte blaue Quadrate"
+    assert translate.TRANSLATE["fr"](b, order) == "sur fond clair, au centre: une grande croix violette à pois"
+    assert translate.TRANSLATE["es"](a, order) == "sobre fondo oscuro, a la izquierda: dos cuadrados azules pequeños a rayas"
+    assert translate.japanese(a, order) == "二つの小さな縞模様の青い四角形が、暗い背景の左側に見える。"
+    assert toyworld.stage0_english(a) == "on a dark background, on the left: two small striped blue squares"
     assert toyworld.english_caption(a, set(toyworld.OPTIONAL), 0) == \
         "two small striped blue squares on the left on a dark background"
     assert toyworld.english_caption({**b, "colour": "orange"}, set(), 2) == "a picture of an orange cross"
 
 
-def test_heldout_classes_only_leave_stage2(quick_world):
+def test_no_training_text_of_stages_0_to_2_names_a_heldout_class(quick_world):
     toy_dir, manifest, _, _ = quick_world
     names = (toy_dir / "zeroshot" / "heldout_classes.txt").read_text().splitlines()
     assert names == manifest["heldout_classes"] and len(names) == 11  # one colour's 6 + one shape's 6, minus 1
-    stage2 = {r["classname"] for r in read_jsonl(toy_dir / "train_stage2.jsonl")}
-    assert not stage2 & set(names)
+    stage2 = read_jsonl(toy_dir / "train_stage2.jsonl")
+    assert not {r["classname"] for r in stage2} & set(names)
+    colour, shape = (collections.Counter(name.split()[i] for name in names).most_common(1)[0][0] for i in (0, 1))
+    held_words = {colour, shape, toyworld.EN_PLURAL[shape]}
+    english = [t for r in stage2 for t in (r["caption"], r["long_caption"])]
+    english += [json.loads(line)["texts"][1] for line in (toy_dir / "stage0_long.jsonl").read_text().splitlines()]
+    assert english and not any(held_words & set(re.findall(r"[a-z]+", t)) for t in english)
+    german = {translate.DE[colour] + ending for ending in ("", "e", "er", "es")} | set(translate.DE_NOUNS[shape][:2])
+    stage0_de = [json.loads(line)["texts"][1] for line in (toy_dir / "stage0_de.jsonl").read_text().splitlines()]
+    assert not any(german & set(t.replace(":", "").replace(",", "").split()) for t in stage0_de)
     assert set(names) <= {r["classname"] for r in read_jsonl(toy_dir / "train.jsonl")}
     assert set(names) <= {r["classname"] for r in read_jsonl(toy_dir / "test.jsonl")}
     assert len(read_jsonl(toy_dir / "train_stage2.jsonl")) == manifest["counts"]["train_stage2"]

@@ -44,7 +44,7 @@ def _key(name: str) -> str:
 def discover(root: str, names) -> dict[str, str]:
     """{name: ROOT/<folder>} for each name with a folder under root spelled alike (case, '-' and '_' ignored)."""
     if not os.path.isdir(root):
-        raise BenchmarkError(f"--data-root {root} is not a folder; pass the folder holding flickr30k/, coco/, ...")
+        raise BenchmarkError(f"data_root (--data-root) {root} is not a folder; pass the folder holding flickr30k/, coco/, ...")
     folders = {_key(entry.name): entry.path for entry in os.scandir(root) if entry.is_dir()}
     return {name: folders[_key(name)] for name in names if _key(name) in folders}
 
@@ -113,7 +113,7 @@ def run_suite(encoders, root: str, *, cache_dir: str | None = None, names=None, 
     wanted = [by_key.get(_key(n), n) for n in names] if names else known  # --dataset URBAN-1K: urban1k
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise BenchmarkError(f"--dataset {unknown[0]!r} is not a benchmark of the suite; pass one of "
+        raise BenchmarkError(f"benchmark name (--dataset) {unknown[0]!r} is not a benchmark of the suite; pass one of "
                              f"{', '.join(known)}")
     readable = [n for n in wanted if n in retrieval_readers or n in classification_readers]
     found = discover(root, readable)
@@ -156,7 +156,7 @@ def load_paper_rows(backbone: str | None) -> dict:
         return {}
     if backbone not in tables:
         keys = ", ".join(k for k in tables if not k.startswith("_"))
-        raise BenchmarkError(f"--paper-rows {backbone!r} is not in {PAPER_TABLES}; pass one of: {keys}")
+        raise BenchmarkError(f"paper_rows (--paper-rows) {backbone!r} is not in {PAPER_TABLES}; pass one of: {keys}")
     return tables[backbone]
 
 
