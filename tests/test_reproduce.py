@@ -74,11 +74,14 @@ def test_claims_compare_rows_seed_by_seed():
     # (direct alignment, raw LLM): claims left out
     assert [line.split(" | ")[0] for line in lines] == ["| (g) stage 2 adds 5 points of long R@1 to stage 1",
                                                       "| (g) stage 2 keeps stage 1's short R@1 (within 5 points)",
-                                                      "| (c) L_reg keeps held-out-class accuracy"]
+                                                      "| (c) L_reg keeps held-out-class accuracy",
+                                                      "| (c) L_reg keeps the image tower's held-out-class accuracy "
+                                                      "(CLIP's text tower)"]
     assert lines[0].endswith("| 6.5 ± 2.1 | mixed |")
     assert lines[1].endswith("| 0.0 ± 0.0 | yes |")
     assert lines[2] == ("| (c) L_reg keeps held-out-class accuracy | ProCLIP: 45.0 ± 7.1 | ProCLIP w/o L_reg: 15.0 ± 7.1 | "
                         "30.0 ± 0.0 | yes |")
+    assert lines[3].endswith("| 0.0 ± 0.0 | no |")  # equal: no gain is no claim
 
 
 def test_read_log_lists_every_read(tmp_path, monkeypatch):

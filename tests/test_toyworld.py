@@ -279,13 +279,16 @@ def test_missing_smollm2_wheel_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_full_world_teacher_and_token_budget(tmp_path, smollm2_dir):
-    """The default world: its teacher is good on short English captions and blind past token 77 and in other
-    languages (chance R@1 = 1/432), and the captions it caches cost about 760k SmolLM2 tokens to embed."""
+    """The default world: its teacher is good on short English captions, worse on long ones (it reads their
+    description diluted by filler, never the corner mark) and blind in other languages (chance R@1 = 1/432); the
+    captions it caches cost about 670k SmolLM2 tokens to embed."""
     manifest = toyworld.build_toyworld(tmp_path / "toyworld", seed=0, llm_dir=smollm2_dir, log=lambda line: None)
-    assert 700_000 <= manifest["llm_tokens"]["cached_total"] <= 800_000  # world v3: measured 757,326
+    assert 600_000 <= manifest["llm_tokens"]["cached_total"] <= 720_000  # world v5: measured 666,712
     assert manifest["long_caption_clip_tokens"]["min"] > 77
     teacher = manifest["teacher"]
-    assert teacher["zeroshot"]["acc1"] >= 0.6  # measured 0.75 (36 classes; world v1: 0.67)
-    assert min(teacher["retrieval_short"][f"{way}_retrieval_recall@1"] for way in ("image", "text")) >= 0.4
-    for kind in ["long", "de", "fr", "es", "ja"]:  # measured at most 0.012
+    recall = {kind: min(teacher[f"retrieval_{kind}"][f"{way}_retrieval_recall@1"] for way in ("image", "text"))
+              for kind in ["short", "long", "de", "fr", "es", "ja"]}
+    assert teacher["zeroshot"]["acc1"] >= 0.6  # world v5: measured 0.68 (36 classes)
+    assert recall["short"] >= 0.45 and recall["long"] <= recall["short"] - 0.1  # measured 0.58 and 0.38
+    for kind in ["de", "fr", "es", "ja"]:
         assert max(teacher[f"retrieval_{kind}"][f"{way}_retrieval_recall@1"] for way in ("image", "text")) < 0.03

@@ -1,11 +1,12 @@
 """Stage 0 on the toy world: its measure, and a paraphrase demo.
 
-The world's stage-0 data (`world.write_stage0_data`) pairs each training picture's short caption with its long
-caption and with each translation, one file per kind; `train.py --stage 0` without --train-data trains on them
+The world's stage-0 data (`world.write_stage0_data`) is its own text: random scenes, each an English anchor paired with
+a long description and with each translation, in a word order no caption uses, one file per kind; `train.py --stage
+0` without --train-data trains on them
 with the toy recipe (defaults.py), and the world's build runs exactly that command to make its embedder
 (embedder.py, TOY_DIR/stage0/llm), the LLM stages 1-2 use by default. The measure (`groups.anchor_recall` on the
-first 144 validation pictures): is a long caption's or a translation's own short caption its nearest of the 144 short
-captions? Chance is 0.7%.
+first 144 validation pictures, in the captions' word order): is a long caption's or a translation's own short caption
+its nearest of the 144 short captions? Chance is 0.7%.
 
     python -m miniproclip.toy.groups [--toy-dir toyworld] [--llm DIR ...]  # the measure: raw SmolLM2, embedder, ...
     python -m miniproclip.toy.groups --paraphrase-demo runs/paraphrase --llm toyworld/smollm2
