@@ -213,7 +213,7 @@ def test_full_disk_while_writing_weights_raises_one_line_and_keeps_previous(tmp_
     with pytest.raises(CheckpointError) as error:
         save_step(tmp_path, 2)
     assert str(error.value) == (f"cannot save step_000002 in {tmp_path}: No space left on device; the previous "
-                                f"checkpoint is kept; free space or choose another --output")
+                                f"checkpoint is kept; free space or choose another output folder")
     assert isinstance(error.value, OSError) and error.value.__cause__.errno == errno.ENOSPC
     assert temp_files(tmp_path) == [] and not any(name.startswith("step_000002") for name in os.listdir(tmp_path))
     assert_checkpoint_is(tmp_path, 1)
@@ -384,7 +384,7 @@ def test_error_messages(tmp_path):
     with pytest.raises(CheckpointError) as error:
         save_step(under_a_file, 1)
     assert str(error.value) == (f"cannot save step_000001 in {under_a_file}: Not a directory; the previous "
-                                f"checkpoint is kept; free space or choose another --output")
+                                f"checkpoint is kept; free space or choose another output folder")
 
 
 def test_check_writable(tmp_path, monkeypatch):
@@ -432,7 +432,7 @@ def test_metrics_lines_and_run_meta(tmp_path):
     with pytest.raises(CheckpointError) as error:
         write_run_meta(str(tmp_path / "file" / "run"), {"stage": 1})
     assert str(error.value) == (f"cannot write meta.json in {tmp_path / 'file' / 'run'}: Not a directory; "
-                                f"free space or choose another --output")
+                                f"free space or choose another output folder")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

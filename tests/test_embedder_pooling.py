@@ -310,7 +310,7 @@ def test_errors_name_the_remedy(tiny_llm, tmp_path):
         EmbedSettings.preset("qwen3")
     with pytest.raises(ValueError, match="unknown pooling 'cls' in the embedding settings; use one of mean, last"):
         EmbedSettings(pool="cls")
-    with pytest.raises(ModelFolderError, match="needs an NV-Embed folder .* pick another embedder preset \(--embed-preset\)"):
+    with pytest.raises(ModelFolderError, match=r"needs an NV-Embed folder .* pick another embedder preset \(--embed-preset\)"):
         LLMEmbedder(tiny_llm, EmbedSettings.preset("nv-embed-v2"))
     groups = tmp_path / "groups.jsonl"
     groups.write_text(json.dumps({"texts": ["a red cat", "the red cat"]}) + "\n")

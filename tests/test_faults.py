@@ -448,7 +448,7 @@ def test_unwritable_output_is_reported_before_any_work(good_run_world, tmp_path)
     (tmp_path / "a_file").write_text("")
     output, cache = tmp_path / "a_file" / "run", tmp_path / "cache.safetensors"
     message = train_error(["--stage", "1", *common(good_run_world, output, "--text-cache", str(cache))])
-    assert message == f"error: --output {output} is not writable: Not a directory; choose a folder you can write to"
+    assert message == f"error: run folder (output, --output) {output} is not writable: Not a directory; choose a folder you can write to"
     assert not cache.exists()  # stopped before embedding the captions
 
 
