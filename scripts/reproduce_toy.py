@@ -63,7 +63,17 @@ VARIANTS = {
     "ProCLIP w/o stage 1": ("stage0", None, ["--init", "scratch"]),
     # not in the paper: stage 2 shows short captions only (a long one in half the samples by default)
     "ProCLIP, stage 2 on short captions only": ("stage0", [], ["--long-prob", "0"]),
+    # second tries on validation, one per method (RESULTS.md): stage 1 also distils the long captions the teacher
+    # sees cut (the official code's choice), and direct alignment's head at a third of its rate
+    "ProCLIP stage 1 only, cut long captions distilled": ("stage0", ["--no-skip-truncated-long"], None),
+    "ProCLIP, cut long captions distilled in stage 1": ("stage0", ["--no-skip-truncated-long"], []),
+    "direct alignment, head lr 3e-4": ("stage0", None, [*DIRECT, "--lr", "3e-4"]),
 }
+# run folders of the rows whose first words name another row's folder
+RUN_NAMES = {"ProCLIP, raw LLM": "ProCLIP", "direct alignment, raw LLM": "direct_alignment",  # under RUNS/seedN/raw
+             "ProCLIP, stage 2 on short captions only": "ProCLIP_short_only",
+             "ProCLIP, cut long captions distilled in stage 1": "ProCLIP_s1cut",
+             "direct alignment, head lr 3e-4": "direct_alignment_lr3e-4"}
 CLAIM_ROWS = list(VARIANTS)[:6]  # the default rows: those the claims compare
 RETRIEVAL_SETS = ["short", "long", *LANGUAGES]
 # "image zs held-out": the row's image tower on the held-out classes, read with its seed's teacher text tower, which
@@ -352,8 +362,8 @@ def main(argv=None):
             model = ["--model", s1]
             if stage2 is not None:
                 flags = stage2 if "scratch" in stage2 else ["--init", s1, *stage2]
-                out = os.path.join(where, name.split(",")[0].replace(" ", "_").replace("/", "").replace("(", "")
-                                   .replace(")", "") + ("_short_only" if "short captions only" in name else ""))
+                out = os.path.join(where, RUN_NAMES.get(name) or name.replace(" ", "_").replace("/", "")
+                                   .replace("(", "").replace(")", "").replace(",", ""))
                 model = ["--model", run_training(2, flags, out, run_common, print)]
                 proclip_runs = (s1, model[1]) if name == "ProCLIP" else proclip_runs
             results[name].append(evaluate(model, toy_dir, args.split, models["clip"]))
