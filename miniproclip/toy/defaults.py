@@ -16,8 +16,8 @@ from .world import build_toyworld, stage0_sources
 # 77-token teacher sees cut (--skip-truncated-long): its view of one is the description diluted by filler, without
 # the corner mark, a target for a text the teacher never read
 CLIP_STAGE_RECIPE = {"lr_vision": 1e-4, "skip_truncated_long": True}
-# Stage 2 after stage 1: the inherited head at 3e-6, chosen on validation (RESULTS.md): a faster head fits the
-# stage-2 pictures at the cost of what stage 1 gave it
+# Stage 2 after stage 1: the inherited head at 3e-6, chosen on world v4's validation (RESULTS.md): a faster head
+# fits the stage-2 pictures at the cost of what stage 1 gave it
 TRAINED_HEAD_LR = 3e-6
 
 
