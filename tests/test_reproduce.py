@@ -32,7 +32,7 @@ def test_quick_reproduction_writes_the_table(quick_world, smollm2_dir, tmp_path)
     assert [line.split(" | ")[0][2:] for line in claim_rows] == [claim for claim, *_ in CLAIMS]
     assert all(line.endswith(("| yes |", "| no |", "| mixed |")) for line in claim_rows)
     assert "(test split)" in text and "head lr 3e-06" in text and "image-encoder lr 0.0001" in text
-    assert "long captions cut by the teacher left out" in text  # settings read back from meta.json
+    assert "long captions cut by the teacher distilled" in text  # settings read back from meta.json
     # seed 1's own teacher and stage-0 embedder, and its own cache
     seed1 = tmp_path / "runs" / "seed1"
     assert (seed1 / "clip" / "model.safetensors").is_file() and (seed1 / "stage0" / "llm" / "config.json").is_file()
