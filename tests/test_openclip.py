@@ -7,7 +7,6 @@ math in other kernels). Each case prints its measured difference (pytest -s show
 
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest
