@@ -97,7 +97,8 @@ def check_writable(run_dir: str, need_bytes: int = 0) -> None:
         raise CheckpointError(f"run folder (output, --output) {run_dir} is not writable: {err.strerror or err}; "
                               f"choose a folder you can write to") from None
     if free < need_bytes:
-        raise CheckpointError(f"run folder (output, --output) {run_dir} has {free / 1e9:.2f} GB free, a checkpoint needs "
+        raise CheckpointError(f"run folder (output, --output) {run_dir} has {free / 1e9:.2f} GB free, "
+                              f"a checkpoint needs "
                               f"~{need_bytes / 1e9:.2f} GB; free some space or choose another output folder")
 
 
@@ -129,7 +130,8 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, torch.Tensor], t
         _remove([stem + suffix + TMP for suffix in SUFFIXES] + renamed + [os.path.join(run_dir, LATEST + TMP)])
         if isinstance(err, OSError):
             raise CheckpointError(f"cannot save {os.path.basename(stem)} in {run_dir}: {err.strerror or err}; "
-                                  f"the previous checkpoint is kept; free space or choose another output folder") from err
+                                  "the previous checkpoint is kept; free space or choose another output "
+                                  "folder") from err
         raise
     if keep is not None:
         _prune(run_dir, keep)

@@ -237,7 +237,8 @@ def _read_csv(path: str, image_key: str, caption_key: str, separator: str, skip:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
             reader = csv.DictReader(f, delimiter=separator)
             columns = reader.fieldnames or []
-            for key, flag in ((image_key, "image_key (--csv-img-key)"), (caption_key, "caption_key (--csv-caption-key)")):
+            for key, flag in ((image_key, "image_key (--csv-img-key)"),
+                              (caption_key, "caption_key (--csv-caption-key)")):
                 if key not in columns:
                     raise DataError(f"{path}: no column {key!r} (header: {columns}, separator {separator!r}): "
                                     f"set {flag} or separator (--csv-separator)")

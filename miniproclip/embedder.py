@@ -48,7 +48,8 @@ class EmbedSettings:
 
     def __post_init__(self):
         if self.pool not in POOLS:
-            raise SettingsError(f"unknown pooling {self.pool!r} in the embedding settings; use one of {', '.join(POOLS)} "
+            raise SettingsError(f"unknown pooling {self.pool!r} in the embedding settings; use one of "
+                                f"{', '.join(POOLS)} "
                              "(or an embedder preset, --embed-preset, that names one)")
 
     @classmethod

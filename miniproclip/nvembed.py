@@ -119,7 +119,8 @@ class LatentAttention(nn.Module):
         config = read_config(folder)
         if config.get("model_type") != "nvembed":
             raise ModelFolderError(f"{folder}: model_type {config.get('model_type')!r}, but latent-attention pooling "
-                                   "needs an NV-Embed folder (model_type 'nvembed'); pick another embedder preset (--embed-preset)")
+                                   "needs an NV-Embed folder (model_type 'nvembed'); pick another embedder preset "
+                                   "(--embed-preset)")
         with torch.device("meta"):
             model = cls(LatentAttentionConfig.from_hf(config))
         state_dict = load_safetensors_folder(folder, dtype=dtype, device=device, rename=latent_key)

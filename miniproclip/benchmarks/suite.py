@@ -44,7 +44,8 @@ def _key(name: str) -> str:
 def discover(root: str, names) -> dict[str, str]:
     """{name: ROOT/<folder>} for each name with a folder under root spelled alike (case, '-' and '_' ignored)."""
     if not os.path.isdir(root):
-        raise BenchmarkError(f"data_root (--data-root) {root} is not a folder; pass the folder holding flickr30k/, coco/, ...")
+        raise BenchmarkError(f"data_root (--data-root) {root} is not a folder; pass the folder holding flickr30k/, "
+                             "coco/, ...")
     folders = {_key(entry.name): entry.path for entry in os.scandir(root) if entry.is_dir()}
     return {name: folders[_key(name)] for name in names if _key(name) in folders}
 

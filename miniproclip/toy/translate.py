@@ -75,9 +75,10 @@ def romance(a: dict, spanish: bool, order: str = CAPTION_ORDER) -> str:
 def japanese(a: dict, order: str = CAPTION_ORDER) -> str:
     objects = f"{JA[a['size']]}{JA[a['texture']]}{JA[a['colour']]}{JA[a['shape']]}"
     place = f"{JA[a['background']]}背景の{JA[a['position']]}"
-    if order == CAPTION_ORDER:  # "暗い背景の左側に、小さな縞模様の青い四角形が二つある。": on the dark background's left, two ... are
+    if order == CAPTION_ORDER:  # "暗い背景の左側に、小さな縞模様の青い四角形が二つある。": on the dark background's left, two ...
         return f"{place}に、{objects}が{JA[a['count']]}ある。"
-    return f"{JA[a['count']]}の{objects}が、{place}に見える。"  # "二つの小さな...四角形が、暗い背景の左側に見える。": two ... are seen on
+    # "二つの小さな...四角形が、暗い背景の左側に見える。": two small ... squares are seen on the dark background's left
+    return f"{JA[a['count']]}の{objects}が、{place}に見える。"
 
 
 TRANSLATE = {"de": german, "fr": lambda a, order=CAPTION_ORDER: romance(a, False, order),

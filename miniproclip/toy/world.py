@@ -143,7 +143,8 @@ def render(a: dict, rng: np.random.Generator) -> Image.Image:
     image = Image.fromarray(canvas.round().astype(np.uint8))
     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)  # box filter: antialiased edges
     x, y = CORNERS[a["corner"]]  # the corner mark, drawn last, at full resolution: inside one 8x8 patch
-    ImageDraw.Draw(image).rectangle([x, y, x + MARK_SIZE - 1, y + MARK_SIZE - 1], fill=(MARK_GREY[a["background"]],) * 3)
+    grey = MARK_GREY[a["background"]]
+    ImageDraw.Draw(image).rectangle([x, y, x + MARK_SIZE - 1, y + MARK_SIZE - 1], fill=(grey, grey, grey))
     return image
 
 
@@ -351,7 +352,8 @@ def build_world(toy_dir: Path, seed: int, quick: bool) -> dict:
 
 def count_llm_tokens(toy_dir: Path, llm_dir: Path) -> dict:
     """LLM tokens of the distinct texts per kind: what the text cache embeds (English captions of stages 1-2's
-    training file, every eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_pairs`), and the cache's total."""
+    training file, every eval caption, the zero-shot prompts) and what stage 0 trains on (`stage0_pairs`), and the
+    cache's total."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(llm_dir / "tokenizer.json"))
