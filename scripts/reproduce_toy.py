@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,10 +41,10 @@ from miniproclip.metrics import load_templates  # noqa: E402
 from miniproclip.precision import default_precision  # noqa: E402
 from miniproclip.training.curves import font  # noqa: E402
 from miniproclip.toy import defaults as toy_defaults  # noqa: E402
-from miniproclip.toy.embedder import QUICK_STAGE0  # noqa: E402
+from miniproclip.toy.embedder import build_toy_embedder  # noqa: E402
 from miniproclip.toy.teacher import train_teacher  # noqa: E402
 from miniproclip.toy.world import (LANGUAGES, TEACHER_STEPS, TEACHER_STEPS_QUICK, WORLD_VERSION,  # noqa: E402
-                                   build_toyworld, eval_set_name)
+                                   build_toyworld, eval_set_name, stage0_sources)
 from miniproclip.training.loop import train_from_flags  # noqa: E402  (train.py's run, in-process)
 
 READ_LOG = os.path.join(ROOT, "scripts", "toy_split_reads.jsonl")
@@ -131,11 +130,9 @@ def seed_models(seed, toy_dir, manifest, runs, quick, log) -> dict:
         log(f"seed {seed}: teacher -> {clip}")
         train_teacher(toy_dir, seed, TEACHER_STEPS_QUICK if quick else TEACHER_STEPS, log, out_dir=clip)
     stage0 = os.path.join(where, "stage0")
-    if not os.path.isfile(os.path.join(stage0, "llm", "config.json")):
+    if not os.path.isfile(os.path.join(stage0, "llm", "config.json")):  # else reused; an interrupted one starts again
         log(f"seed {seed}: stage-0 embedder -> {stage0}")
-        shutil.rmtree(stage0, ignore_errors=True)  # an interrupted run: its merged LLM is missing, start again
-        train_from_flags(["--stage", "0", "--toy-dir", toy_dir, "--llm", manifest["llm_dir"], "--seed", str(seed),
-                          "--output", stage0, *(QUICK_STAGE0 if quick else [])], toy=toy_defaults)
+        build_toy_embedder(toy_dir, manifest["llm_dir"], quick, stage0_sources(toy_dir), log, output=stage0, seed=seed)
     return {"clip": clip, "stage0": os.path.join(stage0, "llm"),
             "cache": ["--text-cache", os.path.join(where, "text_cache_stage0_llm.safetensors")]}
 
@@ -148,15 +145,17 @@ def evaluate(model_flags, toy_dir, split, teacher):
     precision = default_precision(device)
     encoders = (evaluation.proclip_encoders(resolve_checkpoint(path), None, device, precision) if kind == "--model"
                 else evaluation.clip_encoders(path, device, precision))
-    clip_text = evaluation.clip_encoders(teacher, device, precision)
-    image_only = dataclasses.replace(encoders, encode_text=clip_text.encode_text, prepare_texts=clip_text.prepare_texts,
-                                     use_text_cache=None, text_tag=None)
     zs_dir = os.path.join(toy_dir, "zeroshot")
     dataset = evaluation.read_image_folder(os.path.join(zs_dir, split), os.path.join(zs_dir, "classnames.txt"))
     templates = load_templates(os.path.join(zs_dir, "templates.json"))
     heldout = evaluation.read_lines(os.path.join(zs_dir, "heldout_classes.txt"))
     zs = evaluation.run_zeroshot(encoders, dataset, templates, 256, 0, device, heldout)["metrics"]
-    image_zs = evaluation.run_zeroshot(image_only, dataset, templates, 256, 0, device, heldout)["metrics"]
+    image_zs = zs  # the teacher's row: its own text tower is the one that reads it
+    if path != teacher:
+        clip_text = evaluation.clip_encoders(teacher, device, precision)
+        image_only = dataclasses.replace(encoders, encode_text=clip_text.encode_text, use_text_cache=None,
+                                         prepare_texts=clip_text.prepare_texts, text_tag=None)
+        image_zs = evaluation.run_zeroshot(image_only, dataset, templates, 256, 0, device, heldout)["metrics"]
     row = {"zs all": zs["acc1"], "zs seen": zs["acc1_seen"], "zs held-out": zs["acc1_heldout"],
            "image zs held-out": image_zs["acc1_heldout"]}
     for name in RETRIEVAL_SETS:

@@ -30,16 +30,19 @@ def run_train_stage0(flags: list[str], log=print) -> Config:
         raise ToyWorldError(f"stage 0 failed: {err} (train.py --stage 0 {' '.join(flags)})") from err
 
 
-def build_toy_embedder(toy_dir, llm_dir, quick: bool, sources: tuple[str, str], log=print) -> dict:
+def build_toy_embedder(toy_dir, llm_dir, quick: bool, sources: tuple[str, str], log=print, output=None,
+                       seed: int = 0) -> dict:
     """The toy world's stage-0 embedder: `python train.py --stage 0 --train-data TRAIN --val-data VAL --output
-    TOY_DIR/stage0` with STAGE0_RECIPE's flags (what `train.py --stage 0` takes on the toy world; tiny when `quick`),
-    whose merged LLM is TOY_DIR/stage0/llm. `sources`: the world's stage-0 (training, validation) groups.
+    OUTPUT --seed SEED` with STAGE0_RECIPE's flags (what `train.py --stage 0` takes on the toy world; tiny when
+    `quick`), whose merged LLM is OUTPUT/llm. OUTPUT defaults to the world's own, TOY_DIR/stage0; the reproduction
+    trains one per seed. `sources`: the world's stage-0 (training, validation) groups.
     Returns the manifest entry: the run's settings, validation numbers and time."""
-    start, output = time.time(), Path(toy_dir) / "stage0"
+    start, output = time.time(), Path(output or Path(toy_dir) / "stage0")
     shutil.rmtree(output, ignore_errors=True)  # an interrupted earlier build: start again
     recipe = [item for key, value in STAGE0_RECIPE.items() for item in ("--" + key.replace("_", "-"), str(value))]
     config = run_train_stage0(["--train-data", sources[0], "--val-data", sources[1], "--llm", str(llm_dir),
-                               "--output", str(output), *recipe, *(QUICK_STAGE0 if quick else [])], log)
+                               "--output", str(output), "--seed", str(seed), *recipe,
+                               *(QUICK_STAGE0 if quick else [])], log)
     with open(output / "metrics.jsonl") as f:
         last = json.loads(f.readlines()[-1])
     return {"steps": last["step"], "batch_size": config.optimizer.batch_size, "lr": config.optimizer.lr,
